@@ -1,0 +1,154 @@
+"""Building blocks shared by every architecture: RMSNorm, RoPE, SwiGLU, the KV/state cache.
+
+Tensor layout convention: activations are [B, T, ...]; attention heads are [B, T, H, D] until the
+SDPA call, which wants [B, H, T, D].
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim.
+
+    unit_offset=False: y = norm(x) * w, w initialised to 1 (Llama, Axiom, Argonne).
+    unit_offset=True:  y = norm(x) * (1 + w), w initialised to 0 (Gemma, Llama Think).
+    fp32=True normalises in float32 and casts back to the input dtype before the weight multiply,
+    which is what Argonne and Llama Think do under bf16 autocast (and what HF Llama does).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, fp32: bool = True, unit_offset: bool = False,
+                 elementwise_affine: bool = True):
+        super().__init__()
+        self.dim, self.eps, self.fp32, self.unit_offset = dim, eps, fp32, unit_offset
+        self.weight = nn.Parameter(torch.empty(dim)) if elementwise_affine else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None and self.weight.device.type != "meta":
+            with torch.no_grad():
+                self.weight.fill_(0.0 if self.unit_offset else 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float() if self.fp32 else x
+        y = F.rms_norm(y, (self.dim,), eps=self.eps).to(x.dtype)
+        if self.weight is None:
+            return y
+        w = self.weight.to(x.dtype)
+        return y * (1.0 + w) if self.unit_offset else y * w
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}, fp32={self.fp32}, unit_offset={self.unit_offset}"
+
+
+# ---------------------------------------------------------------------------------------- RoPE
+
+def rope_cos_sin(positions: torch.Tensor, rot_dim: int, theta: float,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [T, rot_dim // 2] for integer positions [T].
+
+    Computed on the fly in fp32 (cheap: T x rot_dim/2) so nothing depends on buffers that a
+    meta-device build would leave empty, and decoding at any offset needs no table resize.
+    """
+    if rot_dim % 2:
+        raise ValueError(f"rotary dims must be even, got {rot_dim}")
+    exps = torch.arange(0, rot_dim, 2, device=positions.device, dtype=torch.int64).float() / rot_dim
+    inv_freq = 1.0 / (theta ** exps)
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    return freqs.cos().to(dtype), freqs.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str = "half",
+               rot_dim: int | None = None) -> torch.Tensor:
+    """Rotate the first rot_dim dims of x's last axis; the rest pass through (partial RoPE).
+
+    x: [..., T, H, D] (heads after time); cos/sin: [T, rot_dim // 2] (from rope_cos_sin).
+    layout "half": pairs (i, i + rot_dim/2)  -- HF/GPT-NeoX rotate-half.
+    layout "interleaved": pairs (2i, 2i+1)  -- Meta's original Llama / Axiom.
+    """
+    d = x.shape[-1]
+    r = d if rot_dim is None else rot_dim
+    cos = cos[:, None, :].to(x.dtype)  # [T, 1, r/2] broadcasts over heads
+    sin = sin[:, None, :].to(x.dtype)
+    xr, xp = (x, None) if r == d else (x[..., :r], x[..., r:])
+    if layout == "half":
+        x1, x2 = xr[..., : r // 2], xr[..., r // 2:]
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    elif layout == "interleaved":
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    else:
+        raise ValueError(f"rope_layout must be 'half' or 'interleaved', got {layout!r}")
+    return out if xp is None else torch.cat((out, xp), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------- MLP
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)); separate gate/up matrices so Muon orthogonalises each."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ---------------------------------------------------------------------------------------- cache
+
+class KVCache:
+    """Decoding state: one mutable dict per layer plus the number of positions already consumed.
+
+    Attention layers keep "k"/"v" (via update_kv); recurrent layers keep whatever state they need
+    (e.g. "conv", "ssm"). model.forward(ids, cache) reads positions from cache.pos and advances
+    cache.pos by T once every layer has run.
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, max_len: int):
+        self.layers: list[dict] = [dict() for _ in range(n_layers)]
+        self.pos = 0
+        self.batch_size = batch_size
+        self.max_len = max_len
+
+    def update_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k, v ([B, T, Hkv, D]) at cache.pos; return all keys/values so far ([B, pos+T, Hkv, D]).
+
+        Buffers are preallocated to max_len on first use so decoding does no quadratic re-copying.
+        """
+        st = self.layers[layer]
+        t = k.shape[1]
+        end = self.pos + t
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions > max_len={self.max_len}")
+        if "k" not in st:
+            st["k"] = k.new_empty((k.shape[0], self.max_len, *k.shape[2:]))
+            st["v"] = v.new_empty((v.shape[0], self.max_len, *v.shape[2:]))
+        st["k"][:, self.pos:end] = k
+        st["v"][:, self.pos:end] = v
+        return st["k"][:, :end], st["v"][:, :end]
+
+    def advance(self, t: int) -> None:
+        self.pos += t
+
+    def reset(self) -> None:
+        self.layers = [dict() for _ in self.layers]
+        self.pos = 0
+
+
+def causal_mask(t_q: int, t_k: int, device, window: int | None = None) -> torch.Tensor:
+    """Boolean [t_q, t_k] mask (True = attend); queries are the last t_q of t_k positions.
+
+    window = number of keys visible including the query itself (HF/Gemma convention): key j is
+    visible to query i iff i - window < j <= i.
+    """
+    qi = torch.arange(t_k - t_q, t_k, device=device)[:, None]
+    kj = torch.arange(t_k, device=device)[None, :]
+    m = kj <= qi
+    if window is not None:
+        m = m & (kj > qi - window)
+    return m
