@@ -1,0 +1,1 @@
+"""Model zoo: build_model(cfg) dispatches on cfg["arch"]."""
