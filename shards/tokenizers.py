@@ -350,6 +350,79 @@ class HFTokenizer(Tokenizer):
             yield b"%s %d\n" % (tok.encode("utf-8", "surrogatepass"), i)
 
 
+# ------------------------------------------------------------- tiktoken -> HF tokenizers (for datatrove)
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable-char table, which HF's ByteLevel pre-tokenizer uses."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def to_hf_tokenizer(tok: Tokenizer):
+    """An HF `tokenizers.Tokenizer` that encodes like `tok` (a tiktoken-backed qwen3/cl100k), for
+    tools that accept only HF tokenizers (datatrove's DocumentTokenizer). Only `tokenizers` is used.
+
+    Merges are recovered from the ranks: every split of a token into two in-vocab halves is a merge,
+    ordered by the rank of the merged token, which is what tiktoken's lowest-rank-first loop does;
+    `ignore_merges` takes a whole in-vocab pre-token directly, as tiktoken does. Specials keep their
+    exact ids (cl100k's are not contiguous, so they go into the model vocab, then are marked special).
+    """
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as HFTok
+
+    if not isinstance(tok, TiktokenTokenizer):
+        raise TypeError(f"to_hf_tokenizer converts tiktoken-based tokenizers; {tok.name} is {type(tok).__name__}")
+    table = _byte_to_unicode()
+
+    def s(b: bytes) -> str:
+        return "".join(table[x] for x in b)
+
+    ranks = tok._ranks
+    merges = []
+    for token, rank in ranks.items():
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
+        splits.sort(key=lambda lr: (ranks[lr[0]], ranks[lr[1]]))
+        merges.extend((rank, l, r) for l, r in splits)
+    merges.sort(key=lambda m: m[0])  # stable: ties keep the (left rank, right rank) order
+    vocab = {s(t): r for t, r in ranks.items()}
+    vocab.update(tok.special_tokens)
+    hf = HFTok(models.BPE(vocab, [(s(l), s(r)) for _, l, r in merges], fuse_unk=False, ignore_merges=True))
+    if tok._normalize:
+        hf.normalizer = getattr(normalizers, tok._normalize)()
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        # Oniguruma reads `{1,3}+` as "{1,3}, then one or more" (not possessive, as in tiktoken's
+        # fancy-regex): "3132" would be one pre-token. A plain greedy {1,3} is equivalent here.
+        pre_tokenizers.Split(Regex(tok.pattern.replace("{1,3}+", "{1,3}")), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    hf.decoder = decoders.ByteLevel()
+    specials = sorted(tok.special_tokens.items(), key=lambda kv: kv[1])
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, _ in specials])
+    # Our encode treats special strings in text as text. This flag is not saved in tokenizer.json:
+    # set it again after `Tokenizer.from_file` where that matters.
+    hf.encode_special_tokens = True
+    return hf
+
+
+def hf_tokenizer_json(tok: Tokenizer | str, out: str | Path | None = None) -> str:
+    """`to_hf_tokenizer(tok)` serialised as tokenizer.json text; written to `out` when given."""
+    if isinstance(tok, str):
+        tok = get_tokenizer(tok)
+    text = to_hf_tokenizer(tok).to_str()
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+    return text
+
+
 # -------------------------------------------------------------------------------------- registry
 
 REGISTRY = {
