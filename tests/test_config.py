@@ -1,0 +1,120 @@
+"""Curriculum loading: typed overrides, errors naming file and field, stages, derived batch sizes,
+and `--dry-run --json` on every shipped curriculum giving the cards' exact parameter counts."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trainer.config import ConfigError, load_curriculum, resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BASE = {
+    "model": {"arch": "dense", "vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 2, "ffn_dim": 64},
+    "tokenizer": {"name": "x"},
+    "data": {
+        "sources": [{"name": "a", "path": "A"}, {"name": "b", "path": "B"}],
+        "schedule": [{"at": 0.0, "weights": {"a": 1, "b": 0}}, {"at": 1.0, "weights": {"a": 0, "b": 1}}],
+    },
+    "batch": {"seq_len": 32, "micro_batch": 2, "grad_accum": 2},
+    "train": {"steps": 10},
+}
+
+
+def write(tmp_path, d, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(d))
+    return p
+
+
+def test_overrides_are_typed_by_the_dataclass(tmp_path):
+    p = write(tmp_path, BASE)
+    (cfg,) = load_curriculum(p, ["optim.lr=1e-3", "train.compile=true", "batch.micro_batch=4", "model.n_layers=3"])
+    assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
+    assert cfg.train.compile is True and cfg.batch.micro_batch == 4 and cfg.model["n_layers"] == 3
+    assert cfg.tokens_per_step() == 32 * 4 * 2
+    assert cfg.tokens_per_step(world_size=2) == 32 * 4 * 2 * 2
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("optim.lr=abc", "optim.lr: expected a number, got 'abc'"),
+        ("optim.lrr=1", "optim.lrr: unknown key (did you mean 'lr'?)"),
+        ("train.compile=maybe", "train.compile: expected true/false"),
+        ("batch.seq_len=1.5", "batch.seq_len: expected an integer"),
+        ("optim.name=sgd", "optim.name: expected adamw | adamw8bit | muon"),
+        ("schedule.kind=linear", "schedule.kind:"),
+        ("data.schedule.0.weights.c=1", "data.schedule.0.weights.c: not a source"),
+    ],
+)
+def test_errors_name_file_and_field(tmp_path, override, needle):
+    p = write(tmp_path, BASE)
+    with pytest.raises(ConfigError) as e:
+        load_curriculum(p, [override])
+    assert str(e.value).startswith(str(p) + ": ") and needle in str(e.value), str(e.value)
+
+
+def test_yaml_field_error(tmp_path):
+    bad = {**BASE, "optim": {"lr": "fast"}}
+    p = write(tmp_path, bad)
+    with pytest.raises(ConfigError, match=r"c\.yaml: optim\.lr: expected a number, got 'fast'"):
+        load_curriculum(p)
+    bad = {**BASE, "trian": {}}
+    with pytest.raises(ConfigError, match=r"trian: unknown key \(did you mean 'train'\?\)"):
+        load_curriculum(write(tmp_path, bad))
+
+
+def test_tokens_per_step_target_derives_grad_accum_and_steps_from_tokens():
+    d = {**BASE, "batch": {"seq_len": 1024, "micro_batch": 38, "tokens_per_step": 233472}, "train": {"tokens": 20.84e9}}
+    (cfg,) = resolve(d, "argonne.yaml", world_size=3)
+    assert cfg.grad_accum(3) == 2 and cfg.grad_accum(1) == 6
+    assert cfg.tokens_per_step(3) == cfg.tokens_per_step(1) == 233472
+    assert cfg.total_steps(3) == int(20.84e9 // 233472)
+    with pytest.raises(ConfigError, match="tokens_per_step"):
+        cfg.grad_accum(5)
+
+
+def test_stages_merge_and_mixture_points():
+    d = dict(BASE)
+    d["stages"] = [
+        {"name": "pretrain"},
+        {"name": "continued", "train": {"init_from": "@previous", "reset_data_cursor": True, "steps": 4},
+         "data": {"schedule": [{"tokens": 0, "weights": {"b": 1}}]}},
+    ]
+    a, b = resolve(d, "s.yaml", ["optim.lr=0.01"])
+    assert (a.name, b.name) == ("pretrain", "continued")
+    assert a.train.steps == 10 and b.train.steps == 4 and b.train.reset_data_cursor
+    assert a.optim.lr == b.optim.lr == 0.01  # CLI overrides apply to every stage
+    assert a.mixture_points() == [(0.0, {"a": 1.0, "b": 0.0}), (1.0, {"a": 0.0, "b": 1.0})]
+    assert b.mixture_points() == [(0.0, {"b": 1.0})]
+    assert b.model == a.model
+
+
+CARDS = {
+    "atom.yaml": 3_412_800,
+    "demo-atom.yaml": 3_412_800,
+    "axiom-380m.yaml": 385_849_344,
+    "axiom-380m-sft.yaml": 385_849_344,
+    "argonne-3.0.yaml": 2_882_162_688,
+    "llama-think-95m.yaml": 95_715_408,
+}
+
+
+@pytest.mark.parametrize("name", sorted(CARDS))
+def test_dry_run_json_every_curriculum(name):
+    path = ROOT / "curricula" / name
+    if not path.exists():
+        pytest.fail(f"{path} missing")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("WORLD_SIZE", None)
+    r = subprocess.run([sys.executable, "-m", "trainer.run", str(path), "--dry-run", "--json"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["parameters"] == CARDS[name]
+    assert isinstance(out["parameters"], int) and out["tokens_per_step"] > 0 and out["steps"] > 0

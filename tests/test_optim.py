@@ -1,0 +1,167 @@
+"""Optimizers: our AdamW construction vs a hand-built torch.optim.AdamW; Muon's Newton–Schulz vs
+its spectral definition; Muon's step vs a reference written from the equations (SVD-based, fp64),
+and vs torch.optim.Muon."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from trainer.config import MuonSection, OptimSection
+from trainer.models import build_model
+from trainer.optim import CombinedOptimizer, Muon, build_optimizer, zeropower_newton_schulz
+
+TINY = dict(arch="dense", vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=32)
+A, B, C = 3.4445, -4.7750, 2.0315
+
+
+def p5(x):
+    for _ in range(5):
+        x = A * x + B * x**3 + C * x**5
+    return x
+
+
+def ns_reference(G, eps=1e-7):
+    """NS5 by its definition on singular values: U · p⁵(σ/(‖G‖_F + eps)) · Vᵀ (fp64, via SVD)."""
+    G = G.double()
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    return U @ torch.diag(p5(S / (G.norm() + eps))) @ Vh
+
+
+def loss_of(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 64, (2, 16), generator=g)
+    y = torch.randint(0, 64, (2, 16), generator=g)
+    return nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+
+def test_adamw_matches_hand_built_torch_adamw():
+    torch.manual_seed(0)
+    model = build_model(TINY)
+    ref = copy.deepcopy(model)
+    cfg = OptimSection(name="adamw", lr=1e-2, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1)
+    opt = build_optimizer(model, cfg)
+    # expected groups: decay = every >=2-D weight incl. the tied embedding; no decay = norm gains
+    decay = [p for n, p in ref.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in ref.named_parameters() if p.ndim < 2]
+    assert no_decay and decay
+    ref_opt = torch.optim.AdamW(
+        [dict(params=decay, weight_decay=0.1), dict(params=no_decay, weight_decay=0.0)], lr=1e-2, betas=(0.9, 0.95), eps=1e-8
+    )
+    names_decay = {n for n, p in model.named_parameters() if any(p is q for g in opt.param_groups if g["weight_decay"] > 0 for q in g["params"])}
+    assert names_decay == {n for n, p in model.named_parameters() if p.ndim >= 2}
+    for step in range(4):
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            loss_of(m, step).backward()
+            o.step()
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        assert torch.equal(p, q), n
+    # and the update did something (the test can fail)
+    assert not torch.equal(model.embed.weight, build_model(TINY).embed.weight)
+
+
+def test_newton_schulz_acts_on_singular_values_as_the_quintic():
+    torch.manual_seed(0)
+    for shape in [(48, 32), (32, 48), (40, 40)]:
+        # well-conditioned input: singular values spread over [0.05, 1] before normalisation
+        U, _ = torch.linalg.qr(torch.randn(shape[0], shape[0], dtype=torch.float64))
+        V, _ = torch.linalg.qr(torch.randn(shape[1], shape[1], dtype=torch.float64))
+        k = min(shape)
+        S = torch.linspace(0.05, 1.0, k, dtype=torch.float64)
+        G = U[:, :k] @ torch.diag(S) @ V[:, :k].T
+        out = zeropower_newton_schulz(G, steps=5)
+        assert (out - ns_reference(G)).abs().max() < 1e-9
+        sv = torch.linalg.svdvals(out)
+        # p⁵ of the quintic keeps normalised σ >= ~3e-3 inside [0.68, 1.21]; it does not converge to 1
+        assert sv.min() > 0.68 and sv.max() < 1.21, (sv.min(), sv.max())
+        # near-orthogonal: OᵀO (wide: OOᵀ) close to identity in the sense of those bounds
+    x = torch.logspace(-2.5, 0, 2000, dtype=torch.float64)
+    y = p5(x)
+    assert y.min() > 0.68 and y.max() < 1.21
+
+
+class WithConv(nn.Module):
+    """A matrix, a 3-D depthwise conv weight (as in Gated DeltaNet), a gain and an embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+        self.w = nn.Parameter(torch.randn(12, 8))
+        self.conv = nn.Parameter(torch.randn(8, 1, 4))
+        self.gain = nn.Parameter(torch.ones(8))
+
+    def param_kinds(self):
+        return {"embed.weight": "embedding", "w": "matrix", "conv": "matrix", "gain": "vector"}
+
+    def forward(self, x):
+        h = self.embed(x) * self.gain  # [B, T, 8]
+        h = nn.functional.conv1d(h.transpose(1, 2), self.conv, groups=8, padding=3)[..., : x.shape[1]].transpose(1, 2)
+        return h @ self.w.T
+
+
+def test_muon_step_matches_equations_including_conv_weight():
+    torch.manual_seed(0)
+    model = WithConv().double()
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = OptimSection(name="muon", lr=0.02, weight_decay=0.01, muon=MuonSection(adamw_betas=[0.9, 0.99]))
+    opt = build_optimizer(model, cfg)
+    assert isinstance(opt, CombinedOptimizer)
+    muon, adamw = opt.optimizers
+    assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert {id(p) for p in muon.param_groups[0]["params"]} == {id(model.w), id(model.conv)}
+    g = adamw.param_groups[0]
+    assert (g["betas"], g["eps"], g["weight_decay"], g["lr"]) == ((0.9, 0.99), 1e-8, 0.01, 0.02)
+
+    lr, wd, mu = 0.02, 0.01, 0.95
+    ref = {n: init[n].clone() for n in ("w", "conv")}
+    bufs = {n: torch.zeros_like(ref[n]) for n in ref}
+    for step in range(3):
+        opt.zero_grad()
+        x = torch.randint(0, 16, (2, 6), generator=torch.Generator().manual_seed(step))
+        model(x).pow(2).mean().backward()
+        grads = {n: getattr(model, n).grad.clone() for n in ref}
+        opt.step()
+        for n in ref:
+            gr = grads[n]
+            bufs[n] = mu * bufs[n] + (1 - mu) * gr
+            u = (1 - mu) * gr + mu * bufs[n]  # Nesterov
+            u2 = u.reshape(u.shape[0], -1)
+            r, c = u2.shape
+            O = ns_reference(u2).reshape(u.shape)
+            ref[n] = ref[n] * (1 - lr * wd) - lr * math.sqrt(max(r, c) / min(r, c)) * O
+            assert (getattr(model, n).detach() - ref[n]).abs().max() < 1e-10, (n, step)
+    assert not torch.allclose(model.w, init["w"])
+
+
+def test_muon_vs_torch_optim_muon():
+    """torch.optim.Muon (2.13): buf = μ·buf + g, u = g + μ·buf (ours differs by a factor 1−μ that NS
+    normalises away), scale √max(1, rows/cols) (equal to ours for tall matrices), NS in bf16 (ours in
+    fp32 on CPU) -> equal up to bf16 rounding."""
+    if not hasattr(torch.optim, "Muon"):
+        pytest.skip("torch.optim.Muon not in this torch")
+    torch.manual_seed(0)
+    w0 = torch.randn(64, 32)
+    ours_p = nn.Parameter(w0.clone())
+    theirs_p = nn.Parameter(w0.clone())
+    ours = Muon([ours_p], lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.01)
+    theirs = torch.optim.Muon([theirs_p], lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.01)
+    for step in range(3):
+        g = torch.randn(64, 32, generator=torch.Generator().manual_seed(step))
+        ours_p.grad = g.clone()
+        theirs_p.grad = g.clone()
+        ours.step()
+        theirs.step()
+    delta_ours = ours_p.detach() - w0
+    delta_theirs = theirs_p.detach() - w0
+    rel = (delta_ours - delta_theirs).norm() / delta_theirs.norm()
+    assert rel < 0.02, rel  # bf16 NS vs fp32 NS
+    assert delta_ours.norm() > 0
+
+
+def test_adamw8bit_falls_back_on_cpu(capsys):
+    model = build_model(TINY)
+    opt = build_optimizer(model, OptimSection(name="adamw8bit"), device_type="cpu")
+    assert isinstance(opt, torch.optim.AdamW)
+    assert "adamw8bit unavailable" in capsys.readouterr().out

@@ -1,0 +1,508 @@
+"""Curricula: one YAML per model, loaded into small typed dataclasses.
+
+A curriculum holds the architecture (`model:`, passed as-is to `trainer.models.build_model`), the
+tokenizer, the data sources with a mixture schedule, optimizer, LR schedule, batch, train, eval and
+checkpoint sections. An optional `stages:` list runs the same curriculum several times in a row,
+each stage overriding some sections (Argonne: pretrain, then continued pretraining from its final
+checkpoint with a fresh optimizer and a reset data cursor).
+
+Every error names the file and the dotted field, e.g.
+    curricula/atom.yaml: optim.lr: expected a number, got 'abc'
+CLI overrides `section.key=value` are typed by the dataclass field they land on (so `optim.lr=1e-3`
+is a float even though YAML 1.1 would read `1e-3` as a string).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A curriculum problem; the message names the file and the field."""
+
+
+@dataclass
+class TokenizerSection:
+    name: str = ""
+    path: str | None = None  # for tokenizer.json / SentencePiece models; `name` may itself be a path
+
+
+@dataclass
+class SourceSection:
+    name: str = ""
+    path: str = ""  # shard dir or s3:// URI
+
+
+@dataclass
+class MixturePointSection:
+    """Weights at one point of the run: `at` is a fraction (0..1) or `tokens` an absolute count.
+    Between points the weights move linearly; a hard switch is two points close together."""
+
+    weights: dict[str, float] = field(default_factory=dict)
+    at: float | None = None
+    tokens: float | None = None
+
+
+@dataclass
+class DataSection:
+    sources: list[SourceSection] = field(default_factory=list)
+    schedule: list[MixturePointSection] = field(default_factory=list)
+    cache_dir: str | None = None  # local cache for s3:// sources
+
+
+@dataclass
+class MuonSection:
+    lr: float | None = None  # None: optim.lr
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5
+    weight_decay: float | None = None  # None: optim.weight_decay
+    # AdamW settings for the non-matrix params (embedding, norms, gains) when name == muon
+    adamw_lr: float | None = None  # None: optim.lr
+    adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    adamw_eps: float = 1e-8
+    adamw_weight_decay: float = 0.01
+
+
+@dataclass
+class OptimSection:
+    name: str = "adamw"  # adamw | adamw8bit | muon
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # 0 disables
+    # which param kinds (from model.param_kinds()) AdamW decays; norms/gains ("vector") usually not
+    decay_kinds: list[str] = field(default_factory=lambda: ["embedding", "matrix"])
+    muon: MuonSection = field(default_factory=MuonSection)
+
+
+@dataclass
+class ScheduleSection:
+    kind: str = "cosine"  # wsd | warmup_constant_cosine | cosine | constant
+    warmup: int = 0
+    cooldown: int = 0  # wsd: linear decay over the final `cooldown` steps
+    decay: int = 0  # warmup_constant_cosine: cosine over the final `decay` steps
+    min_lr: float | None = None
+    min_lr_ratio: float | None = None  # used when min_lr is None; default 0
+
+
+@dataclass
+class BatchSection:
+    seq_len: int = 1024
+    micro_batch: int = 1
+    grad_accum: int | None = None
+    # Alternative to grad_accum: the card's global batch; grad_accum is derived per world size.
+    tokens_per_step: int | None = None
+
+
+@dataclass
+class TrainSection:
+    steps: int | None = None
+    tokens: float | None = None  # steps = tokens // tokens_per_step when steps is not given
+    seed: int = 1337
+    dtype: str = "bf16"  # bf16 (autocast on GPU, fp32 weights; fp32 on CPU) | fp32
+    device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False
+    activation_checkpointing: bool = False
+    init_from: str | None = None  # checkpoint dir (or run dir) to take model weights from
+    reset_data_cursor: bool = False  # with init_from: the loader starts from step 0 of its own schedule
+    log_every: int = 1
+
+
+@dataclass
+class EvalSection:
+    every: int = 0  # 0: only at the end
+    batches: int = 8
+    micro_batch: int | None = None  # None: batch.micro_batch
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 0  # 0: only at the end
+    keep_last: int = 3
+
+
+@dataclass
+class SampleSection:
+    prompt: str = ""  # empty: no sample generation at the end
+    max_new_tokens: int = 64
+    temperature: float = 0.8
+    top_k: int = 40
+
+
+@dataclass
+class Config:
+    model: dict[str, Any] = field(default_factory=dict)
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    batch: BatchSection = field(default_factory=BatchSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    sample: SampleSection = field(default_factory=SampleSection)
+    name: str = ""  # stage name ("" for single-stage curricula)
+    source_file: str = ""  # where this came from (for messages)
+
+    # ---- derived quantities --------------------------------------------------------------------
+    def grad_accum(self, world_size: int = 1) -> int:
+        b = self.batch
+        per_micro = b.seq_len * b.micro_batch * world_size
+        if b.tokens_per_step is not None:
+            if b.tokens_per_step % per_micro:
+                raise ConfigError(
+                    f"{self.source_file}: batch.tokens_per_step: {b.tokens_per_step} is not a multiple of "
+                    f"seq_len*micro_batch*world_size = {b.seq_len}*{b.micro_batch}*{world_size}"
+                )
+            accum = b.tokens_per_step // per_micro
+            if b.grad_accum is not None and b.grad_accum != accum:
+                raise ConfigError(
+                    f"{self.source_file}: batch.grad_accum: {b.grad_accum} disagrees with tokens_per_step "
+                    f"{b.tokens_per_step} at world size {world_size} (needs {accum})"
+                )
+            return accum
+        return b.grad_accum or 1
+
+    def tokens_per_step(self, world_size: int = 1) -> int:
+        return self.batch.seq_len * self.batch.micro_batch * self.grad_accum(world_size) * world_size
+
+    def total_steps(self, world_size: int = 1) -> int:
+        if self.train.steps is not None:
+            return int(self.train.steps)
+        return int(self.train.tokens // self.tokens_per_step(world_size))
+
+    def total_tokens(self, world_size: int = 1) -> int:
+        return self.total_steps(world_size) * self.tokens_per_step(world_size)
+
+    def mixture_points(self, world_size: int = 1) -> list[tuple[float, dict[str, float]]]:
+        """Schedule as (fraction of run, normalised weights), sorted; token points converted."""
+        total = self.total_tokens(world_size)
+        out = []
+        for p in self.data.schedule:
+            at = p.at if p.at is not None else (p.tokens / total if total else 0.0)
+            s = sum(p.weights.values())
+            out.append((float(at), {k: v / s for k, v in p.weights.items()}))
+        return sorted(out, key=lambda t: t[0])
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---- typed conversion ----------------------------------------------------------------------------
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if tp is float or tp is int:
+        return "a number" if tp is float else "an integer"
+    if tp is bool:
+        return "true/false"
+    if tp is str:
+        return "a string"
+    if origin in (list,):
+        return "a list"
+    if origin in (dict,):
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return str(tp)
+
+
+def _convert(value, tp, where: str, file: str):
+    """Coerce a YAML/CLI value to the annotated type or raise ConfigError naming file and field."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.strip().lower() in ("none", "null", "~") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], where, file)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{file}: {where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where, file)
+    if origin is list:
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                pass
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{file}: {where}: expected a list, got {value!r}")
+        return [_convert(v, args[0], f"{where}.{i}", file) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{file}: {where}: expected a mapping, got {value!r}")
+        kt, vt = args
+        return {str(k): _convert(v, vt, f"{where}.{k}", file) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ConfigError(f"{file}: {where}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{file}: {where}: expected {_type_name(tp)}, got {value!r}")
+        if isinstance(value, (int, float)):
+            num = value
+        elif isinstance(value, str):
+            try:
+                num = float(value.replace("_", "").strip())
+            except ValueError:
+                raise ConfigError(f"{file}: {where}: expected {_type_name(tp)}, got {value!r}") from None
+        else:
+            raise ConfigError(f"{file}: {where}: expected {_type_name(tp)}, got {value!r}")
+        if not math.isfinite(num):
+            raise ConfigError(f"{file}: {where}: expected a finite number, got {value!r}")
+        if tp is int:
+            if float(num) != int(num):
+                raise ConfigError(f"{file}: {where}: expected an integer, got {value!r}")
+            return int(num)
+        return float(num)
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{file}: {where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls, raw: dict, where: str, file: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(names)})"
+            raise ConfigError(f"{file}: {path}: unknown key{hint}")
+        if cls is Config and key == "model":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{file}: model: expected a mapping, got {value!r}")
+            kwargs[key] = copy.deepcopy(value)
+            continue
+        kwargs[key] = _convert(value, hints[key], path, file)
+    return cls(**kwargs)
+
+
+# ---- loading -------------------------------------------------------------------------------------
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "weights":
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _parse_scalar(text: str):
+    """CLI value for untyped places (the model dict): YAML scalar, with 1e-3 read as a number."""
+    try:
+        v = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(v, str):
+        try:
+            f = float(v)
+            return int(f) if f.is_integer() and "e" not in v.lower() and "." not in v else f
+        except ValueError:
+            return v
+    return v
+
+
+def apply_override(raw: dict, item: str, file: str = "<cli>") -> None:
+    """`section.key=value` on the raw dict. Values stay strings except under `model` (untyped):
+    the dataclass conversion types them, so errors read the same as for YAML."""
+    if "=" not in item:
+        raise ConfigError(f"{file}: override {item!r}: expected section.key=value")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for i, p in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            try:
+                node = node[int(p)]
+            except (ValueError, IndexError):
+                raise ConfigError(f"{file}: {'.'.join(parts[:i + 1])}: no list item {p!r}") from None
+            continue
+        if p not in node or node[p] is None:
+            node[p] = {}
+        if not isinstance(node[p], (dict, list)):
+            raise ConfigError(f"{file}: {'.'.join(parts[:i + 1])}: is a value, cannot set {key}")
+        node = node[p]
+    last = parts[-1]
+    v = _parse_scalar(value) if parts[0] == "model" else value
+    if isinstance(node, list):
+        try:
+            node[int(last)] = v
+        except (ValueError, IndexError):
+            raise ConfigError(f"{file}: {key}: no list item {last!r}") from None
+    else:
+        node[last] = v
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: curriculum file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return raw
+
+
+def load_curriculum(path: str | Path, overrides: list[str] = (), world_size: int = 1) -> list[Config]:
+    """Curriculum file (+ CLI overrides) -> one validated Config per stage."""
+    file = str(path)
+    raw = load_yaml(path)
+    return resolve(raw, file, overrides, world_size)
+
+
+def resolve(raw: dict, file: str, overrides: list[str] = (), world_size: int = 1) -> list[Config]:
+    raw = copy.deepcopy(raw)
+    stages_raw = raw.pop("stages", None)
+    if stages_raw is None:
+        stages_raw = [{}]
+    if not isinstance(stages_raw, list) or not stages_raw:
+        raise ConfigError(f"{file}: stages: expected a non-empty list of stage mappings")
+    configs = []
+    for i, st in enumerate(stages_raw):
+        if not isinstance(st, dict):
+            raise ConfigError(f"{file}: stages.{i}: expected a mapping")
+        merged = _deep_merge(raw, st)
+        merged.setdefault("name", st.get("name", ""))
+        for item in overrides:
+            apply_override(merged, item, file)
+        cfg = _build(Config, merged, "", file)
+        cfg.source_file = file
+        if not cfg.name and len(stages_raw) > 1:
+            cfg.name = f"stage{i}"
+        validate(cfg, world_size, where=f"stages.{i}." if len(stages_raw) > 1 else "")
+        configs.append(cfg)
+    names = [c.name for c in configs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{file}: stages: stage names must be unique, got {names}")
+    return configs
+
+
+def from_dict(d: dict, file: str = "<dict>") -> Config:
+    """Rebuild a Config from `Config.to_dict()` (checkpoint config.json)."""
+    d = {k: v for k, v in d.items() if k != "source_file"}
+    cfg = _build(Config, d, "", file)
+    cfg.source_file = file
+    return cfg
+
+
+def validate(cfg: Config, world_size: int = 1, where: str = "") -> None:
+    f = cfg.source_file
+
+    def err(field_: str, msg: str):
+        raise ConfigError(f"{f}: {where}{field_}: {msg}")
+
+    if not cfg.model:
+        err("model", "missing model section")
+    if "arch" not in cfg.model:
+        err("model.arch", "missing (dense | hybrid)")
+    if cfg.optim.name not in ("adamw", "adamw8bit", "muon"):
+        err("optim.name", f"expected adamw | adamw8bit | muon, got {cfg.optim.name!r}")
+    if cfg.optim.lr <= 0:
+        err("optim.lr", f"must be > 0, got {cfg.optim.lr}")
+    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
+        err("optim.betas", f"expected two values in [0, 1), got {cfg.optim.betas}")
+    for k in cfg.optim.decay_kinds:
+        if k not in ("embedding", "matrix", "vector"):
+            err("optim.decay_kinds", f"expected embedding | matrix | vector, got {k!r}")
+    if cfg.optim.weight_decay < 0:
+        err("optim.weight_decay", f"must be >= 0, got {cfg.optim.weight_decay}")
+    if cfg.schedule.kind not in ("wsd", "warmup_constant_cosine", "cosine", "constant"):
+        err("schedule.kind", f"expected wsd | warmup_constant_cosine | cosine | constant, got {cfg.schedule.kind!r}")
+    for k in ("warmup", "cooldown", "decay"):
+        if getattr(cfg.schedule, k) < 0:
+            err(f"schedule.{k}", "must be >= 0")
+    if cfg.schedule.min_lr_ratio is not None and not 0 <= cfg.schedule.min_lr_ratio <= 1:
+        err("schedule.min_lr_ratio", f"must be in [0, 1], got {cfg.schedule.min_lr_ratio}")
+    for k in ("seq_len", "micro_batch"):
+        if getattr(cfg.batch, k) <= 0:
+            err(f"batch.{k}", "must be > 0")
+    if cfg.batch.grad_accum is not None and cfg.batch.grad_accum <= 0:
+        err("batch.grad_accum", "must be > 0")
+    cfg.grad_accum(world_size)  # divisibility
+    if cfg.train.steps is None and cfg.train.tokens is None:
+        err("train", "give steps or tokens")
+    if cfg.train.steps is not None and cfg.train.steps <= 0:
+        err("train.steps", f"must be > 0, got {cfg.train.steps}")
+    if cfg.total_steps(world_size) <= 0:
+        err("train.tokens", f"{cfg.train.tokens} tokens is less than one step of {cfg.tokens_per_step(world_size)}")
+    if cfg.train.dtype not in ("bf16", "fp32"):
+        err("train.dtype", f"expected bf16 | fp32, got {cfg.train.dtype!r}")
+    if cfg.train.device not in ("auto", "cpu", "cuda"):
+        err("train.device", f"expected auto | cpu | cuda, got {cfg.train.device!r}")
+    if not cfg.tokenizer.name and not cfg.tokenizer.path:
+        err("tokenizer.name", "missing")
+    # data
+    if not cfg.data.sources:
+        err("data.sources", "at least one source is needed")
+    names = [s.name for s in cfg.data.sources]
+    for i, s in enumerate(cfg.data.sources):
+        if not s.name:
+            err(f"data.sources.{i}.name", "missing")
+        if not s.path:
+            err(f"data.sources.{i}.path", "missing")
+    if len(set(names)) != len(names):
+        err("data.sources", f"duplicate source names {names}")
+    if not cfg.data.schedule:
+        if len(names) == 1:
+            cfg.data.schedule = [MixturePointSection(weights={names[0]: 1.0}, at=0.0)]
+        else:
+            err("data.schedule", "several sources need a mixture schedule")
+    total = cfg.total_tokens(world_size)
+    for i, p in enumerate(cfg.data.schedule):
+        w = f"data.schedule.{i}"
+        if (p.at is None) == (p.tokens is None):
+            err(w, "give exactly one of `at` (fraction of the run) or `tokens`")
+        if p.at is not None and not 0 <= p.at <= 1:
+            err(f"{w}.at", f"a fraction of the run in [0, 1], got {p.at}")
+        if p.tokens is not None and not 0 <= p.tokens <= total:
+            err(f"{w}.tokens", f"must be within the run's {total} tokens, got {p.tokens}")
+        for k, v in p.weights.items():
+            if k not in names:
+                close = difflib.get_close_matches(k, names, n=1)
+                err(f"{w}.weights.{k}", "not a source" + (f" (did you mean '{close[0]}'?)" if close else f" (sources: {names})"))
+            if v < 0:
+                err(f"{w}.weights.{k}", f"must be >= 0, got {v}")
+        if sum(p.weights.values()) <= 0:
+            err(f"{w}.weights", "weights must sum to > 0")
+    if cfg.eval.every < 0 or cfg.eval.batches < 0:
+        err("eval", "every and batches must be >= 0")
+    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 1:
+        err("checkpoint", "every >= 0 and keep_last >= 1")
+
+
+def dumps(cfg: Config) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)
