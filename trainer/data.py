@@ -1,0 +1,515 @@
+"""Mixture loader: batches of seq_len+1 windows drawn from memory-mapped token shards by a schedule.
+
+Contract (consumed by trainer/run.py):
+
+    loader = MixtureLoader(sources, schedule, seq_len, micro_batch, seed, rank, world_size, total_tokens,
+                           split="train", cache_dir=None, *, grad_accum=1, packing="stream",
+                           vocab_size=None)
+    x, y, loss_mask, info = loader.batch(step, micro_step)
+    loader.state_dict() / loader.load_state_dict(sd) / loader.reset_data_cursor(step)
+    loader.weights_at(tokens_seen) -> {source: weight};  loader.validate()
+    val_batches(source_path, seq_len, batch_size, n_batches, split="val") -> [(x, y, loss_mask), ...]
+    iterate(loader, start_step) -> yields (x, y, state), nanochat-style (y = -1 where the mask is 0)
+
+Additions to the contract agreed in the brief (all keyword-only with defaults, so old calls still work):
+`grad_accum` (rows per optimizer step = world_size * grad_accum * micro_batch; without it a step's
+token position, and so the schedule, is unknown), `packing`, `vocab_size` (the model's; ids must be
+below it), `reset_data_cursor()`.
+
+How a batch is chosen (why it is exact, disjoint and independent of worker count):
+- Rows form one global sequence. Row g = ((step*grad_accum + micro_step)*world_size + rank)*micro_batch + i.
+  Each row belongs to exactly one (rank, micro_step), and 2 ranks x 1 micro-step reads exactly the rows
+  of 1 rank x 2 micro-steps: DDP equals gradient accumulation, batch for batch.
+- Row -> source, by the integral of the schedule (no random draw): E_s(b) = expected rows of source s
+  among the first b rows (normalised weights interpolated linearly between points, integrated exactly).
+  Source s "arrives" in row-bucket b when round(E_s(b)) steps up; rows are the arrivals in order
+  (bucket, source index). So after any number of rows every source's count is within about
+  (number of sources)/2 rows of the schedule's integral, even in short runs, and the k-th row of
+  source s is known in O(1) from the closed form: nothing depends on the history of calls.
+- The k-th row of source s reads window perm_e(k mod N_s), e = k // N_s its epoch, perm_e a keyed
+  Feistel permutation of that source's N_s windows (new permutation per epoch; O(1) memory).
+  "Disjoint samples per rank" therefore means: within one epoch of a source, no window is read twice
+  by any rank, and no two ranks ever read the same (window, epoch). It holds for any world size.
+- Windows: stream packing cuts each shard into non-overlapping windows of seq_len+1 tokens (stride
+  seq_len, so y covers every token; the < seq_len tail of each shard is unused). Document packing
+  (SFT) uses one document per row, truncated to seq_len+1 and padded with EOS that carries no loss.
+- The val split is never opened by the train loader; `val_batches` reads it in fixed order.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shards.reader import SplitReader, open_split
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "shardloom.loader/1"
+
+
+class DataError(ValueError):
+    """A source, shard or schedule problem; the message names the source and file or field."""
+
+
+@dataclass
+class SourceSpec:
+    name: str
+    path: str  # shard dir, or s3:// URI (fetched into cache_dir and verified by shards.storage)
+
+
+@dataclass
+class MixturePoint:
+    at: float  # fraction of the run in [0, 1] if <= 1, else absolute tokens
+    weights: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- schedule
+
+
+class Schedule:
+    """Piecewise-linear normalised weights over row-time, with an exact integral.
+
+    Weights are normalised at each point (they need only be >= 0 and sum to > 0), then interpolated
+    linearly, so they sum to 1 everywhere. Before the first point and after the last the weights are
+    held constant. Two points at (nearly) the same position give a hard switch.
+    """
+
+    def __init__(self, names: list[str], points: list[MixturePoint], total_tokens: float | None, seq_len: int):
+        if not points:
+            raise DataError("schedule: needs at least one point")
+        xs, ws = [], []
+        for i, p in enumerate(points):
+            unknown = sorted(set(p.weights) - set(names))
+            if unknown:
+                raise DataError(f"schedule[{i}].weights: unknown source(s) {unknown} (sources: {names})")
+            w = np.array([float(p.weights.get(n, 0.0)) for n in names])
+            if not np.all(np.isfinite(w)) or np.any(w < 0):
+                raise DataError(f"schedule[{i}].weights: must be finite and >= 0, got {p.weights}")
+            if w.sum() <= 0:
+                raise DataError(f"schedule[{i}].weights: must sum to > 0, got {p.weights}")
+            at = float(p.at)
+            if not math.isfinite(at) or at < 0:
+                raise DataError(f"schedule[{i}].at: must be >= 0, got {p.at}")
+            if at <= 1:
+                if at > 0 and not total_tokens:
+                    raise DataError(f"schedule[{i}].at: {at} is a fraction of the run but total_tokens is not set")
+                at = at * (total_tokens or 0)
+            xs.append(at / seq_len)  # row units
+            ws.append(w / w.sum())
+        if any(b < a for a, b in zip(xs, xs[1:])):
+            raise DataError(f"schedule: points must be in increasing order of 'at', got {[p.at for p in points]}")
+        if xs[0] > 0:  # hold the first weights from the start
+            xs.insert(0, 0.0)
+            ws.insert(0, ws[0])
+        self.names = names
+        self.x = np.array(xs)
+        self.w = np.stack(ws)  # [P, S]
+        self.seq_len = seq_len
+        seg = np.diff(self.x)[:, None] * (self.w[1:] + self.w[:-1]) / 2
+        self.cum = np.concatenate([np.zeros((1, len(names))), np.cumsum(seg, axis=0)])  # E at each point
+
+    def weights(self, rows: float) -> np.ndarray:
+        i = int(np.clip(np.searchsorted(self.x, rows, side="right") - 1, 0, len(self.x) - 1))
+        if i == len(self.x) - 1:
+            return self.w[i].copy()
+        t = (rows - self.x[i]) / (self.x[i + 1] - self.x[i])
+        return self.w[i] + t * (self.w[i + 1] - self.w[i])
+
+    def integral(self, rows: np.ndarray) -> np.ndarray:
+        """E[b, s]: expected number of rows of source s among the first b rows (b may be fractional)."""
+        b = np.asarray(rows, dtype=np.float64)
+        last = len(self.x) - 1
+        i = np.clip(np.searchsorted(self.x, b, side="right") - 1, 0, last)
+        t = (b - self.x[i])[:, None]
+        j = np.minimum(i + 1, last)
+        dx = (self.x[j] - self.x[i])[:, None]
+        slope = np.where(dx > 0, (self.w[j] - self.w[i]) / np.where(dx > 0, dx, 1.0), 0.0)
+        return self.cum[i] + self.w[i] * t + slope * t * t / 2
+
+
+# ---------------------------------------------------------------- permutation
+
+
+_M1, _M2, _GOLD = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:  # splitmix64 finaliser
+    z = z ^ (z >> np.uint64(30))
+    z = z * _M1
+    z = z ^ (z >> np.uint64(27))
+    z = z * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+def permute(idx: np.ndarray, n: int, key: int) -> np.ndarray:
+    """A keyed bijection of [0, n) evaluated at idx: 4-round Feistel on the next even power of two,
+    cycle-walking back into range. Random access in O(1) memory, whatever n."""
+    idx = np.asarray(idx, dtype=np.uint64)
+    if n <= 1:
+        return np.zeros_like(idx)
+    bits = max(2, int(n - 1).bit_length())
+    bits += bits % 2
+    half = np.uint64(bits // 2)
+    mask = np.uint64((1 << (bits // 2)) - 1)
+    keys = [np.uint64((key * 0x9E3779B97F4A7C15 + r * 0xD1B54A32D192ED03) & (2**64 - 1)) for r in range(4)]
+
+    def feistel(x):
+        left, right = x >> half, x & mask
+        for k in keys:
+            left, right = right, left ^ (_mix((right + k) * _GOLD) & mask)
+        return (left << half) | right
+
+    with np.errstate(over="ignore"):
+        out = feistel(idx)
+        bad = out >= n
+        while bad.any():
+            out[bad] = feistel(out[bad])
+            bad = out >= n
+    return out
+
+
+def _stable_hash(*parts) -> int:
+    return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "little")
+
+
+# ---------------------------------------------------------------- sources
+
+
+def _open(name: str, path: str, split: str, cache_dir: str | None) -> SplitReader:
+    where = f"source '{name}' ({path})"
+    if str(path).startswith("s3://"):
+        from shards.storage import fetch_to_cache  # lazy: boto3 only when a source lives in object storage
+
+        path = fetch_to_cache(path, cache_dir or Path.home() / ".cache" / "shardloom")
+    p = Path(path)
+    if not p.is_dir():
+        raise DataError(f"{where}: directory not found: {p}")
+    try:
+        reader = open_split(p, split)
+    except KeyError as e:  # KeyError quotes its message: unwrap
+        raise DataError(f"{where}: {e.args[0]}") from None
+    except (FileNotFoundError, ValueError) as e:
+        raise DataError(f"{where}: {e}") from None
+    files = reader.manifest.files
+    for shard in reader.shards:  # cheap corruption check: byte sizes against the manifest
+        for suffix in ("", ".index", ".loss"):
+            f = Path(str(shard.path) + suffix)
+            rel = f.relative_to(p).as_posix()
+            if rel in files and f.exists() and f.stat().st_size != files[rel].bytes:
+                raise DataError(f"{where}: {f} is {f.stat().st_size} bytes, manifest says {files[rel].bytes}")
+    if not reader.shards:
+        raise DataError(f"{where}: split '{split}' has no shards")
+    return reader
+
+
+class _Source:
+    """One source's split as windows (stream) or documents (document packing)."""
+
+    def __init__(self, name: str, reader: SplitReader, seq_len: int, packing: str):
+        self.name, self.reader, self.packing = name, reader, packing
+        self.shards = reader.shards
+        L = seq_len + 1
+        if packing == "stream":
+            counts = [max(0, (len(s.tokens) - 1) // seq_len) for s in self.shards]
+        else:
+            counts = [s.documents for s in self.shards]
+        self.cum = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.n = int(self.cum[-1])
+        self.L = L
+        self.seq_len = seq_len
+        self.has_loss = reader.has_loss_mask
+
+    def gather(self, samples: np.ndarray, eos: int):
+        """Rows [n, L] of token ids (int64) and masks [n, L] (bool, True = counts) for sample ids."""
+        n = len(samples)
+        toks = np.empty((n, self.L), dtype=np.int64)
+        mask = np.ones((n, self.L), dtype=bool)
+        shard_of = np.searchsorted(self.cum, samples, side="right") - 1
+        ar = np.arange(self.L)
+        for j in np.unique(shard_of):
+            rows = np.nonzero(shard_of == j)[0]
+            shard = self.shards[j]
+            local = samples[rows] - self.cum[j]
+            if self.packing == "stream":
+                idx = (local * self.seq_len)[:, None] + ar
+                toks[rows] = shard.tokens[idx]
+                if shard.loss is not None:
+                    mask[rows] = shard.loss[idx] != 0
+            else:
+                start, end = shard.offsets[local], shard.offsets[local + 1]
+                idx = np.minimum(start[:, None] + ar, (end - 1)[:, None])
+                valid = ar < (end - start)[:, None]
+                toks[rows] = np.where(valid, shard.tokens[idx], eos)
+                m = valid if shard.loss is None else valid & (shard.loss[idx] != 0)
+                mask[rows] = m
+        return toks, mask
+
+
+# ---------------------------------------------------------------- the loader
+
+
+class MixtureLoader:
+    def __init__(
+        self,
+        sources,
+        schedule,
+        seq_len: int,
+        micro_batch: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        total_tokens: float | None = None,
+        split: str = "train",
+        cache_dir: str | None = None,
+        *,
+        grad_accum: int = 1,
+        packing: str = "stream",
+        vocab_size: int | None = None,
+    ):
+        sources = [s if isinstance(s, SourceSpec) else SourceSpec(**s) for s in sources]
+        schedule = [p if isinstance(p, MixturePoint) else MixturePoint(**p) for p in schedule]
+        if not sources:
+            raise DataError("sources: at least one source is required")
+        names = [s.name for s in sources]
+        if len(set(names)) != len(names):
+            raise DataError(f"sources: duplicate names in {names}")
+        if packing not in ("stream", "document"):
+            raise DataError(f"packing: must be 'stream' or 'document', got {packing!r}")
+        for k, v in (("seq_len", seq_len), ("micro_batch", micro_batch), ("world_size", world_size),
+                     ("grad_accum", grad_accum)):
+            if int(v) < 1:
+                raise DataError(f"{k}: must be >= 1, got {v}")
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank: {rank} not in [0, {world_size})")
+        self.specs, self.names = sources, names
+        self.seq_len, self.micro_batch, self.seed = int(seq_len), int(micro_batch), int(seed)
+        self.rank, self.world_size, self.grad_accum = int(rank), int(world_size), int(grad_accum)
+        self.total_tokens, self.split, self.packing, self.vocab_size = total_tokens, split, packing, vocab_size
+        self.rows_per_step = self.world_size * self.grad_accum * self.micro_batch
+        self.tokens_per_step = self.rows_per_step * self.seq_len
+        self.schedule = Schedule(names, schedule, total_tokens, self.seq_len)
+        self.sources = [_Source(s.name, _open(s.name, s.path, split, cache_dir), self.seq_len, packing) for s in sources]
+        self.step_offset = 0
+        self._epochs_logged = {n: 0 for n in names}
+        self._last = None  # (step, micro_step) of the last batch served, for state_dict
+        self.validate()
+        tok = self.sources[0].reader.manifest.tokenizer
+        self.eos_id = int(tok.eos_id)
+
+    # -- checks
+    def validate(self) -> None:
+        """Raise DataError when sources disagree on the tokenizer, a weighted source has no windows,
+        or the tokenizer's ids may exceed the model's vocabulary."""
+        first = self.sources[0]
+        t0 = first.reader.manifest.tokenizer
+        for src in self.sources[1:]:
+            t = src.reader.manifest.tokenizer
+            if (t.name, t.vocab_hash) != (t0.name, t0.vocab_hash):
+                raise DataError(
+                    f"source '{src.name}' ({src.reader.directory / 'manifest.json'}): tokenizer "
+                    f"{t.name} (vocab_hash {t.vocab_hash[:12]}) differs from source '{first.name}': "
+                    f"{t0.name} (vocab_hash {t0.vocab_hash[:12]})"
+                )
+        if self.vocab_size is not None and t0.vocab_size > self.vocab_size:
+            raise DataError(
+                f"source '{first.name}' ({first.reader.directory / 'manifest.json'}): tokenizer.vocab_size "
+                f"{t0.vocab_size} exceeds the model's vocab_size {self.vocab_size}"
+            )
+        used = self.schedule.w.max(axis=0) > 0
+        for src, u in zip(self.sources, used):
+            if u and src.n == 0:
+                raise DataError(
+                    f"source '{src.name}' ({src.reader.directory}/{self.split}): no "
+                    f"{'windows of ' + str(self.seq_len + 1) + ' tokens' if self.packing == 'stream' else 'documents'}"
+                )
+
+    # -- row -> (source, k)
+    def _rows(self, g0: int, n: int):
+        """Sources and per-source ordinals k of global rows g0 .. g0+n-1 (see module docstring)."""
+        S = len(self.names)
+        margin = S + 8
+        lo = max(1, g0 - margin)
+        hi = g0 + n + margin
+        while True:
+            b = np.arange(lo - 1, hi + 1, dtype=np.float64)
+            A = np.floor(self.schedule.integral(b) + 0.5).astype(np.int64)  # [buckets, S]
+            before = int(A[0].sum())  # arrivals in buckets < lo
+            if before > g0 and lo > 1:
+                lo = max(1, lo - 4 * margin)
+                continue
+            # arrivals per bucket lo..hi and source; E is monotone, the clip only guards float ties
+            inc = np.maximum(np.diff(A, axis=0), 0)
+            if before + int(inc.sum()) < g0 + n:
+                hi += 4 * margin
+                continue
+            flat = inc.ravel()
+            src = np.repeat(np.tile(np.arange(S), len(inc)), flat)
+            # k of each arrival: A[bucket-1, s] + position within this bucket's increment
+            base = np.repeat(A[:-1].ravel(), flat)
+            within = np.arange(len(src)) - np.repeat(np.cumsum(flat) - flat, flat)
+            k = base + within
+            a = g0 - before
+            counts_before = A[0] + np.bincount(src[:a], minlength=S)
+            return src[a : a + n], k[a : a + n], counts_before
+
+    def _row_index(self, step: int, micro_step: int) -> int:
+        s = step - self.step_offset
+        if s < 0:
+            raise ValueError(f"step {step} is before this loader's start step {self.step_offset}")
+        if not 0 <= micro_step < self.grad_accum:
+            raise ValueError(f"micro_step {micro_step} not in [0, grad_accum={self.grad_accum})")
+        return ((s * self.grad_accum + micro_step) * self.world_size + self.rank) * self.micro_batch
+
+    def cursors(self, row: int) -> dict[str, int]:
+        """Windows (or documents) read per source, by all ranks together, before global row `row`."""
+        _, _, before = self._rows(row, 0)
+        return {n: int(c) for n, c in zip(self.names, before)}
+
+    def batch(self, step: int, micro_step: int = 0):
+        """(x [B,T] int64, y [B,T] int64, loss_mask [B,T] bool or None, info) for this rank."""
+        g0 = self._row_index(step, micro_step)
+        src, k, _ = self._rows(g0, self.micro_batch)
+        B, T = self.micro_batch, self.seq_len
+        rows = np.empty((B, T + 1), dtype=np.int64)
+        mask = np.ones((B, T + 1), dtype=bool)
+        tokens_per_source = {}
+        epochs = {}
+        sample_of = np.empty(B, dtype=np.int64)
+        epoch_of = np.empty(B, dtype=np.int64)
+        for s in np.unique(src):
+            source = self.sources[s]
+            sel = np.nonzero(src == s)[0]
+            ks = k[sel]
+            epoch = ks // source.n
+            pos = ks % source.n
+            samples = np.empty(len(ks), dtype=np.int64)
+            for e in np.unique(epoch):
+                m = epoch == e
+                samples[m] = permute(pos[m], source.n, _stable_hash(self.seed, source.name, int(e))).astype(np.int64)
+            e_max = int(epoch.max())
+            if e_max > self._epochs_logged[source.name]:
+                log.info("source '%s': epoch %d begins (all %d %s read)", source.name, e_max, source.n,
+                         "windows" if self.packing == "stream" else "documents")
+                self._epochs_logged[source.name] = e_max
+            rows[sel], mask[sel] = source.gather(samples, self.eos_id)
+            sample_of[sel], epoch_of[sel] = samples, epoch
+            tokens_per_source[source.name] = len(sel) * T
+            epochs[source.name] = e_max
+        x = torch.from_numpy(rows[:, :-1].copy())
+        y = torch.from_numpy(rows[:, 1:].copy())
+        want_mask = self.packing == "document" or any(self.sources[s].has_loss for s in np.unique(src))
+        loss_mask = torch.from_numpy(mask[:, 1:].copy()) if want_mask else None
+        self._last = (step, micro_step)
+        info = {
+            "row": g0,
+            "sources": [self.names[s] for s in src],
+            # (epoch, window or document index) of each row within its source
+            "samples": list(zip(epoch_of.tolist(), sample_of.tolist())),
+            "tokens_per_source": tokens_per_source,
+            "epochs": epochs,
+            "weights": self.weights_at(g0 * self.seq_len),
+        }
+        return x, y, loss_mask, info
+
+    def weights_at(self, tokens_seen: float) -> dict[str, float]:
+        w = self.schedule.weights(tokens_seen / self.seq_len)
+        return {n: float(v) for n, v in zip(self.names, w)}
+
+    # -- state
+    def _fingerprint(self) -> dict:
+        return {"seed": self.seed, "seq_len": self.seq_len, "packing": self.packing, "split": self.split,
+                "sources": list(self.names), "rows_per_step": self.rows_per_step}
+
+    def state_dict(self) -> dict:
+        nxt = self._next_step()
+        row = self._row_index(*nxt) - self.rank * self.micro_batch  # first row of the next (step, micro)
+        return {
+            "format": STATE_FORMAT,
+            **self._fingerprint(),
+            "step_offset": self.step_offset,
+            "next_step": nxt[0],
+            "next_micro_step": nxt[1],
+            "cursors": self.cursors(row),
+        }
+
+    def _next_step(self):
+        if self._last is None:
+            return (self.step_offset, 0)
+        step, micro = self._last
+        return (step, micro + 1) if micro + 1 < self.grad_accum else (step + 1, 0)
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd.get("format") != STATE_FORMAT:
+            raise ValueError(f"loader state: format {sd.get('format')!r}, expected {STATE_FORMAT!r}")
+        mine = self._fingerprint()
+        for key, value in mine.items():
+            if sd.get(key) != value:
+                raise ValueError(
+                    f"loader state: {key} was {sd.get(key)!r} at save time, now {value!r} "
+                    "(start a new stage with reset_data_cursor() instead of resuming the loader)"
+                )
+        self.step_offset = int(sd["step_offset"])
+        step, micro = int(sd["next_step"]), int(sd["next_micro_step"])
+        self._last = None if (step, micro) == (self.step_offset, 0) else self._prev(step, micro)
+        row = self._row_index(step, micro) - self.rank * self.micro_batch
+        now = self.cursors(row)
+        if now != dict(sd["cursors"]):
+            raise ValueError(f"loader state: cursors {dict(sd['cursors'])} do not match the schedule's {now} "
+                             "(schedule changed since the checkpoint?)")
+
+    def _prev(self, step, micro):
+        return (step, micro - 1) if micro > 0 else (step - 1, self.grad_accum - 1)
+
+    def reset_data_cursor(self, step: int) -> None:
+        """New stage: `step` becomes this loader's first step, with every source starting afresh."""
+        self.step_offset = int(step)
+        self._last = None
+
+
+# ---------------------------------------------------------------- val and generator forms
+
+
+def val_batches(source_path, seq_len: int, batch_size: int, n_batches: int, split: str = "val",
+                packing: str = "stream", cache_dir: str | None = None, name: str | None = None):
+    """Fixed eval batches for one source: its first n_batches*batch_size windows (or documents) of
+    `split` in order, so every eval sees the same tokens. Returns fewer batches when the split is
+    smaller (at least one full batch is required)."""
+    name = name or Path(str(source_path)).name
+    src = _Source(name, _open(name, str(source_path), split, cache_dir), int(seq_len), packing)
+    want = batch_size * n_batches
+    if src.n < batch_size:
+        raise DataError(f"source '{name}' ({source_path}/{split}): {src.n} rows of {seq_len + 1} tokens, "
+                        f"fewer than one batch of {batch_size}")
+    n = min(want, (src.n // batch_size) * batch_size)
+    if n < want:
+        log.warning("source '%s' split '%s': only %d of %d eval batches available", name, split,
+                    n // batch_size, n_batches)
+    eos = int(src.reader.manifest.tokenizer.eos_id)
+    rows, mask = src.gather(np.arange(n, dtype=np.int64), eos)
+    with_mask = packing == "document" or src.has_loss
+    out = []
+    for i in range(0, n, batch_size):
+        r, m = rows[i : i + batch_size], mask[i : i + batch_size]
+        out.append((torch.from_numpy(r[:, :-1].copy()), torch.from_numpy(r[:, 1:].copy()),
+                    torch.from_numpy(m[:, 1:].copy()) if with_mask else None))
+    return out
+
+
+def iterate(loader: MixtureLoader, start_step: int = 0):
+    """nanochat-style generator: yields (x, y, state) per micro-step from `start_step` on. Masked
+    targets are set to -1 (use cross_entropy(ignore_index=-1)); `state` is the loader's state_dict
+    after this micro-batch (resume from it to continue with the next one)."""
+    step = start_step
+    while True:
+        for micro in range(loader.grad_accum):
+            x, y, mask, _ = loader.batch(step, micro)
+            if mask is not None:
+                y = y.masked_fill(~mask, -1)
+            yield x, y, loader.state_dict()
+        step += 1
