@@ -114,3 +114,210 @@ def test_gdn_gradients_finite_and_param_names():
     for n, p in m.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, n
     assert m.A_log.detach().exp().min() >= 1.0 and m.A_log.detach().exp().max() <= 16.0
+
+
+# ------------------------------------------------------------------------------- attention references
+
+def ref_norm(x, w, eps=1e-6):  # (1 + w) RMSNorm, written out
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (1 + w)
+
+
+def ref_rope(x, pos, rot, theta):
+    """Rotate-half RoPE on the first `rot` dims of a [D] vector at integer position `pos`."""
+    out = x.clone()
+    half = rot // 2
+    for i in range(half):
+        ang = pos / theta ** (2 * i / rot)
+        a, b = x[i], x[i + half]
+        out[i] = a * math.cos(ang) - b * math.sin(ang)
+        out[i + half] = b * math.cos(ang) + a * math.sin(ang)
+    return out
+
+
+def ref_softmax_attend(q, keys, values, scale):
+    if not keys:
+        return torch.zeros_like(q)
+    s = torch.stack([q @ k for k in keys]) * scale
+    return (torch.softmax(s, 0)[:, None] * torch.stack(values)).sum(0)
+
+
+def ref_attention(m, x, window=None, block=None):
+    """GatedAttention / CSA for one sequence x [T, dim], token by token from the equations."""
+    H, Hkv, D = m.n_heads, m.n_kv, m.hd
+    rot, theta, group = m.rope_dims, 20000.0, H // Hkv
+    T = x.shape[0]
+    qg = (x @ m.wq.weight.T).view(T, H, 2 * D)
+    kpre = ref_norm((x @ m.wk.weight.T).view(T, Hkv, D), m.k_norm.weight)
+    v = (x @ m.wv.weight.T).view(T, Hkv, D)
+    q = ref_norm(qg[..., :D], m.q_norm.weight)
+    q = torch.stack([torch.stack([ref_rope(q[t, h], t, rot, theta) for h in range(H)]) for t in range(T)])
+    k = torch.stack([torch.stack([ref_rope(kpre[t, h], t, rot, theta) for h in range(Hkv)]) for t in range(T)])
+    if block is not None:
+        nb = T // block
+        bk = [(kpre[block * c: block * (c + 1)].reshape(block, -1).mean(0) @ m.compress_k.weight.T).view(Hkv, D)
+              for c in range(nb)]
+        bk = [torch.stack([ref_rope(bk[c][h], block * c + block // 2, rot, theta) for h in range(Hkv)])
+              for c in range(nb)]
+        bv = [(v[block * c: block * (c + 1)].reshape(block, -1).mean(0) @ m.compress_v.weight.T).view(Hkv, D)
+              for c in range(nb)]
+    out = torch.zeros(T, H, D)
+    for t in range(T):
+        lo = 0 if window is None else max(0, t - window + 1)
+        for h in range(H):
+            g = h // group
+            ctx = ref_softmax_attend(q[t, h], [k[j, g] for j in range(lo, t + 1)],
+                                     [v[j, g] for j in range(lo, t + 1)], D ** -0.5)
+            if block is not None:
+                seen = [c for c in range(nb) if t >= block * (c + 1)]
+                comp = ref_softmax_attend(q[t, h], [bk[c][g] for c in seen], [bv[c][g] for c in seen],
+                                          D ** -0.5)
+                blend = torch.sigmoid(x[t] @ m.blend_gate.weight.T).view(H, D)[h]
+                ctx = blend * comp + (1 - blend) * ctx
+            out[t, h] = ctx * torch.sigmoid(qg[t, h, D:])
+    return out.reshape(T, H * D) @ m.wo.weight.T
+
+
+def randomize(m, seed):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():  # norm weights too, so a wrong (1 + w) would show
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if p.ndim > 1 else 0.2))
+    return m
+
+
+def test_gated_full_attention_matches_reference():
+    from trainer.models.csa import GatedAttention
+    m = randomize(GatedAttention(32, n_heads=4, n_kv_heads=2, head_dim=16, layer=0, rope_dims=8), seed=4)
+    x = torch.randn(1, 13, 32)
+    T = 13
+    pos = torch.arange(T)
+    from trainer.models.layers import rope_cos_sin
+    cos, sin = rope_cos_sin(pos, 8, 20000.0)
+    with torch.no_grad():
+        ours = m(x, cos, sin)[0]
+    assert torch.allclose(ours, ref_attention(m, x[0]), atol=1e-5), (ours - ref_attention(m, x[0])).abs().max()
+
+
+@pytest.mark.parametrize("T", [3, 30])  # 3: no row sees a block (no block exists); 30: window and blocks
+def test_csa_matches_explicit_masked_reference(T):
+    from trainer.models.csa import CompressedSparseAttention
+    from trainer.models.layers import rope_cos_sin
+    m = randomize(CompressedSparseAttention(32, 4, 2, 16, layer=0, rope_dims=8, rope_theta=20000.0,
+                                            window=8, block=4), seed=5)
+    x = torch.randn(1, T, 32, requires_grad=True)
+    cos, sin = rope_cos_sin(torch.arange(T), 8, 20000.0)
+    ours = m(x, cos, sin)
+    with torch.no_grad():
+        ref = ref_attention(m, x[0].detach(), window=8, block=4)
+    assert torch.allclose(ours[0].detach(), ref, atol=1e-5), (ours[0].detach() - ref).abs().max()
+    ours.square().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    for n, p in m.named_parameters():
+        if T < 4 and n.startswith("compress_"):
+            continue  # no complete block: the compressors are not used
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+
+
+def test_csa_rows_without_a_visible_block_are_zero_not_nan():
+    from trainer.models.csa import CompressedSparseAttention
+    m = randomize(CompressedSparseAttention(32, 4, 2, 16, layer=0, rope_dims=8, rope_theta=20000.0,
+                                            window=8, block=4), seed=6)
+    q = torch.randn(1, 10, 4, 16)
+    k_pre, v = torch.randn(1, 10, 2, 16), torch.randn(1, 10, 2, 16)
+    comp = m.compressed(q, k_pre, v, pos0=0)
+    assert torch.isfinite(comp).all()
+    assert (comp[:, :4] == 0).all()          # tokens 0..3 see no complete block
+    assert (comp[:, 4:].abs().sum(-1) > 0).all()
+
+
+# ------------------------------------------------------------------------------------------ the model
+
+FULL_SIZE = 95_715_408
+
+
+def test_llama_think_exact_parameter_count_and_kinds_on_meta():
+    from trainer.models import build_model
+    with torch.device("meta"):
+        m = build_model({"arch": "hybrid"})
+    assert m.num_params() == FULL_SIZE
+    assert sum(p.numel() for p in m.parameters()) == FULL_SIZE
+    assert [b.kind for b in m.blocks] == ["linear", "linear", "csa", "full"] * 4
+    kinds = m.param_kinds()
+    assert kinds["embed.weight"] == "embedding"
+    assert kinds["blocks.0.mixer.conv1d.weight"] == "matrix"          # Muon takes the conv, as in the source
+    assert kinds["blocks.0.mixer.in_proj_qkv.weight"] == "matrix"
+    for n in ("blocks.0.mixer.A_log", "blocks.0.mixer.dt_bias", "blocks.0.mixer.norm.weight",
+              "blocks.3.mixer.q_norm.weight", "blocks.2.mixer_residual_scale", "blocks.5.ffn_sublayer_scale",
+              "norm.weight"):
+        assert kinds[n] == "vector", n
+    assert m.blocks[3].mixer.wq.weight.shape == (1152, 576)
+    assert m.blocks[2].mixer.compress_k.weight.shape == (192, 192)
+    assert m.blocks[0].mixer.in_proj_qkv.weight.shape == (3024, 576)
+    assert 5e8 < m.flops_per_token(1024) < 8e8  # ~6 N
+
+
+def tiny(**over):
+    from trainer.models import build_model
+    torch.manual_seed(0)
+    cfg = {"arch": "hybrid", "preset": "hybrid-tiny", "csa_window": 8, "linear_chunk_size": 16}
+    cfg.update(over)
+    return build_model(cfg)
+
+
+def test_init_follows_source():
+    m = tiny(init_std=0.02)
+    out_std = 0.02 / math.sqrt(2 * 4)
+    stds = {n: p.std().item() for n, p in m.named_parameters() if p.ndim == 2 and p.numel() >= 4096}
+    for n, s in stds.items():
+        want = out_std if n.endswith(("wo.weight", "up_proj.weight", "out_proj.weight")) else 0.02
+        assert abs(s - want) / want < 0.1, (n, s, want)
+    for n, p in m.named_parameters():
+        if n.endswith(("_scale", "norm.weight")) and ".mixer.norm." not in n:
+            assert (p == 0).all(), n
+    gdn = m.blocks[0].mixer
+    assert (gdn.norm.weight == 1).all() and (gdn.dt_bias == 1).all()
+    assert gdn.A_log.exp().min() >= 1 and gdn.A_log.exp().max() <= 16
+
+
+def test_cached_incremental_decoding_equals_full_forward():
+    m = randomize(tiny(), seed=7).eval()  # random norms/scales so every path matters
+    ids = torch.randint(0, 512, (2, 45))
+    with torch.no_grad():
+        full = m(ids)
+        cache = m.new_cache(2, 64)
+        parts = [m(ids[:, :17], cache), m(ids[:, 17:22], cache)]  # prefill, then a chunk after a prefix
+        parts += [m(ids[:, t:t + 1], cache) for t in range(22, 45)]
+    assert cache.pos == 45
+    got = torch.cat(parts, 1)
+    assert torch.allclose(got, full, atol=1e-4, rtol=1e-4), (got - full).abs().max()
+
+
+def test_gradients_finite_for_every_parameter_and_checkpointing_matches():
+    ids = torch.randint(0, 512, (2, 40))
+    grads = []
+    for ckpt in (False, True):
+        m = tiny(activation_checkpointing=ckpt).train()
+        loss = F.cross_entropy(m(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        for n, p in m.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), n
+            assert p.grad.abs().sum() > 0, n
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
+
+
+def test_bf16_autocast_forward_is_finite():
+    m = tiny()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(torch.randint(0, 512, (1, 20)))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_compiles_with_aot_eager():
+    m = tiny()
+    ids = torch.randint(0, 512, (1, 24))
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    out = compiled(ids)
+    out.sum().backward()
+    assert torch.allclose(out, m(ids), atol=1e-5)

@@ -1,0 +1,138 @@
+"""The two softmax-attention mixers of Llama Think (MODELS.md, "Llama Think 95.7M").
+
+GatedAttention ("full" layers): `wq` gives, per head, a query (first head_dim) and an output gate (last
+head_dim); k, v with fewer heads (GQA); (1+w) RMSNorm on q and k; partial rotate-half RoPE; causal SDPA;
+output * sigmoid(gate); `wo`.
+
+CompressedSparseAttention ("csa" layers) = the same projections and two paths blended per channel:
+  local       softmax attention over keys j in [i - window + 1, i]   (window 64)
+  compressed  softmax attention over block summaries: block c = tokens [4c, 4c+4);
+              key   = compress_k(mean of the block's normed, pre-RoPE keys), RoPE'd at position 4c + 2
+              value = compress_v(mean of the block's values)
+              query i sees block c only once the block is complete (i >= 4(c+1)); rows that see no
+              block (the first 4 tokens) give 0, not NaN.
+  ctx = blend * compressed + (1 - blend) * local, blend = sigmoid(blend_gate(x)); then * sigmoid(gate), wo.
+
+Parameter names follow the authors' llama2.c fork (wq, wk, wv, wo, q_norm, k_norm, compress_k, compress_v,
+blend_gate). Both classes read/write the model's KVCache: "k"/"v" through cache.update_kv; CSA also keeps
+the normed pre-RoPE keys ("k_pre") because block summaries are built from them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from trainer.models.layers import KVCache, RMSNorm, apply_rope, causal_mask, rope_cos_sin
+
+
+class GatedAttention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, layer: int,
+                 rope_dims: int, norm_eps: float = 1e-6):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.hd = n_heads, n_kv_heads, head_dim
+        self.rope_dims = rope_dims
+        self.scale = head_dim ** -0.5  # 1/8 for head_dim 64, as in the source
+        self.wq = nn.Linear(dim, n_heads * 2 * head_dim, bias=False)  # query | gate, per head
+        self.wk = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
+        self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
+        self.q_norm = RMSNorm(head_dim, eps=norm_eps, fp32=True, unit_offset=True)
+        self.k_norm = RMSNorm(head_dim, eps=norm_eps, fp32=True, unit_offset=True)
+
+    def project(self, x, cos, sin):
+        """-> q (RoPE'd) [B,T,H,D], gate [B,T,H,D], k_pre (normed, pre-RoPE) and k [B,T,Hkv,D], v."""
+        B, T, _ = x.shape
+        qg = self.wq(x).view(B, T, self.n_heads, 2 * self.hd)
+        q, gate = qg[..., : self.hd], qg[..., self.hd:]
+        k_pre = self.k_norm(self.wk(x).view(B, T, self.n_kv, self.hd))
+        v = self.wv(x).view(B, T, self.n_kv, self.hd)
+        q = apply_rope(self.q_norm(q), cos, sin, "half", self.rope_dims)
+        k = apply_rope(k_pre, cos, sin, "half", self.rope_dims)
+        return q, gate, k_pre, k, v
+
+    def finish(self, ctx, gate):
+        """ctx [B,T,H,D] -> output gate and projection."""
+        B, T = ctx.shape[:2]
+        y = ctx * torch.sigmoid(gate)
+        return self.wo(y.reshape(B, T, self.n_heads * self.hd))
+
+    def attend(self, q, k, v, window: int | None = None):
+        """Causal (optionally windowed) SDPA; q [B,T,H,D] are the last T of k's positions. -> [B,T,H,D]."""
+        T, t_k = q.shape[1], k.shape[1]
+        if window is not None and t_k > T + window - 1:
+            k, v = k[:, t_k - (T + window - 1):], v[:, t_k - (T + window - 1):]  # keys no query can see
+            t_k = k.shape[1]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        gqa = self.n_kv != self.n_heads
+        if T == 1 and (window is None or t_k <= window):  # one new token sees every kept key
+            y = F.scaled_dot_product_attention(q, k, v, scale=self.scale, enable_gqa=gqa)
+        elif T == t_k and (window is None or T <= window):  # plain causal: fused kernels on GPU
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
+        else:
+            mask = causal_mask(T, t_k, q.device, window)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
+        return y.transpose(1, 2)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None):
+        q, gate, _, k, v = self.project(x, cos, sin)
+        if cache is not None:
+            k, v = cache.update_kv(self.layer, k, v)
+        return self.finish(self.attend(q, k, v), gate)
+
+
+class CompressedSparseAttention(GatedAttention):
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, layer: int, rope_dims: int,
+                 rope_theta: float, norm_eps: float = 1e-6, window: int = 64, block: int = 4):
+        super().__init__(dim, n_heads, n_kv_heads, head_dim, layer, rope_dims, norm_eps)
+        self.window, self.block, self.rope_theta = window, block, rope_theta
+        kv_dim = n_kv_heads * head_dim
+        self.compress_k = nn.Linear(kv_dim, kv_dim, bias=False)
+        self.compress_v = nn.Linear(kv_dim, kv_dim, bias=False)
+        self.blend_gate = nn.Linear(dim, n_heads * head_dim, bias=False)
+
+    def compressed(self, q, k_pre, v, pos0: int):
+        """Attention over completed block summaries. q [B,T,H,D] at positions pos0..pos0+T-1;
+        k_pre, v [B,t_k,Hkv,D] for positions 0..t_k-1. -> [B,T,H,D]."""
+        B, T = q.shape[:2]
+        n_blocks = k_pre.shape[1] // self.block
+        if n_blocks == 0:
+            return q.new_zeros(q.shape)
+        L, kv = n_blocks * self.block, self.n_kv * self.hd
+        bk = self.compress_k(k_pre[:, :L].reshape(B, n_blocks, self.block, kv).mean(2))
+        bv = self.compress_v(v[:, :L].reshape(B, n_blocks, self.block, kv).mean(2))
+        bk = bk.view(B, n_blocks, self.n_kv, self.hd)
+        bv = bv.view(B, n_blocks, self.n_kv, self.hd)
+        centre = torch.arange(n_blocks, device=q.device) * self.block + self.block // 2
+        cos, sin = rope_cos_sin(centre, self.rope_dims, self.rope_theta)
+        bk = apply_rope(bk, cos, sin, "half", self.rope_dims)
+        qpos = torch.arange(pos0, pos0 + T, device=q.device)
+        ends = (torch.arange(n_blocks, device=q.device) + 1) * self.block
+        mask = qpos[:, None] >= ends[None, :]  # [T, n_blocks]: block complete before query i
+        sees_any = mask[:, 0]
+        # A row with no visible block would softmax over nothing (NaN, and NaN gradients). Let it see
+        # block 0 instead, then zero the row: finite forward and backward, and exactly 0 output.
+        mask = mask | ((~sees_any)[:, None] & (torch.arange(n_blocks, device=q.device) == 0)[None, :])
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), bk.transpose(1, 2), bv.transpose(1, 2),
+                                           attn_mask=mask, scale=self.scale,
+                                           enable_gqa=self.n_kv != self.n_heads).transpose(1, 2)
+        return y * sees_any[None, :, None, None].to(y.dtype)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None):
+        B, T, _ = x.shape
+        q, gate, k_pre, k, v = self.project(x, cos, sin)
+        pos0 = 0
+        if cache is not None:
+            pos0 = cache.pos
+            k, v = cache.update_kv(self.layer, k, v)  # checks max_len first
+            st = cache.layers[self.layer]
+            if "k_pre" not in st:
+                st["k_pre"] = k_pre.new_empty((B, cache.max_len, self.n_kv, self.hd))
+            st["k_pre"][:, pos0:pos0 + T] = k_pre
+            k_pre = st["k_pre"][:, :pos0 + T]
+        local = self.attend(q, k, v, self.window)
+        comp = self.compressed(q, k_pre, v, pos0)
+        blend = torch.sigmoid(self.blend_gate(x)).view(B, T, self.n_heads, self.hd)
+        return self.finish(blend * comp + (1 - blend) * local, gate)
