@@ -1,0 +1,1 @@
+"""Datatrove pipelines that turn raw corpora into token shards."""

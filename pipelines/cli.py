@@ -1,0 +1,423 @@
+"""The command line every corpus module shares: download, filter, dedup, split, tokenize, run.
+
+A corpus is a `Corpus` (hub repo, subset, column names); `pipelines/fineweb.py` is three lines over
+`main`. Stages are datatrove pipelines run by datatrove's own executors (local / slurm / ray);
+completion markers in the logging dir make a rerun skip finished tasks, and a rerun of an
+unfinished task rewrites its shards from scratch (`TokenizeShards` removes its stale files first),
+so an interrupted run, rerun, equals an uninterrupted one. Keep `--tasks` fixed between reruns:
+the logging dir records the settings and refuses a rerun with different ones.
+
+Output layout (`--output DIR`):
+  download  DIR/<subset>/*.parquet                  (a local mirror)
+  filter    DIR/kept/*.jsonl.gz, DIR/removed/<filter>/*.jsonl.gz
+  dedup     DIR/kept/, DIR/removed/minhash/, DIR/minhash/ (signatures, buckets, ids)
+  split     DIR/train/*.jsonl.gz, DIR/val/*.jsonl.gz
+  tokenize  DIR/train/NNNNN.ds*, DIR/val/NNNNN.ds*, DIR/manifest.json (written last)
+  run       DIR/filtered/ (filter), DIR/dedup/ (with --dedup), DIR/shards/ (tokenize)
+Logs and completion markers: DIR/logs/<stage>/ unless --logging-dir.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .readers import InputError, make_reader
+from .steps import HashSplit, TokenizeShards, WriteManifest, default_threads
+
+STAGES = ("download", "filter", "dedup", "split", "tokenize", "run")
+
+
+@dataclass
+class Corpus:
+    name: str
+    hub_repo: str  # "HuggingFaceFW/fineweb"
+    hub_subset: str  # "sample/10BT": a folder of parquet files in the dataset repo
+    description: str = ""
+    text_key: str = "text"
+    id_key: str = "id"
+    english_filters: bool = True  # the FineWeb chain is meant for English web text
+
+    @property
+    def hub_input(self) -> str:
+        return f"hf://datasets/{self.hub_repo}/{self.hub_subset}"
+
+
+# ------------------------------------------------------------------------------------------ parser
+
+
+def build_parser(corpus: Corpus) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"python -m pipelines.{corpus.name.replace('-', '_')}",
+        description=f"{corpus.description or corpus.name}: raw text -> filtered JSONL -> token shards "
+                    f"(datatrove). Default input: {corpus.hub_input}",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("stage", choices=STAGES, help="download | filter | dedup | split | tokenize | run (every stage)")
+    io = p.add_argument_group("input/output")
+    io.add_argument("--input", help="local parquet/jsonl/jsonl.gz/jsonl.zst file or folder, or s3:// URI "
+                                    f"(default: {corpus.hub_input})")
+    io.add_argument("--output", default=f"out/{corpus.name}", help="output folder or s3:// URI")
+    io.add_argument("--limit", type=int, default=-1, help="documents to read per task (datatrove semantics); -1 all")
+    io.add_argument("--text-key", default=corpus.text_key)
+    io.add_argument("--id-key", default=corpus.id_key)
+    io.add_argument("--endpoint-url", help="S3-compatible endpoint (Cloudflare R2: https://<account>.r2.cloudflarestorage.com)")
+    io.add_argument("--profile", help="AWS profile for s3:// input/output (credentials come from the usual chain)")
+    io.add_argument("--staging-dir", help="local folder for shards bound for an s3:// --output (default: under the logs)")
+    tk = p.add_argument_group("tokenize")
+    tk.add_argument("--tokenizer", default="qwen3", help="qwen3 | cl100k | llama2 | path to tokenizer.json / .model")
+    tk.add_argument("--tokenizer-path", help="file for a named tokenizer (llama2's tokenizer.model), or a tokenizer.json")
+    tk.add_argument("--val-fraction", type=float, default=0.001)
+    tk.add_argument("--split-seed", type=int, default=1337)
+    tk.add_argument("--split-key", choices=("auto", "id", "text"), default="auto",
+                    help="auto: the source id, or the text when the row has none (hub rows get position ids)")
+    tk.add_argument("--max-doc-tokens", type=int, default=1_000_000, help="longer documents are skipped (or cut)")
+    tk.add_argument("--too-long", choices=("skip", "truncate"), default="skip")
+    tk.add_argument("--invalid-utf8", choices=("skip", "replace"), default="skip")
+    tk.add_argument("--batch-size", type=int, default=1000, help="documents per tokenizer call")
+    tk.add_argument("--filter", action="store_true", help="tokenize/split: apply the filter chain inline first")
+    fl = p.add_argument_group("filter / dedup")
+    fl.add_argument("--language-threshold", type=float, default=0.65)
+    fl.add_argument("--languages", default="en", help="comma list of fastText labels (en, fr, ...); 'any' keeps all")
+    fl.add_argument("--dedup", action="store_true", help="run: add MinHash dedup between filter and tokenize")
+    fl.add_argument("--max-files", type=int, default=None, help="download: mirror only the first N parquet files")
+    ex = p.add_argument_group("execution (datatrove executors)")
+    ex.add_argument("--executor", choices=("local", "slurm", "ray"), default="local")
+    ex.add_argument("--tasks", type=int, default=1, help="keep fixed between reruns")
+    ex.add_argument("--workers", type=int, default=-1, help="tasks at once (local/ray); -1: min(tasks, cores)")
+    ex.add_argument("--logging-dir", help="logs, stats and completion markers (default: OUTPUT/logs)")
+    ex.add_argument("--slurm-partition", help="slurm: partition (required for --executor slurm)")
+    ex.add_argument("--slurm-time", default="24:00:00", help="slurm: time limit per job")
+    ex.add_argument("--executor-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra keyword for the executor's constructor, repeatable (e.g. cpus_per_task=4, "
+                         "mem_per_cpu_gb=4, qos=high, venv_path=.venv); VALUE parsed as YAML")
+    return p
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def storage_options(args) -> dict:
+    so: dict = {}
+    if args.endpoint_url:
+        so["client_kwargs"] = {"endpoint_url": args.endpoint_url}
+    if args.profile:
+        so["profile"] = args.profile
+    return so
+
+
+def is_remote(path: str) -> bool:
+    return "://" in str(path)
+
+
+def sub(base: str, *parts: str) -> str:
+    return "/".join([str(base).rstrip("/"), *parts])
+
+
+def parse_executor_args(items) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--executor-arg {item!r}: expected KEY=VALUE")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def logging_base(args, corpus: Corpus) -> str:
+    if args.logging_dir:
+        return args.logging_dir
+    if is_remote(args.output):
+        return sub("logs", f"{corpus.name}-{hashlib.sha256(args.output.encode()).hexdigest()[:8]}")
+    return sub(args.output, "logs")
+
+
+def check_run_settings(logging_dir: str, settings: dict) -> None:
+    """Completion markers are only meaningful for the same settings: refuse a changed rerun."""
+    if is_remote(logging_dir):
+        return
+    p = Path(logging_dir) / "shardloom_settings.json"
+    text = json.dumps(settings, sort_keys=True, indent=1)
+    if p.exists() and p.read_text() != text:
+        old = json.loads(p.read_text())
+        diff = {k: (old.get(k), settings.get(k)) for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)}
+        raise InputError(
+            f"{logging_dir} holds completion markers from a run with other settings {diff} (old, new); "
+            "rerun with the same settings, or use a fresh --logging-dir / delete that folder"
+        )
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text)
+
+
+def make_executor(args, pipeline, logging_dir: str, tasks: int | None = None, depends=None,
+                  skip_completed: bool = True, job_name: str = "shardloom"):
+    tasks = args.tasks if tasks is None else tasks
+    extra = parse_executor_args(args.executor_arg)
+    if args.executor == "local":
+        from datatrove.executor import LocalPipelineExecutor
+
+        workers = args.workers if args.workers > 0 else min(tasks, os.cpu_count() or 1)
+        return LocalPipelineExecutor(pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=logging_dir,
+                                     depends=depends, skip_completed=skip_completed, **extra)
+    if args.executor == "slurm":
+        from datatrove.executor import SlurmPipelineExecutor
+
+        if not args.slurm_partition and "partition" not in extra:
+            raise InputError("--executor slurm needs --slurm-partition (or --executor-arg partition=NAME)")
+        kw = dict(partition=args.slurm_partition, time=args.slurm_time, job_name=job_name) | extra
+        if args.workers > 0:
+            kw.setdefault("workers", args.workers)
+        return SlurmPipelineExecutor(pipeline, tasks=tasks, logging_dir=logging_dir, depends=depends,
+                                     skip_completed=skip_completed, **kw)
+    from datatrove.executor import RayPipelineExecutor
+
+    return RayPipelineExecutor(pipeline, tasks=tasks, workers=args.workers, logging_dir=logging_dir,
+                               depends=depends, skip_completed=skip_completed, **extra)
+
+
+def read_stats(logging_dir: str) -> list[tuple[str, dict]]:
+    """Merge per-task stats files (those of skipped, already-finished tasks included): one
+    (step name, {label: total}) per pipeline step."""
+    merged: list[tuple[str, dict]] = []
+    files = sorted(Path(logging_dir, "stats").glob("*.json")) if not is_remote(logging_dir) else []
+    for f in files:
+        for i, step in enumerate(json.loads(f.read_text())):
+            totals = {k: (v["total"] if isinstance(v, dict) else v) for k, v in step.get("stats", {}).items()}
+            if i >= len(merged):
+                merged.append((step["name"], {}))
+            for k, v in totals.items():
+                merged[i][1][k] = merged[i][1].get(k, 0) + v
+    return merged
+
+
+def print_stats(title: str, logging_dir: str, out=sys.stdout) -> list[tuple[str, dict]]:
+    """A small table: kept/dropped per filter, counted skips per reader/writer."""
+    stats = read_stats(logging_dir)
+    if not stats:
+        return stats
+    print(f"\n{title}", file=out)
+    print(f"  {'step':<44} {'in':>10} {'kept':>10} {'dropped':>10}  notes", file=out)
+    for name, s in stats:
+        if "total" in s or "forwarded" in s:  # a datatrove filter
+            notes = ", ".join(f"{k[8:]}={v:,}" for k, v in sorted(s.items()) if k.startswith("dropped_"))
+            print(f"  {name[:44]:<44} {s.get('total', 0):>10,} {s.get('forwarded', 0):>10,} "
+                  f"{s.get('dropped', 0):>10,}  {notes}", file=out)
+        else:
+            notes = ", ".join(f"{k}={v:,}" for k, v in sorted(s.items()) if k not in ("doc_len", "documents"))
+            n = s.get("documents", s.get("train", 0) + s.get("val", 0))
+            print(f"  {name[:44]:<44} {n:>10,} {'':>10} {'':>10}  {notes}", file=out)
+    return stats
+
+
+# ------------------------------------------------------------------------------------------ stages
+
+
+def _reader(args, corpus, path=None):
+    path = path or args.input or corpus.hub_input
+    return make_reader(path, limit=args.limit, text_key=args.text_key, id_key=args.id_key,
+                       invalid_utf8=args.invalid_utf8, storage_options=storage_options(args))
+
+
+def _langs(args):
+    return None if args.languages.strip() == "any" else tuple(x.strip() for x in args.languages.split(","))
+
+
+def _filters(args, output):
+    from .filters import fineweb_filters
+
+    return fineweb_filters(output, args.language_threshold, _langs(args), storage_options(args) or None)
+
+
+def _filter_names(args):
+    from .filters import filter_names
+
+    return filter_names(args.language_threshold, _langs(args))
+
+
+def resolve_tokenizer(args) -> tuple[str, str | None]:
+    """(name_or_path, path) for shards.tokenizers.get_tokenizer; loads it once to fail early."""
+    from shards.tokenizers import get_tokenizer
+
+    name, path = args.tokenizer, args.tokenizer_path
+    if path and name != "llama2" and (path.endswith(".json") or Path(path).is_dir()):
+        name, path = path, None  # --tokenizer-path tokenizer.json alone means "this file"
+    try:
+        get_tokenizer(name, path=path)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        raise InputError(f"tokenizer: {e}") from None
+    return name, path
+
+
+def stage_download(args, corpus) -> str:
+    from huggingface_hub import snapshot_download
+
+    dest = args.output
+    pattern = f"{corpus.hub_subset}/*.parquet"
+    allow = pattern
+    if args.max_files:
+        from huggingface_hub import HfApi
+
+        files = sorted(f for f in HfApi().list_repo_files(corpus.hub_repo, repo_type="dataset")
+                       if f.startswith(corpus.hub_subset + "/") and f.endswith(".parquet"))
+        allow = files[: args.max_files]
+    print(f"mirroring {corpus.hub_repo}/{pattern} -> {dest}")
+    snapshot_download(corpus.hub_repo, repo_type="dataset", allow_patterns=allow, local_dir=dest)
+    return sub(dest, corpus.hub_subset)
+
+
+def stage_filter(args, corpus, input_path, output, logs) -> str:
+    from datatrove.pipeline.writers import JsonlWriter
+
+    from .filters import folder
+
+    reader = _reader(args, corpus, input_path)
+    check_run_settings(logs, dict(stage="filter", input=input_path or corpus.hub_input, tasks=args.tasks,
+                                  limit=args.limit, filters=_filter_names(args)))
+    kept = folder(output, storage_options(args) or None, "kept")
+    pipeline = [reader, *_filters(args, output), JsonlWriter(kept, output_filename="${rank}.jsonl.gz")]
+    make_executor(args, pipeline, logs, job_name=f"{corpus.name}-filter").run()
+    if args.executor == "local":
+        print_stats(f"filter: {input_path or corpus.hub_input} -> {output}", logs)
+    return sub(output, "kept")
+
+
+def stage_dedup(args, corpus, input_path, output, logs) -> str:
+    from .filters import minhash_stages
+
+    _reader(args, corpus, input_path)  # checks the input before anything starts
+    check_run_settings(logs, dict(stage="dedup", input=input_path, tasks=args.tasks, limit=args.limit))
+    stages = minhash_stages(lambda: _reader(args, corpus, input_path), sub(output, "minhash"), output,
+                            storage_options(args) or None)
+    prev = None
+    for name, pipeline, tasks in stages:
+        prev = make_executor(args, pipeline, sub(logs, name), tasks=tasks, depends=prev,
+                             job_name=f"{corpus.name}-{name}")
+    prev.run()  # runs its dependencies first (local), or submits the chain (slurm)
+    if args.executor == "local":
+        print_stats(f"dedup: {input_path} -> {output}", sub(logs, "minhash4_filter"))
+    return sub(output, "kept")
+
+
+def stage_split(args, corpus, input_path, output, logs) -> str:
+    from datatrove.pipeline.writers import JsonlWriter
+
+    from .filters import folder
+
+    reader = _reader(args, corpus, input_path)
+    check_run_settings(logs, dict(stage="split", input=input_path or corpus.hub_input, tasks=args.tasks,
+                                  limit=args.limit, val_fraction=args.val_fraction, seed=args.split_seed,
+                                  key=args.split_key, filter=args.filter))
+    pipeline = [reader, *(_filters(args, output) if args.filter else []),
+                HashSplit(args.val_fraction, args.split_seed, args.split_key),
+                JsonlWriter(folder(output, storage_options(args) or None), output_filename="${split}/${rank}.jsonl.gz")]
+    make_executor(args, pipeline, logs, job_name=f"{corpus.name}-split").run()
+    if args.executor == "local":
+        print_stats(f"split: {input_path or corpus.hub_input} -> {output}", logs)
+    return output
+
+
+def stage_tokenize(args, corpus, input_path, output, logs, filters: list[str] | None = None) -> str:
+    reader = _reader(args, corpus, input_path)  # input errors surface here, before any executor
+    tok_name, tok_path = resolve_tokenizer(args)
+    remote = is_remote(output)
+    local_out = (args.staging_dir or sub(logs, "staging")) if remote else output
+    source = input_path or corpus.hub_input
+    applied = list(filters or []) + (_filter_names(args) if args.filter else [])
+    settings = dict(stage="tokenize", input=source, output=output, tasks=args.tasks, limit=args.limit,
+                    tokenizer=tok_name, tokenizer_path=tok_path, val_fraction=args.val_fraction,
+                    split_seed=args.split_seed, split_key=args.split_key, max_doc_tokens=args.max_doc_tokens,
+                    too_long=args.too_long, invalid_utf8=args.invalid_utf8, filter=args.filter)
+    check_run_settings(sub(logs, "tokenize"), settings)
+    # The manifest marks completion: remove it before tasks start rewriting shards.
+    Path(local_out, "manifest.json").unlink(missing_ok=True)
+    workers = args.workers if args.workers > 0 else min(args.tasks, os.cpu_count() or 1)
+    pipeline = [
+        reader,
+        *(_filters(args, output) if args.filter else []),
+        HashSplit(args.val_fraction, args.split_seed, args.split_key),
+        TokenizeShards(local_out, tok_name, tok_path, max_doc_tokens=args.max_doc_tokens, too_long=args.too_long,
+                       invalid_utf8=args.invalid_utf8, batch_size=args.batch_size,
+                       num_threads=default_threads(workers)),
+    ]
+    extra = {"corpus": corpus.name, "tasks": args.tasks, "split_key": args.split_key,
+             "split_rule": "val iff blake2b(key, key=str(seed)) as little-endian uint64 / 2**64 < val_fraction; "
+                           "auto key = id, or text when the id is missing/position-based",
+             "max_doc_tokens": args.max_doc_tokens, "too_long": args.too_long, "invalid_utf8": args.invalid_utf8,
+             "limit_per_task": args.limit}
+    if tok_path or Path(tok_name).suffix in (".json", ".model"):
+        extra["tokenizer_path"] = tok_path or tok_name
+    manifest_step = WriteManifest(
+        local_out, tok_name, tok_path, source=source, filters=applied,
+        seeds={"split_seed": args.split_seed, "val_fraction": args.val_fraction}, extra=extra,
+        upload_to=output if remote else None,
+        storage_kwargs={"endpoint_url": args.endpoint_url, "profile": args.profile} if remote else None,
+    )
+    tokenize = make_executor(args, pipeline, sub(logs, "tokenize"), job_name=f"{corpus.name}-tokenize")
+    manifest = make_executor(args, [manifest_step], sub(logs, "manifest"), tasks=1, depends=tokenize,
+                             skip_completed=False, job_name=f"{corpus.name}-manifest")
+    manifest.run()
+    if args.executor == "local":
+        print_stats(f"tokenize: {source} -> {output}", sub(logs, "tokenize"))
+        print_manifest_summary(local_out)
+    return output
+
+
+def print_manifest_summary(directory, out=sys.stdout) -> None:
+    from shards.manifest import read_manifest
+
+    try:
+        m = read_manifest(directory)
+    except FileNotFoundError:
+        return
+    parts = [f"{s}: {st.documents:,} docs / {st.tokens:,} tokens in {len(st.shards)} shard(s)" for s, st in m.splits.items()]
+    print(f"\n{directory}: {m.tokenizer.name} ({m.dtype}, eos {m.tokenizer.eos_id}) — " + "; ".join(parts), file=out)
+
+
+# -------------------------------------------------------------------------------------------- main
+
+
+def run_stage(args, corpus: Corpus) -> None:
+    logs = logging_base(args, corpus)
+    if args.tasks < 1:
+        raise InputError(f"--tasks must be >= 1, got {args.tasks}")
+    if not 0.0 <= args.val_fraction <= 1.0:
+        raise InputError(f"--val-fraction must be in [0, 1], got {args.val_fraction}")
+    if args.stage == "download":
+        stage_download(args, corpus)
+    elif args.stage == "filter":
+        stage_filter(args, corpus, args.input, args.output, sub(logs, "filter"))
+    elif args.stage == "dedup":
+        if not args.input:
+            raise InputError("dedup needs --input (e.g. the kept/ folder of a filter run)")
+        stage_dedup(args, corpus, args.input, args.output, sub(logs, "dedup"))
+    elif args.stage == "split":
+        stage_split(args, corpus, args.input, args.output, sub(logs, "split"))
+    elif args.stage == "tokenize":
+        stage_tokenize(args, corpus, args.input, args.output, logs)
+    else:  # run: filter -> [dedup] -> tokenize (hash split inside)
+        _reader(args, corpus)  # fail on a bad input before the first stage starts
+        resolve_tokenizer(args)
+        path = stage_filter(args, corpus, args.input, sub(args.output, "filtered"), sub(logs, "filter"))
+        if args.dedup:
+            path = stage_dedup(args, corpus, path, sub(args.output, "dedup"), sub(logs, "dedup"))
+        limit, args.limit = args.limit, -1  # the limit applied when reading the raw input
+        filters = _filter_names(args) + (["datatrove.MinhashDedup(4 stages)"] if args.dedup else [])
+        args.filter = False
+        stage_tokenize(args, corpus, path, sub(args.output, "shards"), logs, filters=filters)
+        args.limit = limit
+
+
+def main(corpus: Corpus, argv=None) -> int:
+    args = build_parser(corpus).parse_args(argv)
+    try:
+        run_stage(args, corpus)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

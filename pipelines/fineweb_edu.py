@@ -1,0 +1,17 @@
+"""fineweb-edu (HuggingFaceFW/fineweb-edu, sample/10BT): FineWeb's schema plus score/int_score.
+
+The same stages and flags as `pipelines.fineweb`; a new corpus is one `Corpus` like this one.
+fineweb-edu is already filtered by FineWeb's chain and its edu classifier, so `tokenize` is the
+usual stage; `filter` still works.
+"""
+from .cli import Corpus, main
+
+CORPUS = Corpus(
+    name="fineweb-edu",
+    hub_repo="HuggingFaceFW/fineweb-edu",
+    hub_subset="sample/10BT",
+    description="fineweb-edu (FineWeb schema + score, int_score)",
+)
+
+if __name__ == "__main__":
+    raise SystemExit(main(CORPUS))

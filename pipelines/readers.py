@@ -1,0 +1,217 @@
+"""Input readers: datatrove's JSONL/Parquet readers with bad rows counted and named, not dropped
+silently, plus the input checks the CLI runs before any executor starts.
+
+datatrove's own readers skip a row without text after a single anonymous warning, and stop reading
+a JSONL file at the first invalid UTF-8 byte (losing the rest of the file). Ours read JSONL as bytes
+line by line, so a bad line costs only itself, and every skip is a stat plus a log line naming the
+file and row (for the first few).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from datatrove.pipeline.readers import JsonlReader, ParquetReader
+from datatrove.utils.logging import logger
+
+from .steps import POSITION_ID_FLAG
+
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.zstd", ".json.gz", ".jsonl.bz2", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+MAX_LOGGED = 5
+
+
+class InputError(Exception):
+    """Bad input path: the CLI prints it and exits with status 2 before starting any executor."""
+
+
+class _CountingMixin:
+    """Shared row checks. `self._logged` bounds the log lines; stats count every case."""
+
+    invalid_utf8 = "skip"
+
+    def _note(self, label: str, filepath: str, row: int, why: str) -> None:
+        self.stat_update(label)
+        n = getattr(self, "_logged", 0)
+        if n < MAX_LOGGED:
+            self._logged = n + 1
+            logger.warning(f"{filepath} row {row}: {why} ({label})")
+
+    def _row_to_document(self, data, filepath: str, row: int):
+        if not isinstance(data, dict):
+            self._note("skipped_not_object", filepath, row, f"a JSON {type(data).__name__}, not an object")
+            return None
+        text = data.get(self.text_key)
+        if text is None:
+            self._note("skipped_no_text", filepath, row, f"no '{self.text_key}' field (keys: {sorted(data)[:8]})")
+            return None
+        if not isinstance(text, str):
+            self._note("skipped_no_text", filepath, row, f"'{self.text_key}' is {type(text).__name__}, not text")
+            return None
+        if not text.strip():
+            self._note("skipped_empty", filepath, row, "empty text")
+            return None
+        had_id = data.get(self.id_key) not in (None, "")
+        doc = self.get_document_from_dict(data, filepath, row)
+        if doc is not None and not had_id:
+            # datatrove names it "<file>/<row>"; flag it so HashSplit hashes the text instead.
+            doc.metadata[POSITION_ID_FLAG] = True
+        return doc
+
+
+class CountingJsonlReader(_CountingMixin, JsonlReader):
+    name = "🐿 Jsonl (counted)"
+
+    def __init__(self, *args, invalid_utf8: str = "skip", **kwargs):
+        super().__init__(*args, **kwargs)
+        if invalid_utf8 not in ("skip", "replace"):
+            raise ValueError(f"invalid_utf8 must be 'skip' or 'replace', got {invalid_utf8!r}")
+        self.invalid_utf8 = invalid_utf8
+
+    def read_file(self, filepath: str):
+        import orjson
+
+        with self.data_folder.open(filepath, "rb", compression=self.compression) as f:
+            for row, raw in enumerate(f):
+                with self.track_time():
+                    if not raw.strip():
+                        continue
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        if self.invalid_utf8 == "skip":
+                            self._note("skipped_invalid_utf8", filepath, row, f"invalid UTF-8 at byte {e.start}")
+                            continue
+                        self.stat_update("replaced_invalid_utf8")
+                        line = raw.decode("utf-8", "replace")
+                    try:
+                        data = orjson.loads(line)
+                    except orjson.JSONDecodeError as e:
+                        self._note("skipped_bad_json", filepath, row, f"invalid JSON ({e})")
+                        continue
+                    document = self._row_to_document(data, filepath, row)
+                if document is not None:
+                    yield document
+
+
+class CountingParquetReader(_CountingMixin, ParquetReader):
+    name = "📒 Parquet (counted)"
+
+    def read_file(self, filepath: str):
+        import pyarrow.parquet as pq
+
+        with self.data_folder.open(filepath, "rb") as f:
+            with pq.ParquetFile(f) as pqf:
+                if self.text_key not in pqf.schema_arrow.names:
+                    self._note("skipped_no_text_file", filepath, 0,
+                               f"no '{self.text_key}' column (columns: {pqf.schema_arrow.names[:8]})")
+                    self.stat_update("skipped_no_text", value=pqf.metadata.num_rows)
+                    return
+                columns = None if self.read_metadata else [c for c in (self.text_key, self.id_key)
+                                                           if c in pqf.schema_arrow.names]
+                row = 0
+                for batch in pqf.iter_batches(batch_size=self.batch_size, columns=columns):
+                    documents = []
+                    with self.track_time("batch"):
+                        for data in batch.to_pylist():
+                            doc = self._row_to_document(data, filepath, row)
+                            row += 1
+                            if doc is not None:
+                                documents.append(doc)
+                    yield from documents
+
+
+# ------------------------------------------------------------------------------------- input paths
+
+
+def _fmt(name: str) -> str | None:
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    return None
+
+
+def resolve_input(path: str, storage_options: dict | None = None) -> tuple[object, str, str | None]:
+    """Check `path` and return (datatrove data folder, format, glob pattern).
+
+    Raises InputError naming the path when it is missing, empty, unreadable or holds no
+    parquet/jsonl files. A single file becomes (its folder, format, its name).
+    """
+    if path.startswith("hf://"):
+        return path, "parquet", None  # the hub: checked by the reader itself (network)
+    if "://" in path:
+        return _resolve_remote(path, storage_options or {})
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise InputError(f"input path {p} does not exist")
+    if p.is_file():
+        fmt = _fmt(p.name)
+        if fmt is None:
+            raise InputError(f"input file {p}: not a .parquet or .jsonl(.gz/.zst) file")
+        try:
+            with open(p, "rb") as f:
+                first = f.read(1)
+        except OSError as e:
+            raise InputError(f"input file {p} is not readable ({e.strerror})") from None
+        if not first:
+            raise InputError(f"input file {p} is empty")
+        return str(p.parent), fmt, p.name
+    try:
+        files = [f for f in sorted(p.rglob("*")) if f.is_file() and _fmt(f.name)]
+    except OSError as e:
+        raise InputError(f"input folder {p} is not readable ({e.strerror})") from None
+    if not files:
+        raise InputError(f"input folder {p} holds no .parquet or .jsonl(.gz/.zst) files")
+    fmts = {_fmt(f.name) for f in files}
+    if len(fmts) > 1:
+        raise InputError(f"input folder {p} mixes parquet and jsonl files; point --input at one kind")
+    unreadable = [f for f in files if not _readable(f)]
+    if unreadable:
+        raise InputError(f"input file {unreadable[0]} is not readable")
+    if all(f.stat().st_size == 0 for f in files):
+        raise InputError(f"input folder {p}: every data file is empty")
+    fmt = fmts.pop()
+    return str(p), fmt, "**/*.parquet" if fmt == "parquet" else "**/*.json*"
+
+
+def _readable(f: Path) -> bool:
+    try:
+        with open(f, "rb"):
+            return True
+    except OSError:
+        return False
+
+
+def _resolve_remote(uri: str, storage_options: dict):
+    from datatrove.io import get_datafolder
+
+    try:
+        folder = get_datafolder((uri, storage_options))
+        if folder.isfile(""):
+            name = uri.rstrip("/").rsplit("/", 1)[-1]
+            parent = uri.rstrip("/").rsplit("/", 1)[0]
+            if _fmt(name) is None:
+                raise InputError(f"input {uri}: not a .parquet or .jsonl(.gz/.zst) object")
+            return (parent, storage_options), _fmt(name), name
+        files = [f for f in folder.list_files(recursive=True) if _fmt(f)]
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(f"input {uri} cannot be listed ({type(e).__name__}: {str(e)[:200]})") from None
+    if not files:
+        raise InputError(f"input {uri} holds no .parquet or .jsonl(.gz/.zst) objects (missing or empty)")
+    fmts = {_fmt(f) for f in files}
+    if len(fmts) > 1:
+        raise InputError(f"input {uri} mixes parquet and jsonl objects")
+    fmt = fmts.pop()
+    return (uri, storage_options), fmt, "**/*.parquet" if fmt == "parquet" else "**/*.json*"
+
+
+def make_reader(path: str, limit: int = -1, text_key: str = "text", id_key: str = "id",
+                invalid_utf8: str = "skip", storage_options: dict | None = None, doc_progress: bool = False):
+    """A counted reader for a checked input (see `resolve_input`)."""
+    folder, fmt, glob = resolve_input(path, storage_options)
+    common = dict(limit=limit, text_key=text_key, id_key=id_key, glob_pattern=glob, doc_progress=doc_progress)
+    if fmt == "parquet":
+        return CountingParquetReader(folder, **common)
+    return CountingJsonlReader(folder, invalid_utf8=invalid_utf8, **common)

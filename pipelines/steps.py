@@ -1,0 +1,358 @@
+"""Reusable datatrove steps: hash train/val split, tokenizing shard writer, manifest writer.
+
+They compose with any datatrove pipeline:
+
+    [JsonlReader(...), *filters, HashSplit(0.001, seed=1337), TokenizeShards("out/x", "qwen3")]
+    then, once every task has finished:  [WriteManifest("out/x", "qwen3", ...)]
+
+`HashSplit` only *tags* `doc.metadata["split"]` (it does not drop documents): one read pass then
+feeds one writer that fans out to both splits, and a JsonlWriter can route by the same tag with
+`output_filename="${split}/${rank}.jsonl.gz"`. Pass `keep="val"` to filter to one split instead.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from datatrove.data import DocumentsPipeline
+from datatrove.pipeline.base import PipelineStep
+from datatrove.utils.logging import logger
+
+from shards.format import SUFFIXES, ShardWriter, dtype_for_vocab
+
+SPLIT_KEYS = ("auto", "id", "text")
+# datatrove's default adapter names a row without an id "<file path>/<row number>": such an id
+# changes when files are re-chunked or re-read from another mirror, so it must not drive the split.
+_POSITION_ID = re.compile(r".+\.(parquet|jsonl|json|jsonl\.gz|json\.gz|jsonl\.zst|jsonl\.bz2|csv|arrow)/\d+")
+POSITION_ID_FLAG = "id_is_position"  # set by pipelines.readers when the source row had no id
+
+
+def split_key(doc, key: str = "auto") -> tuple[str, str]:
+    """(kind, key) used to place `doc`. auto = the source id, unless it is missing or position-based
+    (datatrove's "<file>/<row>" fallback, or flagged by our readers): then the text itself."""
+    if key not in SPLIT_KEYS:
+        raise ValueError(f"split key must be one of {SPLIT_KEYS}, got {key!r}")
+    if key == "text":
+        return "text", doc.text
+    synthetic = (
+        not doc.id
+        or doc.metadata.get(POSITION_ID_FLAG)
+        or _POSITION_ID.fullmatch(str(doc.id)) is not None
+    )
+    if key == "id" and synthetic and not doc.id:
+        raise ValueError("split key 'id' asked for, but a document has no id")
+    if key == "auto" and synthetic:
+        return "text", doc.text
+    return "id", str(doc.id)
+
+
+def hash_fraction(key: str, seed: int) -> float:
+    """A uniform number in [0, 1) from (seed, key): blake2b, never Python's salted hash()."""
+    h = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8, key=str(int(seed)).encode())
+    return int.from_bytes(h.digest(), "little") / 2.0**64
+
+
+def assign_split(key: str, seed: int, val_fraction: float) -> str:
+    return "val" if hash_fraction(key, seed) < val_fraction else "train"
+
+
+class HashSplit(PipelineStep):
+    """Tag each document `metadata["split"]` = "train" | "val" from a hash of a stable key.
+
+    val iff blake2b(key; seed) / 2**64 < val_fraction, so a document's split depends only on itself
+    and the seed: not on tasks, workers or order. Identical texts without ids land together, which
+    also keeps exact duplicates from leaking across the split.
+    """
+
+    name = "✂️ Hash split"
+    type = "🔀 - SPLIT"
+
+    def __init__(self, val_fraction: float = 0.001, seed: int = 1337, key: str = "auto", keep: str | None = None):
+        super().__init__()
+        if not 0.0 <= val_fraction <= 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1], got {val_fraction}")
+        if key not in SPLIT_KEYS:
+            raise ValueError(f"key must be one of {SPLIT_KEYS}, got {key!r}")
+        if keep not in (None, "train", "val"):
+            raise ValueError(f"keep must be None, 'train' or 'val', got {keep!r}")
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.key = key
+        self.keep = keep
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        for doc in data:
+            with self.track_time():
+                kind, key = split_key(doc, self.key)
+                split = assign_split(key, self.seed, self.val_fraction)
+                doc.metadata["split"] = split
+                self.stat_update(split, f"key_{kind}")
+            if self.keep is None or split == self.keep:
+                yield doc
+
+
+def clean_rank_outputs(output_dir: str | Path, rank: int, splits) -> int:
+    """Delete this task's shard files and stale `.tmp` leftovers before (re)running it: a rerun of
+    an unfinished task rewrites them from scratch, so nothing from the killed run survives."""
+    removed = 0
+    for split in splits:
+        base = Path(output_dir) / split / f"{rank:05d}"
+        for suffix in SUFFIXES:
+            for p in (Path(str(base) + suffix), Path(str(base) + suffix + ".tmp")):
+                if p.exists():
+                    p.unlink()
+                    removed += 1
+    return removed
+
+
+class TokenizeShards(PipelineStep):
+    """Tokenize documents in batches and write `OUTPUT/<split>/<rank:05d>.ds` (datatrove layout).
+
+    Each document becomes [BOS if the tokenizer's convention says so] + ids + [EOS] (see
+    `shards.tokenizers`). Tokenisation runs in a background thread on every core (tiktoken /
+    tokenizers / sentencepiece release the GIL) while this thread reads the next batch and writes
+    the previous one. Counted skips (datatrove stats, and a log line for the first few):
+      skipped_no_text       text missing or not a string
+      skipped_empty         text empty or only whitespace
+      skipped_invalid_utf8  text holds lone surrogates (un-encodable as UTF-8); or replaced, counted
+                            as replaced_invalid_utf8, with invalid_utf8="replace"
+      skipped_too_long      more than max_doc_tokens tokens (too_long="skip", the default: a cut
+                            document followed by EOS would teach a fake ending, and enormous
+                            documents are mostly dumps/logs); truncated_too_long with "truncate"
+    """
+
+    name = "🧩 Token shards"
+    type = "🔢 - TOKENIZER"
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        tokenizer: str = "qwen3",
+        tokenizer_path: str | None = None,
+        splits: tuple[str, ...] = ("train", "val"),
+        default_split: str = "train",
+        max_doc_tokens: int = 1_000_000,
+        too_long: str = "skip",
+        invalid_utf8: str = "skip",
+        batch_size: int = 1000,
+        num_threads: int | None = None,
+        log_interval: float = 30.0,
+        max_logged_skips: int = 5,
+    ):
+        super().__init__()
+        if too_long not in ("skip", "truncate"):
+            raise ValueError(f"too_long must be 'skip' or 'truncate', got {too_long!r}")
+        if invalid_utf8 not in ("skip", "replace"):
+            raise ValueError(f"invalid_utf8 must be 'skip' or 'replace', got {invalid_utf8!r}")
+        if default_split not in splits:
+            raise ValueError(f"default_split {default_split!r} not in splits {splits}")
+        self.output_dir = str(output_dir)
+        self.tokenizer_name = tokenizer
+        self.tokenizer_path = tokenizer_path
+        self.splits = tuple(splits)
+        self.default_split = default_split
+        self.max_doc_tokens = int(max_doc_tokens)
+        self.too_long = too_long
+        self.invalid_utf8 = invalid_utf8
+        self.batch_size = batch_size
+        self.num_threads = num_threads
+        self.log_interval = log_interval
+        self.max_logged_skips = max_logged_skips
+        self._logged = 0
+
+    def load_tokenizer(self):
+        from shards.tokenizers import get_tokenizer
+
+        return get_tokenizer(self.tokenizer_name, path=self.tokenizer_path)
+
+    # -- per-document checks (main thread, cheap) ------------------------------------------------
+    def _skip(self, label: str, doc, why: str) -> None:
+        self.stat_update(label)
+        if self._logged < self.max_logged_skips:
+            self._logged += 1
+            where = doc.metadata.get("file_path", "?") if doc is not None else "?"
+            logger.warning(f"skipping document {getattr(doc, 'id', '?')!r} from {where}: {why} ({label})")
+
+    def _clean_text(self, doc) -> str | None:
+        text = doc.text
+        if not isinstance(text, str):
+            self._skip("skipped_no_text", doc, f"text is {type(text).__name__}, not a string")
+            return None
+        if not text.strip():
+            self._skip("skipped_empty", doc, "empty text")
+            return None
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                if self.invalid_utf8 == "skip":
+                    self._skip("skipped_invalid_utf8", doc, f"not valid UTF-8 ({e.reason} at {e.start})")
+                    return None
+                self.stat_update("replaced_invalid_utf8")
+                text = text.encode("utf-8", "replace").decode("utf-8")
+        return text
+
+    def _valid_batches(self, data):
+        batch = []
+        for doc in data:
+            text = self._clean_text(doc)
+            if text is None:
+                continue
+            split = doc.metadata.get("split", self.default_split)
+            if split not in self.splits:
+                raise ValueError(f"document {doc.id!r} tagged split={split!r}, not one of {self.splits}")
+            batch.append((split, text, doc))
+            if len(batch) >= self.batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    # -- main loop --------------------------------------------------------------------------------
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        tok = self.load_tokenizer()
+        dtype = dtype_for_vocab(tok.vocab_size)
+        head = [tok.bos_id] if tok.add_bos else []
+        eos = tok.eos_id
+        if removed := clean_rank_outputs(self.output_dir, rank, self.splits):
+            logger.info(f"task {rank}: removed {removed} files left by an earlier unfinished run")
+        writers: dict[str, ShardWriter] = {}
+        docs = tokens = 0
+        start = last_log = time.perf_counter()
+
+        def write(batch, encoded):
+            nonlocal docs, tokens
+            for (split, _text, doc), ids in zip(batch, encoded):
+                n = len(head) + len(ids) + 1
+                if n > self.max_doc_tokens:
+                    if self.too_long == "skip":
+                        self._skip("skipped_too_long", doc, f"{n:,} tokens > max_doc_tokens {self.max_doc_tokens:,}")
+                        continue
+                    self.stat_update("truncated_too_long")
+                    ids = ids[: self.max_doc_tokens - len(head) - 1]
+                    n = self.max_doc_tokens
+                if split not in writers:
+                    writers[split] = ShardWriter(
+                        Path(self.output_dir) / split / f"{rank:05d}.ds", dtype, tok.name
+                    )
+                arr = np.empty(n, dtype=dtype)
+                arr[: len(head)] = head
+                arr[len(head) : n - 1] = ids
+                arr[n - 1] = eos
+                writers[split].write(arr)
+                self.stat_update(f"{split}_documents")
+                self.stat_update(f"{split}_tokens", value=n)
+                self.stat_update("tokens", value=n)
+                docs += 1
+                tokens += n
+
+        def encode(texts):
+            return tok.encode_batch(texts, num_threads=self.num_threads)
+
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                pending = None
+                for batch in self._valid_batches(data):
+                    with self.track_time(unit="batch"):
+                        future = pool.submit(encode, [t for _, t, _ in batch])
+                        if pending is not None:
+                            write(pending[0], pending[1].result())
+                        pending = (batch, future)
+                    now = time.perf_counter()
+                    if now - last_log >= self.log_interval:
+                        last_log = now
+                        self._log_progress(rank, docs, tokens, now - start)
+                if pending is not None:
+                    with self.track_time(unit="batch"):
+                        write(pending[0], pending[1].result())
+            for split in sorted(writers):
+                writers[split].close()
+        except BaseException:
+            for w in writers.values():
+                w.abort()
+            raise
+        self._log_progress(rank, docs, tokens, time.perf_counter() - start, final=True)
+        return
+        yield  # a generator: datatrove drains it
+
+    def _log_progress(self, rank, docs, tokens, elapsed, final=False):
+        elapsed = max(elapsed, 1e-9)
+        logger.info(
+            f"task {rank}{' done' if final else ''}: {docs:,} docs ({docs / elapsed:,.0f} docs/s), "
+            f"{tokens:,} tokens ({tokens / elapsed:,.0f} tokens/s)"
+        )
+
+
+class WriteManifest(PipelineStep):
+    """Run as a 1-task job after the tokenize job: scan DIR/<split>/ and write DIR/manifest.json
+    (last: its presence means "complete"), then optionally upload DIR to object storage."""
+
+    name = "📜 Manifest"
+    type = "🔢 - TOKENIZER"
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        tokenizer: str,
+        tokenizer_path: str | None = None,
+        splits: tuple[str, ...] = ("train", "val"),
+        source: str = "",
+        filters: list[str] | None = None,
+        seeds: dict | None = None,
+        extra: dict | None = None,
+        upload_to: str | None = None,
+        storage_kwargs: dict | None = None,
+    ):
+        super().__init__()
+        self.output_dir = str(output_dir)
+        self.tokenizer_name = tokenizer
+        self.tokenizer_path = tokenizer_path
+        self.splits = tuple(splits)
+        self.source = source
+        self.filters = list(filters or [])
+        self.seeds = dict(seeds or {})
+        self.extra = dict(extra or {})
+        self.upload_to = upload_to
+        self.storage_kwargs = dict(storage_kwargs or {})
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        if rank == 0:
+            path = write_shard_manifest(
+                self.output_dir, self.tokenizer_name, self.tokenizer_path, self.splits,
+                self.source, self.filters, self.seeds, self.extra,
+            )
+            logger.info(f"wrote {path}")
+            if self.upload_to:
+                try:
+                    from shards.storage import upload
+                except ImportError as e:
+                    raise RuntimeError(f"cannot upload to {self.upload_to}: shards.storage unavailable ({e})") from None
+                logger.info(f"uploading {self.output_dir} -> {self.upload_to}")
+                upload(self.output_dir, self.upload_to, **self.storage_kwargs)
+        if data:
+            yield from data
+
+
+def write_shard_manifest(output_dir, tokenizer, tokenizer_path=None, splits=("train", "val"), source="",
+                         filters=None, seeds=None, extra=None) -> Path:
+    from shards.manifest import build_manifest, write_manifest
+    from shards.tokenizers import get_tokenizer
+
+    out = Path(output_dir)
+    stale = sorted(p.relative_to(out).as_posix() for s in splits for p in (out / s).glob("*.tmp"))
+    if stale:
+        raise RuntimeError(f"{out}: unfinished shard files {stale[:3]}: a task did not complete; rerun it")
+    tok = get_tokenizer(tokenizer, path=tokenizer_path)
+    manifest = build_manifest(out, tok.info(), splits=tuple(splits), source=source, filters=filters,
+                              seeds=seeds, extra=extra)
+    return write_manifest(out, manifest)
+
+
+def default_threads(workers: int = 1) -> int:
+    """Threads per task: the cores shared by the tasks that run at once."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
