@@ -92,7 +92,8 @@ class StoppableS3:
     def post(self, path: str, data: bytes = b"") -> None:
         import urllib.request
 
-        urllib.request.urlopen(urllib.request.Request(self.endpoint + path, data=data, method="POST")).read()
+        urllib.request.urlopen(urllib.request.Request(self.endpoint + path, data=data, method="POST",
+                                                      headers={"Content-Type": "text/plain"})).read()
 
 
 @pytest.fixture(scope="module")
