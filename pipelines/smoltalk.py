@@ -1,0 +1,299 @@
+"""smol-smoltalk (HuggingFaceTB/smol-smoltalk) -> ChatML token shards with loss masks, for SFT.
+
+    python -m pipelines.smoltalk tokenize                                   # hub parquet (train files)
+    python -m pipelines.smoltalk tokenize --input chats.parquet --output out/sft --tokenizer cl100k
+    python -m pipelines.smoltalk download --output data/smol-smoltalk         # mirror, then --input it
+
+Each row's `messages` (a list of {role, content}) becomes one document, Axiom's SFT format
+(MODELS.md, read from their code):
+
+    <|im_start|>{role}\\n{content}<|im_end|>\\n     for every user/assistant turn, in order
+
+- special ids from the tokenizer registry (cl100k: <|im_start|> 100264, <|im_end|> 100265);
+  the text between them is encoded as plain text (`{role}\\n{content}` in one call, as a full-string
+  encode with those specials allowed would split it), the "\\n" after <|im_end|> on its own;
+- system turns are dropped (as their code does);
+- loss mask 1 on assistant turns INCLUDING their `<|im_start|>assistant\\n` header, <|im_end|> and the
+  trailing newline (their code counts those too), 0 on everything else;
+- no EOS is appended: ChatML delimits the turns, and the loader's document packing
+  (`packing: document`, one conversation per 1025-token row) pads with EOS that carries no loss.
+
+Shards: DIR/train/NNNNN.ds(+.index/.loss/.metadata), DIR/val/..., DIR/manifest.json (written last),
+train/val by the shared `HashSplit` over the rendered conversation (rows have no stable id).
+Bad rows are counted skips naming the file and row: no/empty `messages`, a turn that is not
+{role: str, content: str}, an unknown role, an empty turn, no assistant turn, invalid UTF-8.
+The command line is the shared one (`pipelines/cli.py`); only `download` and `tokenize` apply.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from datatrove.data import Document, DocumentsPipeline
+from datatrove.pipeline.base import PipelineStep
+from datatrove.utils.logging import logger
+
+from shards.format import ShardWriter, dtype_for_vocab
+
+from .cli import (Corpus, build_parser, check_run_settings, is_remote, logging_base, make_executor,
+                  print_manifest_summary, print_stats, resolve_tokenizer, stage_download, storage_options, sub)
+from .readers import CountingJsonlReader, CountingParquetReader, InputError, resolve_input
+from .steps import POSITION_ID_FLAG, HashSplit, WriteManifest, clean_rank_outputs, default_threads
+
+CORPUS = Corpus(
+    name="smol-smoltalk",
+    hub_repo="HuggingFaceTB/smol-smoltalk",
+    hub_subset="data",
+    description="smol-smoltalk SFT conversations (messages: [{role, content}])",
+    text_key="messages",
+    english_filters=False,
+)
+HUB_GLOB = "train-*.parquet"  # the hub's test-*.parquet stays out; our own hash split makes val
+ROLES = ("system", "user", "assistant")
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+
+
+def render_chatml(messages) -> str:
+    """The text a conversation becomes (system turns dropped): the reference for decode checks."""
+    return "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages if m["role"] != "system")
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+class _ChatRows:
+    """Row checks for chat data: replaces the text checks of the counting readers."""
+
+    def _row_to_document(self, data, filepath: str, row: int):
+        if not isinstance(data, dict):
+            self._note("skipped_not_object", filepath, row, f"a JSON {type(data).__name__}, not an object")
+            return None
+        messages = data.get(self.text_key)
+        if messages is None or (hasattr(messages, "__len__") and len(messages) == 0):
+            self._note("skipped_no_messages", filepath, row, f"no or empty '{self.text_key}'")
+            return None
+        if not isinstance(messages, (list, tuple)):
+            self._note("skipped_no_messages", filepath, row, f"'{self.text_key}' is {type(messages).__name__}, not a list")
+            return None
+        turns = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                self._note("skipped_bad_turn", filepath, row, f"turn {i} is not {{role: str, content: str}}: {str(m)[:80]}")
+                return None
+            if m["role"] not in ROLES:
+                self._note("skipped_bad_role", filepath, row, f"turn {i} has role {m['role']!r} (expected one of {ROLES})")
+                return None
+            if not m["content"].strip():
+                self._note("skipped_empty_turn", filepath, row, f"turn {i} ({m['role']}) is empty")
+                return None
+            try:
+                m["content"].encode("utf-8")
+            except UnicodeEncodeError as e:
+                self._note("skipped_invalid_utf8", filepath, row, f"turn {i}: not valid UTF-8 ({e.reason})")
+                return None
+            if m["role"] != "system":  # dropped, as Axiom's SFT code does
+                turns.append({"role": m["role"], "content": m["content"]})
+        if not any(t["role"] == "assistant" for t in turns):
+            self._note("skipped_no_assistant", filepath, row, "no assistant turn: nothing to learn from")
+            return None
+        ident = data.get(self.id_key)
+        doc = Document(text=render_chatml(turns), id=str(ident) if ident not in (None, "") else f"{filepath}/{row}",
+                       metadata={"messages": turns, "file_path": filepath, "row": row})
+        if ident in (None, ""):
+            doc.metadata[POSITION_ID_FLAG] = True  # HashSplit then hashes the rendered conversation
+        return doc
+
+
+class ChatParquetReader(_ChatRows, CountingParquetReader):
+    name = "📒 Parquet chats (counted)"
+
+
+class ChatJsonlReader(_ChatRows, CountingJsonlReader):
+    name = "🐿 Jsonl chats (counted)"
+
+
+def make_chat_reader(path: str, limit: int = -1, messages_key: str = "messages", id_key: str = "id",
+                     storage_options: dict | None = None):
+    if path.startswith("hf://"):
+        folder, fmt, glob = path, "parquet", HUB_GLOB
+    else:
+        folder, fmt, glob = resolve_input(path, storage_options)
+    kw = dict(limit=limit, text_key=messages_key, id_key=id_key, glob_pattern=glob)
+    return ChatParquetReader(folder, **kw) if fmt == "parquet" else ChatJsonlReader(folder, **kw)
+
+
+# ------------------------------------------------------------------------------------- tokenizing
+
+
+def encode_conversations(tok, conversations, num_threads: int | None = None):
+    """[(tokens, loss_mask)] per conversation (lists of {role, content}, system turns already gone)."""
+    specials = tok.special_tokens
+    if IM_START not in specials or IM_END not in specials:
+        raise ValueError(f"tokenizer {tok.name} has no {IM_START}/{IM_END} special tokens: ChatML needs them")
+    start, end = specials[IM_START], specials[IM_END]
+    newline = tok.encode("\n")
+    pieces = [f"{m['role']}\n{m['content']}" for conv in conversations for m in conv]
+    encoded = tok.encode_batch(pieces, num_threads=num_threads) if pieces else []
+    out, i = [], 0
+    for conv in conversations:
+        ids, mask = [], []
+        for m in conv:
+            seg = [start, *encoded[i], end, *newline]
+            i += 1
+            ids.extend(seg)
+            mask.extend([1 if m["role"] == "assistant" else 0] * len(seg))
+        out.append((np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.uint8)))
+    return out
+
+
+class ChatTokenizeShards(PipelineStep):
+    """Write each conversation as one document of a `.ds` shard with a `.ds.loss` mask, into
+    OUTPUT/<split>/<rank:05d>.ds. Counted: <split>_documents, <split>_tokens, loss_tokens,
+    skipped_too_long (more than max_doc_tokens)."""
+
+    name = "💬 ChatML shards"
+    type = "🔢 - TOKENIZER"
+
+    def __init__(self, output_dir, tokenizer: str = "cl100k", tokenizer_path: str | None = None,
+                 splits=("train", "val"), max_doc_tokens: int = 1_000_000, batch_size: int = 256,
+                 num_threads: int | None = None, log_interval: float = 30.0):
+        super().__init__()
+        self.output_dir, self.tokenizer_name, self.tokenizer_path = str(output_dir), tokenizer, tokenizer_path
+        self.splits, self.max_doc_tokens, self.batch_size = tuple(splits), int(max_doc_tokens), batch_size
+        self.num_threads, self.log_interval = num_threads, log_interval
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        from shards.tokenizers import get_tokenizer
+
+        tok = get_tokenizer(self.tokenizer_name, path=self.tokenizer_path)
+        dtype = dtype_for_vocab(tok.vocab_size)
+        if removed := clean_rank_outputs(self.output_dir, rank, self.splits):
+            logger.info(f"task {rank}: removed {removed} files left by an earlier unfinished run")
+        writers: dict[str, ShardWriter] = {}
+        docs = tokens = 0
+        start = last = time.perf_counter()
+
+        def flush(batch):
+            nonlocal docs, tokens
+            for doc, (ids, mask) in zip(batch, encode_conversations(tok, [d.metadata["messages"] for d in batch],
+                                                                    self.num_threads)):
+                if len(ids) > self.max_doc_tokens:
+                    self.stat_update("skipped_too_long")
+                    logger.warning(f"{doc.metadata.get('file_path')} row {doc.metadata.get('row')}: "
+                                   f"{len(ids):,} tokens > max_doc_tokens (skipped_too_long)")
+                    continue
+                split = doc.metadata.get("split", "train")
+                if split not in self.splits:
+                    raise ValueError(f"document {doc.id!r} tagged split={split!r}, not one of {self.splits}")
+                if split not in writers:
+                    writers[split] = ShardWriter(Path(self.output_dir) / split / f"{rank:05d}", dtype, tok.name,
+                                                 with_loss=True)
+                writers[split].write(ids, mask)
+                self.stat_update(f"{split}_documents")
+                self.stat_update(f"{split}_tokens", value=len(ids))
+                self.stat_update("loss_tokens", value=int(mask.sum()))
+                docs += 1
+                tokens += len(ids)
+
+        try:
+            batch = []
+            for doc in data:
+                batch.append(doc)
+                if len(batch) >= self.batch_size:
+                    with self.track_time(unit="batch"):
+                        flush(batch)
+                    batch = []
+                    if time.perf_counter() - last >= self.log_interval:
+                        last = time.perf_counter()
+                        self._progress(rank, docs, tokens, last - start)
+            if batch:
+                flush(batch)
+            for split in sorted(writers):
+                writers[split].close()
+        except BaseException:
+            for w in writers.values():
+                w.abort()
+            raise
+        self._progress(rank, docs, tokens, time.perf_counter() - start, done=True)
+        return
+        yield  # a generator: datatrove drains it
+
+    @staticmethod
+    def _progress(rank, docs, tokens, elapsed, done=False):
+        elapsed = max(elapsed, 1e-9)
+        logger.info(f"task {rank}{' done' if done else ''}: {docs:,} conversations ({docs / elapsed:,.0f}/s), "
+                    f"{tokens:,} tokens ({tokens / elapsed:,.0f}/s)")
+
+
+# ------------------------------------------------------------------------------------------ stages
+
+
+def stage_tokenize(args) -> str:
+    source = args.input or f"{CORPUS.hub_input}/{HUB_GLOB}"
+    reader = make_chat_reader(args.input or CORPUS.hub_input, args.limit, args.text_key, args.id_key,
+                              storage_options(args))
+    tok_name, tok_path = resolve_tokenizer(args)
+    from shards.tokenizers import get_tokenizer
+
+    tok = get_tokenizer(tok_name, path=tok_path)
+    if IM_START not in tok.special_tokens or IM_END not in tok.special_tokens:
+        raise InputError(f"tokenizer {tok.name}: no {IM_START}/{IM_END} special tokens, ChatML needs them")
+    logs = logging_base(args, CORPUS)
+    remote = is_remote(args.output)
+    out = (args.staging_dir or sub(logs, "staging")) if remote else args.output
+    settings = dict(stage="sft-tokenize", input=source, output=args.output, tasks=args.tasks, limit=args.limit,
+                    tokenizer=tok_name, tokenizer_path=tok_path, val_fraction=args.val_fraction,
+                    split_seed=args.split_seed, split_key=args.split_key, max_doc_tokens=args.max_doc_tokens)
+    check_run_settings(sub(logs, "tokenize"), settings)
+    Path(out, "manifest.json").unlink(missing_ok=True)  # completion marker: gone while shards change
+    workers = args.workers if args.workers > 0 else min(args.tasks, os.cpu_count() or 1)
+    pipeline = [
+        reader,
+        HashSplit(args.val_fraction, args.split_seed, args.split_key),
+        ChatTokenizeShards(out, tok_name, tok_path, max_doc_tokens=args.max_doc_tokens,
+                           num_threads=default_threads(workers)),
+    ]
+    extra = {"corpus": CORPUS.name, "format": "chatml", "tasks": args.tasks, "limit_per_task": args.limit,
+             "im_start": tok.special_tokens[IM_START], "im_end": tok.special_tokens[IM_END],
+             "system_turns": "dropped", "no_eos": True,
+             "loss_mask": "1 on assistant turns incl. <|im_start|>assistant\\n header, <|im_end|> and trailing \\n"}
+    manifest = WriteManifest(out, tok_name, tok_path, source=source, filters=["chatml-row-checks"],
+                             seeds={"split_seed": args.split_seed, "val_fraction": args.val_fraction}, extra=extra,
+                             upload_to=args.output if remote else None,
+                             storage_kwargs={"endpoint_url": args.endpoint_url, "profile": args.profile} if remote else None)
+    tokenize = make_executor(args, pipeline, sub(logs, "tokenize"), job_name="smoltalk-tokenize")
+    make_executor(args, [manifest], sub(logs, "manifest"), tasks=1, depends=tokenize, skip_completed=False,
+                  job_name="smoltalk-manifest").run()
+    if args.executor == "local":
+        print_stats(f"tokenize: {source} -> {args.output}", sub(logs, "tokenize"))
+        print_manifest_summary(out)
+    return args.output
+
+
+def main(argv=None) -> int:
+    p = build_parser(CORPUS)
+    p.prog = "python -m pipelines.smoltalk"
+    p.set_defaults(tokenizer="cl100k", output=f"out/{CORPUS.name}")
+    args = p.parse_args(argv)
+    try:
+        if args.tasks < 1:
+            raise InputError(f"--tasks must be >= 1, got {args.tasks}")
+        if not 0.0 <= args.val_fraction <= 1.0:
+            raise InputError(f"--val-fraction must be in [0, 1], got {args.val_fraction}")
+        if args.stage == "download":
+            stage_download(args, CORPUS)
+        elif args.stage == "tokenize":
+            stage_tokenize(args)
+        else:
+            raise InputError(f"stage {args.stage!r} does not apply to chat data (use download or tokenize)")
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # LocalPipelineExecutor uses forkserver: workers re-import this module
+    raise SystemExit(main())
