@@ -290,8 +290,9 @@ def _llama2(path=None) -> Tokenizer:
 
 
 class HFTokenizer(Tokenizer):
-    """Any `tokenizer.json` (HF `tokenizers`). EOS is looked up by its usual names unless `eos=` is
-    given (a token string or id); BOS is recorded if found but only prepended with add_bos=True,
+    """Any `tokenizer.json` (HF `tokenizers`). EOS is looked up by its usual names among the added
+    tokens unless `eos=` is given (any vocab string, or an id); BOS likewise, recorded if found but
+    only prepended with add_bos=True,
     since `tokenizer.json` files do not state a document convention reliably."""
 
     def __init__(self, path: str | Path, name: str | None = None, eos=None, bos=None, add_bos: bool = False):
@@ -308,20 +309,22 @@ class HFTokenizer(Tokenizer):
         self.tok.encode_special_tokens = True
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         vocab = self.tok.get_vocab(with_added_tokens=True)
+        added = {t.content: i for i, t in self.tok.get_added_tokens_decoder().items()}
         self.special_tokens = {
             t.content: i for i, t in self.tok.get_added_tokens_decoder().items() if t.special
         }
-        self.eos_id = self._find(vocab, eos, EOS_NAMES, "EOS")
+        # Looked up among added tokens only: "<s>" can be an ordinary BPE token (it is in Qwen's).
+        self.eos_id = self._find(vocab, added, eos, EOS_NAMES, "EOS")
         if self.eos_id is None:
             raise ValueError(
                 f"{self.path}: no EOS token found (looked for {', '.join(EOS_NAMES)}); pass eos='<token>' or an id"
             )
-        self.bos_id = self._find(vocab, bos, BOS_NAMES, "BOS")
+        self.bos_id = self._find(vocab, added, bos, BOS_NAMES, "BOS")
         if add_bos and self.bos_id is None:
             raise ValueError(f"{self.path}: add_bos=True but no BOS token found (looked for {', '.join(BOS_NAMES)})")
         self.add_bos = bool(add_bos)
 
-    def _find(self, vocab, given, names, what):
+    def _find(self, vocab, added, given, names, what):
         if given is not None:
             if isinstance(given, int):
                 if not 0 <= given < self.vocab_size:
@@ -330,7 +333,7 @@ class HFTokenizer(Tokenizer):
             if given not in vocab:
                 raise ValueError(f"{self.path}: {what} token {given!r} not in the vocabulary")
             return vocab[given]
-        return next((vocab[n] for n in names if n in vocab), None)
+        return next((added[n] for n in names if n in added), None)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -380,21 +383,19 @@ def to_hf_tokenizer(tok: Tokenizer):
 
     if not isinstance(tok, TiktokenTokenizer):
         raise TypeError(f"to_hf_tokenizer converts tiktoken-based tokenizers; {tok.name} is {type(tok).__name__}")
-    table = _byte_to_unicode()
-
-    def s(b: bytes) -> str:
-        return "".join(table[x] for x in b)
-
+    trans = {b: c for b, c in _byte_to_unicode().items()}  # latin-1 code point == byte value
     ranks = tok._ranks
+    as_str = {t: t.decode("latin-1").translate(trans) for t in ranks}
     merges = []
     for token, rank in ranks.items():
         splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
-        splits.sort(key=lambda lr: (ranks[lr[0]], ranks[lr[1]]))
-        merges.extend((rank, l, r) for l, r in splits)
+        if len(splits) > 1:
+            splits.sort(key=lambda lr: (ranks[lr[0]], ranks[lr[1]]))
+        merges.extend((rank, as_str[l], as_str[r]) for l, r in splits)
     merges.sort(key=lambda m: m[0])  # stable: ties keep the (left rank, right rank) order
-    vocab = {s(t): r for t, r in ranks.items()}
+    vocab = {as_str[t]: r for t, r in ranks.items()}
     vocab.update(tok.special_tokens)
-    hf = HFTok(models.BPE(vocab, [(s(l), s(r)) for _, l, r in merges], fuse_unk=False, ignore_merges=True))
+    hf = HFTok(models.BPE(vocab, [(l, r) for _, l, r in merges], fuse_unk=False, ignore_merges=True))
     if tok._normalize:
         hf.normalizer = getattr(normalizers, tok._normalize)()
     hf.pre_tokenizer = pre_tokenizers.Sequence([
