@@ -1,0 +1,161 @@
+"""Loader throughput vs what an Atom training step consumes, on this machine's CPU.
+
+    .venv/bin/python bench/loader.py [--tokens-per-source 8000000] [--batches 200]
+
+Builds five synthetic uint16 sources (Atom's vocabulary, its five-source schedule from
+curricula/atom.yaml), times `MixtureLoader.batch` at Atom's batch shape (512 x 64, grad_accum 4),
+stream and document packing, then times Atom fwd+bwd+AdamW on the same batches (trainer.models,
+curricula/atom.yaml's model section). Goal: loader tokens/s >= 100x the training step's.
+Prints a table; writes bench/results/loader.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from shards.format import ShardWriter, dtype_for_vocab  # noqa: E402
+from shards.manifest import TokenizerInfo, build_manifest, write_manifest  # noqa: E402
+from trainer.data import MixtureLoader, MixturePoint, SourceSpec  # noqa: E402
+
+
+def atom_curriculum() -> dict:
+    import yaml
+
+    return yaml.safe_load((ROOT / "curricula" / "atom.yaml").read_text())
+
+
+def make_sources(root: Path, names, tokens_per_source: int, vocab: int, docs_per_shard=2000, shards=2):
+    info = TokenizerInfo("bench-bpe", vocab, "bench", eos_id=vocab - 1)
+    rng = np.random.default_rng(0)
+    per = tokens_per_source // shards
+    for name in names:
+        d = root / name
+        for split, n in (("train", per), ("val", max(per // 100, 4096))):
+            for j in range(shards if split == "train" else 1):
+                toks = rng.integers(0, vocab - 1, n, dtype=np.int64)
+                cuts = np.sort(rng.choice(np.arange(1, n), size=min(docs_per_shard, n - 1), replace=False))
+                with ShardWriter(d / split / f"{j:05d}", dtype_for_vocab(vocab), info.name) as w:
+                    for doc in np.split(toks, cuts):
+                        w.write(doc)
+        write_manifest(d, build_manifest(d, info))
+    return info
+
+
+def time_loader(loader, n_batches: int, accum: int) -> dict:
+    loader.batch(0, 0)  # page in, warm caches
+    t0, c0 = time.perf_counter(), time.process_time()
+    tokens = 0
+    for i in range(n_batches):
+        x, _, _, _ = loader.batch(1 + i // accum, i % accum)
+        tokens += x.numel()
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"batches": n_batches, "tokens": tokens, "seconds": dt, "cpu_seconds": cpu, "tokens_per_s": tokens / dt,
+            "ms_per_batch": 1e3 * dt / n_batches}
+
+
+def time_atom(cfg: dict, loader, micro_batch: int, steps: int) -> dict:
+    import torch
+
+    from trainer.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(dict(cfg["model"]))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    x, y, _, _ = loader.batch(0, 0)
+    x, y = x[:micro_batch], y[:micro_batch]
+
+    def step():
+        logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        step()
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    tokens = steps * x.numel()
+    # cpu_seconds < seconds * threads means other processes shared the cores while timing
+    return {"parameters": int(model.num_params()), "micro_batch": micro_batch, "seq_len": x.shape[1],
+            "steps": steps, "seconds": dt, "cpu_seconds": cpu, "tokens_per_s": tokens / dt,
+            "torch_threads": torch.get_num_threads()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens-per-source", type=int, default=8_000_000)
+    p.add_argument("--batches", type=int, default=200)
+    p.add_argument("--atom-micro-batch", type=int, default=8, help="rows per timed Atom fwd+bwd (tokens/s is per token)")
+    p.add_argument("--atom-steps", type=int, default=3)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "loader.json"))
+    args = p.parse_args(argv)
+
+    cfg = atom_curriculum()
+    names = [s["name"] for s in cfg["data"]["sources"]]
+    schedule = [MixturePoint(pt["at"], pt["weights"]) for pt in cfg["data"]["schedule"]]
+    seq_len, mb = cfg["batch"]["seq_len"], cfg["batch"]["micro_batch"]
+    accum = cfg["batch"]["tokens_per_step"] // (seq_len * mb)
+    vocab = cfg["model"]["vocab_size"]
+    results: dict = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                                 "python": platform.python_version(), "loadavg_start": os.getloadavg()},
+                     "shape": {"seq_len": seq_len, "micro_batch": mb, "grad_accum": accum, "sources": names}}
+    with tempfile.TemporaryDirectory(prefix="shardloom-bench-") as tmp:
+        t0 = time.perf_counter()
+        make_sources(Path(tmp), names, args.tokens_per_source, vocab)
+        results["setup_seconds"] = time.perf_counter() - t0
+        specs = [SourceSpec(n, str(Path(tmp) / n)) for n in names]
+        total = float(cfg["train"]["tokens"])
+        for packing in ("stream", "document"):
+            loader = MixtureLoader(specs, schedule, seq_len, mb, seed=1337, rank=0, world_size=1,
+                                   total_tokens=total, grad_accum=accum, packing=packing, vocab_size=vocab)
+            results[f"loader_{packing}"] = time_loader(loader, args.batches, accum)
+        # a rank of an 8-way job: same per-call work, rows spread over ranks
+        loader8 = MixtureLoader(specs, schedule, seq_len, mb, seed=1337, rank=3, world_size=8, total_tokens=total,
+                                grad_accum=1)
+        results["loader_stream_rank3_of_8"] = time_loader(loader8, args.batches, 1)
+        stream = MixtureLoader(specs, schedule, seq_len, mb, seed=1337, total_tokens=total, grad_accum=accum)
+        try:
+            results["atom_train_step"] = time_atom(cfg, stream, args.atom_micro_batch, args.atom_steps)
+        except Exception as e:  # models not importable yet: loader figures alone
+            results["atom_train_step"] = {"error": f"{type(e).__name__}: {e}"}
+    results["machine"]["loadavg_end"] = os.getloadavg()
+    atom = results["atom_train_step"].get("tokens_per_s")
+    if atom:
+        results["ratio_loader_to_atom_step"] = results["loader_stream"]["tokens_per_s"] / atom
+        results["goal_100x_met"] = results["ratio_loader_to_atom_step"] >= 100
+
+    print(f"load average at start/end: {results['machine']['loadavg_start'][0]:.1f} / "
+          f"{results['machine']['loadavg_end'][0]:.1f} on {os.cpu_count()} cores (shared machine: figures are noisy)")
+    print(f"{'measure':<28} {'tokens/s':>14} {'ms/batch':>10}")
+    for k in ("loader_stream", "loader_document", "loader_stream_rank3_of_8"):
+        r = results[k]
+        print(f"{k:<28} {r['tokens_per_s']:>14,.0f} {r['ms_per_batch']:>10.2f}")
+    if atom:
+        print(f"{'atom fwd+bwd+adamw':<28} {atom:>14,.0f}   ({results['atom_train_step']['parameters']:,} params, "
+              f"{results['atom_train_step']['torch_threads']} threads)")
+        print(f"loader / atom step: {results['ratio_loader_to_atom_step']:,.0f}x (goal >= 100x: "
+              f"{'met' if results['goal_100x_met'] else 'NOT met'})")
+    else:
+        print(f"atom step not measured: {results['atom_train_step']['error']}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
