@@ -1,0 +1,187 @@
+"""datatrove's tokenized-shard layout (`.ds`), written and read without datatrove or torch.
+
+One shard is four sibling files sharing a prefix:
+
+    NAME.ds           raw little-endian token ids, uint16 or uint32
+    NAME.ds.index     uint64 cumulative end offset of each document (last == total tokens)
+    NAME.ds.loss      one byte per token, 1 where the token counts toward the loss (only with masks)
+    NAME.ds.metadata  "tokenizer|token_size\\ncount\\nhuman count"
+
+datatrove's DocumentTokenizerMerger and nanotron read exactly this. The writer streams to
+`*.tmp` files and renames them into place only on `close()`, so a crash never leaves a file
+that looks like a finished shard.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SUFFIXES = (".ds", ".ds.index", ".ds.loss", ".ds.metadata")
+
+
+def dtype_for_vocab(vocab_size: int) -> np.dtype:
+    """uint16 while every id fits in 16 bits (vocab <= 65,536), else uint32 — datatrove's rule."""
+    if vocab_size <= 0:
+        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    return np.dtype("<u2") if vocab_size <= 65536 else np.dtype("<u4")
+
+
+def human_count(n: int) -> str:
+    for unit, size in (("T", 10**12), ("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+class ShardWriter:
+    """Append documents (token arrays, optional loss masks) to one `.ds` shard.
+
+    Use as a context manager; an exception inside the block discards the partial files.
+    """
+
+    def __init__(self, path: str | Path, dtype: np.dtype, tokenizer_name: str, with_loss: bool = False):
+        self.path = Path(path)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.dtype("<u2"), np.dtype("<u4")):
+            raise ValueError(f"shard dtype must be uint16 or uint32, got {self.dtype}")
+        self.max_id = np.iinfo(self.dtype).max
+        self.tokenizer_name = tokenizer_name
+        self.with_loss = with_loss
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tokens = open(self._tmp(".ds"), "wb")
+        self._index = open(self._tmp(".ds.index"), "wb")
+        self._loss = open(self._tmp(".ds.loss"), "wb") if with_loss else None
+        self.documents = 0
+        self.tokens = 0
+        self._closed = False
+
+    def _tmp(self, suffix: str) -> Path:
+        return Path(str(self.path) + suffix + ".tmp")
+
+    def write(self, tokens, loss_mask=None) -> None:
+        arr = np.asarray(tokens)
+        if arr.ndim != 1 or arr.size == 0:
+            raise ValueError("a document must be a non-empty 1-D sequence of token ids")
+        if arr.min() < 0 or arr.max() > self.max_id:
+            raise ValueError(f"token id out of range for {self.dtype.name}: min {arr.min()}, max {arr.max()}")
+        self._tokens.write(arr.astype(self.dtype, copy=False).tobytes())
+        if self._loss is not None:
+            if loss_mask is None or len(loss_mask) != arr.size:
+                raise ValueError("this shard stores loss masks: each document needs one mask value per token")
+            self._loss.write(np.asarray(loss_mask, dtype=np.uint8).tobytes())
+        elif loss_mask is not None:
+            raise ValueError("loss_mask given to a ShardWriter opened with with_loss=False")
+        self.tokens += arr.size
+        self.documents += 1
+        self._index.write(np.array([self.tokens], dtype="<u8").tobytes())
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        for f in (self._tokens, self._index, self._loss):
+            if f is not None:
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+        meta = f"{self.tokenizer_name}|{self.dtype.itemsize}\n{self.tokens}\n{human_count(self.tokens)}"
+        self._tmp(".ds.metadata").write_text(meta)
+        # Metadata is renamed last: its presence marks a complete shard.
+        for suffix in (".ds", ".ds.index", ".ds.loss", ".ds.metadata"):
+            if suffix == ".ds.loss" and self._loss is None:
+                continue
+            os.replace(self._tmp(suffix), str(self.path) + suffix)
+        self._closed = True
+
+    def abort(self) -> None:
+        for f in (self._tokens, self._index, self._loss):
+            if f is not None and not f.closed:
+                f.close()
+        for suffix in SUFFIXES:
+            self._tmp(suffix).unlink(missing_ok=True)
+        self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+
+@dataclass
+class ShardMetadata:
+    tokenizer: str
+    token_size: int
+    tokens: int
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype({2: "<u2", 4: "<u4"}[self.token_size])
+
+
+def read_metadata(path: str | Path) -> ShardMetadata:
+    """Parse NAME.ds.metadata (path may be NAME.ds or the metadata file itself)."""
+    p = Path(str(path) if str(path).endswith(".metadata") else str(path) + ".metadata")
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: missing shard metadata (an unfinished or foreign shard?)")
+    lines = p.read_text().splitlines()
+    try:
+        name, size = lines[0].rsplit("|", 1)
+        meta = ShardMetadata(tokenizer=name, token_size=int(size), tokens=int(lines[1]))
+    except (IndexError, ValueError) as e:
+        raise ValueError(f"{p}: malformed metadata, expected 'tokenizer|token_size' then a count ({e})") from None
+    if meta.token_size not in (2, 4):
+        raise ValueError(f"{p}: token_size must be 2 or 4, got {meta.token_size}")
+    return meta
+
+
+@dataclass
+class Shard:
+    """One `.ds` shard opened as memory maps. `offsets[i]:offsets[i+1]` is document i."""
+
+    path: Path
+    tokens: np.memmap
+    offsets: np.ndarray  # len = documents + 1, starts at 0
+    loss: np.memmap | None
+
+    @property
+    def documents(self) -> int:
+        return len(self.offsets) - 1
+
+    def document(self, i: int) -> np.ndarray:
+        return np.asarray(self.tokens[self.offsets[i] : self.offsets[i + 1]])
+
+
+def open_shard(path: str | Path, dtype: np.dtype | None = None) -> Shard:
+    """Memory-map NAME.ds (+ index, + loss). dtype defaults to the one in the metadata; when
+    the caller passes the manifest's dtype the two must agree."""
+    path = Path(path)
+    meta = read_metadata(path)
+    if dtype is not None and np.dtype(dtype) != meta.dtype:
+        raise ValueError(f"{path}: manifest says {np.dtype(dtype).name} but shard metadata says {meta.dtype.name}")
+    dtype = meta.dtype
+    nbytes = path.stat().st_size
+    if nbytes % dtype.itemsize:
+        raise ValueError(f"{path}: size {nbytes} is not a multiple of {dtype.itemsize} ({dtype.name})")
+    n = nbytes // dtype.itemsize
+    tokens = np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
+    index_path = Path(str(path) + ".index")
+    ends = np.fromfile(index_path, dtype="<u8") if index_path.exists() else None
+    if ends is None:
+        raise FileNotFoundError(f"{index_path}: missing document index")
+    offsets = np.concatenate([[0], ends]).astype(np.int64)
+    if len(ends) and (ends[-1] != n or np.any(np.diff(offsets) <= 0)):
+        raise ValueError(f"{index_path}: index inconsistent with {n} tokens in {path.name}")
+    loss_path = Path(str(path) + ".loss")
+    loss = None
+    if loss_path.exists():
+        if loss_path.stat().st_size != n:
+            raise ValueError(f"{loss_path}: {loss_path.stat().st_size} mask bytes for {n} tokens")
+        loss = np.memmap(loss_path, dtype=np.uint8, mode="r", shape=(n,)) if n else np.zeros(0, np.uint8)
+    return Shard(path=path, tokens=tokens, offsets=offsets, loss=loss)

@@ -1,0 +1,171 @@
+"""`manifest.json`: what a shard directory holds and how to check it.
+
+A shard directory looks like
+
+    DIR/manifest.json
+    DIR/train/00000.ds (+ .index, .loss, .metadata)
+    DIR/val/00000.ds ...
+
+The manifest is written last (atomically), after every shard is complete, so its presence is the
+"this dataset is finished" marker for readers, `verify` and object-storage sync. It holds no
+timestamps or host names: the same input and seed give a byte-identical manifest.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .format import read_metadata
+
+MANIFEST = "manifest.json"
+FORMAT = "shardloom.shards/1"
+
+
+@dataclass
+class TokenizerInfo:
+    name: str
+    vocab_size: int
+    vocab_hash: str  # sha256 of the vocabulary (ranks/pieces + specials): catches "same name, other vocab"
+    eos_id: int
+    bos_id: int | None = None
+    add_bos: bool = False
+
+
+@dataclass
+class ShardStats:
+    name: str  # relative path of the .ds file, e.g. "train/00000.ds"
+    documents: int
+    tokens: int
+    loss_tokens: int | None = None  # tokens with mask 1, when the shard has a .ds.loss
+
+
+@dataclass
+class SplitStats:
+    documents: int = 0
+    tokens: int = 0
+    shards: list[ShardStats] = field(default_factory=list)
+
+
+@dataclass
+class FileEntry:
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    tokenizer: TokenizerInfo
+    dtype: str  # "uint16" | "uint32"
+    splits: dict[str, SplitStats]
+    files: dict[str, FileEntry]  # every shard file (all four suffixes), relative path -> size and sha256
+    source: str = ""
+    filters: list[str] = field(default_factory=list)
+    seeds: dict[str, int | float] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+    format: str = FORMAT
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = MANIFEST) -> "Manifest":
+        try:
+            return cls(
+                tokenizer=TokenizerInfo(**d["tokenizer"]),
+                dtype=d["dtype"],
+                splits={
+                    k: SplitStats(v["documents"], v["tokens"], [ShardStats(**s) for s in v["shards"]])
+                    for k, v in d["splits"].items()
+                },
+                files={k: FileEntry(**v) for k, v in d["files"].items()},
+                source=d.get("source", ""),
+                filters=list(d.get("filters", [])),
+                seeds=dict(d.get("seeds", {})),
+                extra=dict(d.get("extra", {})),
+                format=d.get("format", FORMAT),
+            )
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{where}: not a ShardLoom manifest (bad or missing field: {e})") from None
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(directory: str | Path) -> Manifest:
+    p = Path(directory) / MANIFEST
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no manifest — not a shard directory, or its pipeline has not finished")
+    try:
+        d = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: invalid JSON ({e})") from None
+    return Manifest.from_dict(d, str(p))
+
+
+def write_manifest(directory: str | Path, manifest: Manifest) -> Path:
+    p = Path(directory) / MANIFEST
+    tmp = p.with_suffix(".json.tmp")
+    tmp.write_text(manifest.to_json())
+    os.replace(tmp, p)
+    return p
+
+
+def find_shards(directory: str | Path, split: str) -> list[Path]:
+    """Complete shards of a split (those with metadata), sorted by name."""
+    d = Path(directory) / split
+    return sorted(p.with_suffix("") for p in d.glob("*.ds.metadata")) if d.is_dir() else []
+
+
+def build_manifest(
+    directory: str | Path,
+    tokenizer: TokenizerInfo,
+    splits: tuple[str, ...] = ("train", "val"),
+    source: str = "",
+    filters: list[str] | None = None,
+    seeds: dict | None = None,
+    extra: dict | None = None,
+) -> Manifest:
+    """Scan finished shards under DIR/<split>/ and describe them (counts and sha256 per file)."""
+    import numpy as np
+
+    from .format import dtype_for_vocab, open_shard
+
+    directory = Path(directory)
+    dtype = dtype_for_vocab(tokenizer.vocab_size)
+    out_splits: dict[str, SplitStats] = {}
+    files: dict[str, FileEntry] = {}
+    for split in splits:
+        stats = SplitStats()
+        for ds in find_shards(directory, split):
+            meta = read_metadata(ds)
+            if meta.dtype != dtype:
+                raise ValueError(f"{ds}: written as {meta.dtype.name}, but {tokenizer.name} needs {dtype.name}")
+            shard = open_shard(ds)
+            rel = ds.relative_to(directory).as_posix()
+            loss_tokens = int(np.count_nonzero(shard.loss)) if shard.loss is not None else None
+            stats.shards.append(ShardStats(rel, shard.documents, int(shard.offsets[-1]), loss_tokens))
+            stats.documents += shard.documents
+            stats.tokens += int(shard.offsets[-1])
+            for suffix in ("", ".index", ".loss", ".metadata"):
+                f = Path(str(ds) + suffix)
+                if f.exists():
+                    files[f.relative_to(directory).as_posix()] = FileEntry(f.stat().st_size, sha256_file(f))
+        out_splits[split] = stats
+    return Manifest(
+        tokenizer=tokenizer,
+        dtype=dtype.name,
+        splits=out_splits,
+        files=dict(sorted(files.items())),
+        source=source,
+        filters=list(filters or []),
+        seeds=dict(seeds or {}),
+        extra=dict(extra or {}),
+    )

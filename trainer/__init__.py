@@ -1,0 +1,1 @@
+"""A compact DDP trainer that consumes token shards."""
