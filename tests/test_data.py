@@ -292,6 +292,16 @@ def test_errors_name_the_file_or_field(three, tmp_path):
     ends.tofile(idx)
     with pytest.raises(DataError, match=r"source 'a'.*00000\.ds\.index"):
         loader({"a": bad2}, schedule=[MixturePoint(0, {"a": 1})], total=None)
+    # ids beyond the vocabulary, found by the optional scan
+    big = make_source(tmp_path / "big", 7, info=tok_info(vocab=1000))
+    toks = np.fromfile(Path(big) / "train/00000.ds", dtype="<u2")
+    ld = loader({"a": big}, schedule=[MixturePoint(0, {"a": 1})], total=None)
+    ld.validate(scan_ids=True)
+    ld.sources[0].shards[0] = ld.sources[0].shards[0].__class__(
+        ld.sources[0].shards[0].path, np.concatenate([toks, [1500]]).astype("<u2"),
+        ld.sources[0].shards[0].offsets, None)
+    with pytest.raises(DataError, match=r"big/train/00000\.ds holds id 1500 >= vocab_size 1000"):
+        ld.validate(scan_ids=True)
     with pytest.raises(DataError, match="packing"):
         loader(three, packing="ragged")
 

@@ -303,9 +303,10 @@ class MixtureLoader:
         self.eos_id = int(tok.eos_id)
 
     # -- checks
-    def validate(self) -> None:
+    def validate(self, scan_ids: bool = False) -> None:
         """Raise DataError when sources disagree on the tokenizer, a weighted source has no windows,
-        or the tokenizer's ids may exceed the model's vocabulary."""
+        or the tokenizer's ids may exceed the model's vocabulary. scan_ids=True also reads every
+        shard once and checks its largest id (slow on big data; `python -m shards verify` does it too)."""
         first = self.sources[0]
         t0 = first.reader.manifest.tokenizer
         for src in self.sources[1:]:
@@ -321,6 +322,12 @@ class MixtureLoader:
                 f"source '{first.name}' ({first.reader.directory / 'manifest.json'}): tokenizer.vocab_size "
                 f"{t0.vocab_size} exceeds the model's vocab_size {self.vocab_size}"
             )
+        limit = min(self.vocab_size or t0.vocab_size, t0.vocab_size)
+        for src in self.sources if scan_ids else ():
+            for shard in src.shards:
+                if len(shard.tokens) and int(shard.tokens.max()) >= limit:
+                    raise DataError(f"source '{src.name}': {shard.path} holds id {int(shard.tokens.max())} "
+                                    f">= vocab_size {limit}")
         used = self.schedule.w.max(axis=0) > 0
         for src, u in zip(self.sources, used):
             if u and src.n == 0:
