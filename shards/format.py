@@ -44,6 +44,8 @@ class ShardWriter:
 
     def __init__(self, path: str | Path, dtype: np.dtype, tokenizer_name: str, with_loss: bool = False):
         self.path = Path(path)
+        if self.path.suffix == ".ds":  # accept "00000.ds" as well as the prefix "00000" (not "00000.ds.ds")
+            self.path = self.path.with_suffix("")
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.dtype("<u2"), np.dtype("<u4")):
             raise ValueError(f"shard dtype must be uint16 or uint32, got {self.dtype}")
