@@ -1,0 +1,342 @@
+"""`python -m shards inspect DIR` and `python -m shards verify DIR`.
+
+inspect: what a shard directory holds (per split: tokenizer, dtype, documents, tokens, shards, mean
+document length) and its first document decoded through the tokenizer registry; falls back to raw
+ids when the tokenizer cannot be loaded. Works on a directory without a manifest too (a datatrove
+output, an unfinished run), from the shards' own metadata.
+
+verify: everything that can be checked without trusting the manifest's numbers: file sizes against
+the token size, the index (monotone, ending at the token count), the `.loss` size and values, the
+metadata's token size against the manifest dtype, sha256 of every file, files on disk that the
+manifest does not list (in split folders, or any `*.ds*`/`*.tmp` file), and every id < vocab_size
+(chunked over the memory map, so big shards stay fast and flat in memory). Exit 1 with a per-file
+list of problems, 0 with a one-line summary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .format import SUFFIXES, open_shard, read_metadata
+from .manifest import MANIFEST, Manifest, find_shards, read_manifest, sha256_file
+
+CHUNK = 1 << 24  # tokens per chunk when scanning ids (32-64 MiB of shard at a time)
+
+
+# ------------------------------------------------------------------------------------- inspect
+
+
+def _load_tokenizer(name: str, manifest: Manifest | None, tokenizer_path: str | None):
+    """(tokenizer, note): the registry's tokenizer for a manifest, or None and why not."""
+    from .tokenizers import REGISTRY, get_tokenizer
+
+    path = tokenizer_path or (manifest.extra.get("tokenizer_path") if manifest else None)
+    try:
+        if name in REGISTRY:
+            tok = get_tokenizer(name, path=path if name == "llama2" else None)
+        else:  # a tokenizer.json source: its name is its path, or the manifest remembers the path
+            tok = get_tokenizer(path or name)
+    except Exception as e:  # any failure here only degrades the display
+        return None, f"tokenizer '{name}' unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if manifest and manifest.tokenizer.vocab_hash and tok.vocab_hash != manifest.tokenizer.vocab_hash:
+        return tok, f"warning: loaded tokenizer's vocab hash differs from the manifest's ({name}): text may be wrong"
+    return tok, ""
+
+
+def _split_dirs(directory: Path) -> list[str]:
+    """Splits of a directory without a manifest: subfolders (or the folder itself) holding shards."""
+    names = sorted(p.parent.relative_to(directory).as_posix() for p in directory.rglob("*.ds.metadata"))
+    return sorted(set(names))
+
+
+def inspect_dir(directory: str | Path, tokenizer_path: str | None = None, max_chars: int = 2000) -> dict:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: not a directory")
+    manifest = read_manifest(directory) if (directory / MANIFEST).exists() else None
+    out: dict = {"directory": str(directory), "manifest": manifest is not None, "splits": {}}
+    if manifest:
+        out["tokenizer"] = asdict(manifest.tokenizer)
+        out["dtype"] = manifest.dtype
+        out.update(source=manifest.source, filters=manifest.filters, seeds=manifest.seeds)
+        split_shards = {s: [directory / st.name for st in stats.shards] for s, stats in manifest.splits.items()}
+    else:
+        split_shards = {s: find_shards(directory, s) for s in _split_dirs(directory)}
+    first = None
+    for split, paths in split_shards.items():
+        row = {"shards": len(paths), "documents": 0, "tokens": 0, "loss_tokens": None, "tokenizer": None, "dtype": None}
+        for p in paths:
+            try:
+                meta = read_metadata(p)
+                shard = open_shard(p)
+            except (OSError, ValueError) as e:
+                row.setdefault("errors", []).append(str(e))
+                continue
+            row["tokenizer"], row["dtype"] = meta.tokenizer, meta.dtype.name
+            row["documents"] += shard.documents
+            row["tokens"] += int(shard.offsets[-1])
+            if shard.loss is not None:
+                row["loss_tokens"] = (row["loss_tokens"] or 0) + int(np.count_nonzero(shard.loss))
+            if first is None and shard.documents:
+                first = (split, p, shard)
+        row["mean_doc_tokens"] = round(row["tokens"] / row["documents"], 1) if row["documents"] else 0.0
+        out["splits"][split] = row
+    if first is not None:
+        split, p, shard = first
+        ids = shard.document(0)
+        name = manifest.tokenizer.name if manifest else read_metadata(p).tokenizer
+        tok, note = _load_tokenizer(name, manifest, tokenizer_path)
+        doc = {"shard": p.relative_to(directory).as_posix(), "tokens": int(len(ids)), "note": note}
+        if tok is not None:
+            text = tok.decode(ids.tolist())
+            doc["text"] = text[:max_chars] + ("…" if len(text) > max_chars else "")
+        else:
+            doc["ids"] = ids[:200].tolist()
+        out["first_document"] = doc
+    return out
+
+
+def format_inspect(s: dict) -> str:
+    lines = [f"{s['directory']}" + ("" if s["manifest"] else "  (no manifest.json: unfinished or foreign; from shard metadata)")]
+    if "tokenizer" in s:
+        t = s["tokenizer"]
+        bos = t["bos_id"] if t["bos_id"] is not None else "-"
+        lines.append(f"tokenizer  {t['name']}  vocab {t['vocab_size']:,}  eos {t['eos_id']}  bos {bos}"
+                     f"{' (prepended)' if t['add_bos'] else ''}  vocab hash {t['vocab_hash'][:12]}")
+        lines.append(f"dtype      {s['dtype']}")
+        if s.get("source"):
+            lines.append(f"source     {s['source']}")
+        if s.get("filters"):
+            lines.append(f"filters    {', '.join(s['filters'])}")
+        if s.get("seeds"):
+            lines.append("seeds      " + ", ".join(f"{k}={v}" for k, v in s["seeds"].items()))
+    header = f"{'split':<10}{'tokenizer':<14}{'dtype':<8}{'shards':>7}{'documents':>12}{'tokens':>15}{'mean len':>10}{'loss tok':>13}"
+    lines += ["", header]
+    for split, r in s["splits"].items():
+        loss = f"{r['loss_tokens']:,}" if r["loss_tokens"] is not None else "-"
+        lines.append(f"{split or '.':<10}{str(r['tokenizer']):<14}{str(r['dtype']):<8}{r['shards']:>7}{r['documents']:>12,}"
+                     f"{r['tokens']:>15,}{r['mean_doc_tokens']:>10}{loss:>13}")
+        for e in r.get("errors", []):
+            lines.append(f"  ! {e}")
+    d = s.get("first_document")
+    if d:
+        lines += ["", f"first document ({d['shard']}, {d['tokens']} tokens):"]
+        if d["note"]:
+            lines.append(f"  [{d['note']}]")
+        lines.append(d["text"] if "text" in d else f"ids: {d['ids']}{' …' if d['tokens'] > len(d['ids']) else ''}")
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------- verify
+
+
+@dataclass
+class VerifyReport:
+    directory: str
+    problems: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    shards: int = 0
+    documents: int = 0
+    tokens: int = 0
+    files_hashed: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def add(self, file: str, problem: str) -> None:
+        self.problems[file].append(problem)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["problems"] = dict(self.problems)
+        d["ok"] = self.ok
+        return d
+
+
+def _max_id(tokens: np.ndarray, chunk: int = CHUNK) -> int:
+    m = 0
+    for i in range(0, len(tokens), chunk):
+        m = max(m, int(tokens[i : i + chunk].max()))
+    return m
+
+
+def _check_shard(directory: Path, rel: str, stats, manifest: Manifest, rep: VerifyReport, loss_expected: bool) -> None:
+    path = directory / rel
+    dtype = np.dtype(manifest.dtype)
+    for suffix in SUFFIXES:
+        f = Path(str(path) + suffix[3:])  # "" / ".index" / ".loss" / ".metadata" after ".ds"
+        if not f.exists() and (suffix != ".ds.loss" or loss_expected):
+            rep.add(f"{rel}{suffix[3:]}", "missing")
+    if not path.exists() or not Path(str(path) + ".index").exists():
+        return
+    try:
+        meta = read_metadata(path)
+        if meta.dtype != dtype:
+            rep.add(rel + ".metadata", f"token_size {meta.token_size} ({meta.dtype.name}) but manifest dtype is {dtype.name}")
+        if meta.tokenizer != manifest.tokenizer.name:
+            rep.add(rel + ".metadata", f"tokenizer '{meta.tokenizer}' but manifest says '{manifest.tokenizer.name}'")
+    except (OSError, ValueError) as e:
+        rep.add(rel + ".metadata", str(e))
+        meta = None
+    nbytes = path.stat().st_size
+    if nbytes % dtype.itemsize:
+        rep.add(rel, f"size {nbytes} is not a multiple of {dtype.itemsize} ({dtype.name})")
+        return
+    n = nbytes // dtype.itemsize
+    if meta is not None and meta.tokens != n:
+        rep.add(rel + ".metadata", f"says {meta.tokens} tokens, {rel} holds {n}")
+    index_path = Path(str(path) + ".index")
+    isize = index_path.stat().st_size
+    if isize % 8:
+        rep.add(rel + ".index", f"size {isize} is not a multiple of 8 (uint64 offsets)")
+        return
+    ends = np.memmap(index_path, dtype="<u8", mode="r") if isize else np.zeros(0, "<u8")
+    if len(ends) == 0 and n:
+        rep.add(rel + ".index", f"empty index for {n} tokens")
+    elif len(ends):
+        starts = np.concatenate([[0], ends[:-1]]).astype(np.uint64)
+        bad = np.flatnonzero(ends <= starts)
+        if len(bad):
+            rep.add(rel + ".index", f"not strictly increasing at document {int(bad[0])} ({len(bad)} bad entries)")
+        if int(ends[-1]) != n:
+            rep.add(rel + ".index", f"last offset {int(ends[-1])} != {n} tokens in {rel}")
+    if stats is not None and (len(ends) != stats.documents or n != stats.tokens):
+        rep.add(rel, f"{len(ends)} documents / {n} tokens, manifest says {stats.documents} / {stats.tokens}")
+    loss_path = Path(str(path) + ".loss")
+    if loss_path.exists():
+        lsize = loss_path.stat().st_size
+        if lsize != n:
+            rep.add(rel + ".loss", f"{lsize} mask bytes for {n} tokens")
+        elif n:
+            loss = np.memmap(loss_path, dtype=np.uint8, mode="r")
+            ones = 0
+            for i in range(0, n, CHUNK):
+                block = loss[i : i + CHUNK]
+                if int(block.max()) > 1:
+                    rep.add(rel + ".loss", "mask values other than 0/1")
+                    break
+                ones += int(np.count_nonzero(block))
+            else:
+                if stats is not None and stats.loss_tokens is not None and ones != stats.loss_tokens:
+                    rep.add(rel + ".loss", f"{ones} loss tokens, manifest says {stats.loss_tokens}")
+    if n:
+        tokens = np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+        top = _max_id(tokens)
+        if top >= manifest.tokenizer.vocab_size:
+            where = int(np.flatnonzero(tokens >= manifest.tokenizer.vocab_size)[0])
+            rep.add(rel, f"token id {top} >= vocab size {manifest.tokenizer.vocab_size} (first at position {where})")
+    rep.shards += 1
+    rep.documents += len(ends)
+    rep.tokens += n
+
+
+def verify_dir(directory: str | Path, checksums: bool = True, threads: int | None = None) -> VerifyReport:
+    directory = Path(directory)
+    rep = VerifyReport(str(directory))
+    if not directory.is_dir():
+        rep.add(str(directory), "not a directory")
+        return rep
+    try:
+        manifest = read_manifest(directory)
+    except (OSError, ValueError) as e:
+        rep.add(MANIFEST, str(e))
+        return rep
+    listed = set(manifest.files)
+    for split, stats in manifest.splits.items():
+        docs = toks = 0
+        for st in stats.shards:
+            loss_expected = st.loss_tokens is not None or (st.name + ".loss") in listed
+            _check_shard(directory, st.name, st, manifest, rep, loss_expected)
+            docs, toks = docs + st.documents, toks + st.tokens
+            for suffix in ("", ".index", ".metadata") + ((".loss",) if loss_expected else ()):
+                if st.name + suffix not in listed:
+                    rep.add(st.name + suffix, "shard file not listed in the manifest's files")
+        if (docs, toks) != (stats.documents, stats.tokens):
+            rep.add(MANIFEST, f"split {split}: totals {stats.documents}/{stats.tokens} != sum of its shards {docs}/{toks}")
+    # Every listed file: present, right size, right sha256 (hashing is the slow part: threads,
+    # since hashlib releases the GIL).
+    to_hash = []
+    for rel, entry in manifest.files.items():
+        f = directory / rel
+        if not f.exists():
+            if rel not in rep.problems:  # not already reported by the shard checks
+                rep.add(rel, "missing")
+            continue
+        if f.stat().st_size != entry.bytes:
+            rep.add(rel, f"size {f.stat().st_size}, manifest says {entry.bytes}")
+        elif checksums:
+            to_hash.append((rel, f, entry.sha256))
+    if to_hash:
+        with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
+            for (rel, _, want), got in zip(to_hash, pool.map(lambda t: sha256_file(t[1]), to_hash)):
+                rep.files_hashed += 1
+                if got != want:
+                    rep.add(rel, f"sha256 {got[:12]}… != manifest {want[:12]}…")
+    # Files the manifest does not know: anything in a split folder, and shard-like files anywhere.
+    split_dirs = {Path(st.name).parent.as_posix() for s in manifest.splits.values() for st in s.shards}
+    split_dirs |= set(manifest.splits)
+    for f in sorted(directory.rglob("*")):
+        if not f.is_file() or f.name == MANIFEST:
+            continue
+        rel = f.relative_to(directory).as_posix()
+        if rel in listed:
+            continue
+        in_split = f.parent.relative_to(directory).as_posix() in split_dirs
+        if in_split or ".ds" in f.name or f.name.endswith(".tmp"):
+            why = "partial write left behind (.tmp)" if f.name.endswith(".tmp") else "on disk but not in the manifest"
+            rep.add(rel, why)
+    return rep
+
+
+def format_verify(rep: VerifyReport, checksums: bool = True) -> str:
+    if rep.ok:
+        hashed = f", {rep.files_hashed} checksums verified" if checksums else ", checksums skipped"
+        return (f"OK {rep.directory}: {rep.shards} shards, {rep.documents:,} documents, "
+                f"{rep.tokens:,} tokens{hashed}")
+    n = sum(len(v) for v in rep.problems.values())
+    lines = [f"FAILED {rep.directory}: {n} problem(s) in {len(rep.problems)} file(s)"]
+    for f in sorted(rep.problems):
+        lines.append(f"  {f}")
+        lines += [f"    - {p}" for p in rep.problems[f]]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------- CLI
+
+
+def cmd_inspect(args) -> int:
+    try:
+        s = inspect_dir(args.dir, tokenizer_path=args.tokenizer_path, max_chars=args.max_chars)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(s, indent=2, ensure_ascii=False) if args.json else format_inspect(s))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    rep = verify_dir(args.dir, checksums=not args.no_checksums)
+    print(json.dumps(rep.to_dict(), indent=2) if args.json else format_verify(rep, not args.no_checksums))
+    return 0 if rep.ok else 1
+
+
+def add_check_commands(subparsers) -> None:
+    p = subparsers.add_parser("inspect", help="summarise a shard directory and decode its first document")
+    p.add_argument("dir", help="shard directory (holding manifest.json, train/, val/)")
+    p.add_argument("--tokenizer-path", help="tokenizer file to decode with (llama2's tokenizer.model, a tokenizer.json)")
+    p.add_argument("--max-chars", type=int, default=2000, help="characters of the first document to show")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_inspect)
+    p = subparsers.add_parser("verify", help="check sizes, index, checksums and ids against the manifest")
+    p.add_argument("dir", help="shard directory (holding manifest.json)")
+    p.add_argument("--no-checksums", action="store_true", help="skip sha256 of every file (the slow part)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_verify)
