@@ -459,6 +459,8 @@ def test_incomplete_local_dir_and_missing_remote_manifest(s3, server, tmp_path):
 def test_storage_options_drive_s3fs(s3, server, tmp_path):
     client, bucket = s3
     assert storage.storage_options() == {}
+    r2 = "https://0123abcd.r2.cloudflarestorage.com"
+    assert storage.storage_options(endpoint_url=r2) == {"client_kwargs": {"endpoint_url": r2, "region_name": "auto"}}
     opts = storage.storage_options(endpoint_url=server.endpoint, region="auto", profile="p")
     assert opts == {"client_kwargs": {"endpoint_url": server.endpoint, "region_name": "auto"}, "profile": "p"}
     fsspec = pytest.importorskip("fsspec")
