@@ -210,7 +210,8 @@ def print_stats(title: str, logging_dir: str, out=sys.stdout) -> list[tuple[str,
                   f"{s.get('dropped', 0):>10,}  {notes}", file=out)
         else:
             notes = ", ".join(f"{k}={v:,}" for k, v in sorted(s.items()) if k not in ("doc_len", "documents"))
-            n = s.get("documents", s.get("train", 0) + s.get("val", 0))
+            n = s.get("documents") or sum(v for k, v in s.items() if k.endswith("_documents")) \
+                or s.get("train", 0) + s.get("val", 0)
             print(f"  {name[:44]:<44} {n:>10,} {'':>10} {'':>10}  {notes}", file=out)
     return stats
 

@@ -8,6 +8,7 @@ file and row (for the first few).
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from datatrove.pipeline.readers import JsonlReader, ParquetReader
@@ -15,7 +16,7 @@ from datatrove.utils.logging import logger
 
 from .steps import POSITION_ID_FLAG
 
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.zstd", ".json.gz", ".jsonl.bz2", ".ndjson")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".jsonl.bz2")
 PARQUET_SUFFIXES = (".parquet",)
 MAX_LOGGED = 5
 
@@ -70,27 +71,53 @@ class CountingJsonlReader(_CountingMixin, JsonlReader):
     def read_file(self, filepath: str):
         import orjson
 
-        with self.data_folder.open(filepath, "rb", compression=self.compression) as f:
-            for row, raw in enumerate(f):
-                with self.track_time():
-                    if not raw.strip():
-                        continue
-                    try:
-                        line = raw.decode("utf-8")
-                    except UnicodeDecodeError as e:
-                        if self.invalid_utf8 == "skip":
-                            self._note("skipped_invalid_utf8", filepath, row, f"invalid UTF-8 at byte {e.start}")
-                            continue
-                        self.stat_update("replaced_invalid_utf8")
-                        line = raw.decode("utf-8", "replace")
-                    try:
-                        data = orjson.loads(line)
-                    except orjson.JSONDecodeError as e:
-                        self._note("skipped_bad_json", filepath, row, f"invalid JSON ({e})")
-                        continue
-                    document = self._row_to_document(data, filepath, row)
-                if document is not None:
-                    yield document
+        row = 0
+        try:
+            with self.data_folder.open(filepath, "rb", compression=self.compression) as f:
+                # zstd's reader has no readline: a buffered wrapper gives line iteration for every codec
+                for row, raw in enumerate(io.BufferedReader(f, 1 << 20)):
+                    with self.track_time():
+                        document = self._parse_line(raw, filepath, row) if raw.strip() else None
+                    if document is not None:
+                        yield document
+        except (OSError, EOFError, ValueError) as e:
+            if isinstance(e, orjson.JSONDecodeError):
+                raise
+            # A corrupt or truncated file: fail the task loudly (it stays unfinished and is retried
+            # on rerun) rather than silently keep the rows read so far.
+            raise RuntimeError(f"{filepath}: unreadable after row {row} ({type(e).__name__}: {e})") from None
+
+    def _parse_line(self, raw: bytes, filepath: str, row: int):
+        import json
+
+        import orjson
+
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if self.invalid_utf8 == "skip":
+                self._note("skipped_invalid_utf8", filepath, row, f"invalid UTF-8 at byte {e.start}")
+                return None
+            self.stat_update("replaced_invalid_utf8")
+            line = raw.decode("utf-8", "replace")
+        try:
+            data = orjson.loads(line)
+        except orjson.JSONDecodeError as e:
+            try:  # orjson rejects lone surrogate escapes ("\ud800"): text that is not valid UTF-8
+                data = json.loads(line)
+            except ValueError:
+                self._note("skipped_bad_json", filepath, row, f"invalid JSON ({e})")
+                return None
+            if self.invalid_utf8 == "skip":
+                self._note("skipped_invalid_utf8", filepath, row, f"lone surrogate escape, not valid UTF-8 ({e})")
+                return None
+            self.stat_update("replaced_invalid_utf8")
+            data = {k: _fix_surrogates(v) for k, v in data.items()} if isinstance(data, dict) else data
+        return self._row_to_document(data, filepath, row)
+
+
+def _fix_surrogates(v):
+    return v.encode("utf-8", "replace").decode("utf-8") if isinstance(v, str) else v
 
 
 class CountingParquetReader(_CountingMixin, ParquetReader):
@@ -155,6 +182,7 @@ def resolve_input(path: str, storage_options: dict | None = None) -> tuple[objec
             raise InputError(f"input file {p} is not readable ({e.strerror})") from None
         if not first:
             raise InputError(f"input file {p} is empty")
+        _check_decompresses(p)
         return str(p.parent), fmt, p.name
     try:
         files = [f for f in sorted(p.rglob("*")) if f.is_file() and _fmt(f.name)]
@@ -170,8 +198,28 @@ def resolve_input(path: str, storage_options: dict | None = None) -> tuple[objec
         raise InputError(f"input file {unreadable[0]} is not readable")
     if all(f.stat().st_size == 0 for f in files):
         raise InputError(f"input folder {p}: every data file is empty")
+    for f in files:
+        _check_decompresses(f)
     fmt = fmts.pop()
     return str(p), fmt, "**/*.parquet" if fmt == "parquet" else "**/*.json*"
+
+
+def _check_decompresses(f: Path) -> None:
+    """Read the first bytes through the file's codec, so a corrupt .gz/.zst/.parquet stops the run
+    before any executor starts, with the file named."""
+    try:
+        if f.name.endswith(PARQUET_SUFFIXES):
+            if f.stat().st_size:
+                import pyarrow.parquet as pq
+
+                pq.ParquetFile(f).close()
+            return
+        from fsspec.core import open as fsopen
+
+        with fsopen(str(f), "rb", compression="infer") as fh:
+            fh.read(1)
+    except Exception as e:
+        raise InputError(f"input file {f} is unreadable ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def _readable(f: Path) -> bool:

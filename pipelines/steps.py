@@ -238,7 +238,7 @@ class TokenizeShards(PipelineStep):
                     n = self.max_doc_tokens
                 if split not in writers:
                     writers[split] = ShardWriter(
-                        Path(self.output_dir) / split / f"{rank:05d}.ds", dtype, tok.name
+                        Path(self.output_dir) / split / f"{rank:05d}", dtype, tok.name
                     )
                 arr = np.empty(n, dtype=dtype)
                 arr[: len(head)] = head
