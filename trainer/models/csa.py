@@ -27,6 +27,17 @@ import torch.nn.functional as F
 from trainer.models.layers import KVCache, RMSNorm, apply_rope, causal_mask, rope_cos_sin
 
 
+def sdpa(q, k, v, scale: float, mask=None, is_causal: bool = False):
+    """SDPA on [B, H, T, D] with GQA. Flash takes grouped heads natively; with an explicit mask on CUDA
+    we repeat the (few) kv heads instead, so the masked memory-efficient kernel stays eligible."""
+    gqa = q.shape[1] != k.shape[1]
+    if gqa and mask is not None and q.is_cuda:
+        rep = q.shape[1] // k.shape[1]
+        k, v, gqa = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                          enable_gqa=gqa)
+
+
 class GatedAttention(nn.Module):
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, layer: int,
                  rope_dims: int, norm_eps: float = 1e-6):
@@ -66,14 +77,12 @@ class GatedAttention(nn.Module):
             k, v = k[:, t_k - (T + window - 1):], v[:, t_k - (T + window - 1):]  # keys no query can see
             t_k = k.shape[1]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        gqa = self.n_kv != self.n_heads
         if T == 1 and (window is None or t_k <= window):  # one new token sees every kept key
-            y = F.scaled_dot_product_attention(q, k, v, scale=self.scale, enable_gqa=gqa)
+            y = sdpa(q, k, v, self.scale)
         elif T == t_k and (window is None or T <= window):  # plain causal: fused kernels on GPU
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
+            y = sdpa(q, k, v, self.scale, is_causal=True)
         else:
-            mask = causal_mask(T, t_k, q.device, window)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
+            y = sdpa(q, k, v, self.scale, mask=causal_mask(T, t_k, q.device, window))
         return y.transpose(1, 2)
 
     def forward(self, x, cos, sin, cache: KVCache | None = None):
@@ -115,9 +124,8 @@ class CompressedSparseAttention(GatedAttention):
         # A row with no visible block would softmax over nothing (NaN, and NaN gradients). Let it see
         # block 0 instead, then zero the row: finite forward and backward, and exactly 0 output.
         mask = mask | ((~sees_any)[:, None] & (torch.arange(n_blocks, device=q.device) == 0)[None, :])
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), bk.transpose(1, 2), bv.transpose(1, 2),
-                                           attn_mask=mask, scale=self.scale,
-                                           enable_gqa=self.n_kv != self.n_heads).transpose(1, 2)
+        y = sdpa(q.transpose(1, 2), bk.transpose(1, 2), bv.transpose(1, 2), self.scale, mask=mask)
+        y = y.transpose(1, 2)
         return y * sees_any[None, :, None, None].to(y.dtype)
 
     def forward(self, x, cos, sin, cache: KVCache | None = None):

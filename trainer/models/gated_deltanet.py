@@ -85,17 +85,18 @@ def chunk_gated_delta_rule(q, k, v, g, beta, state=None, chunk_size: int = 64):
     sol = torch.linalg.solve_triangular(A + eye, rhs, upper=False, unitriangular=True)
     U, Wk = sol.split([Dv, Dk], dim=-1)
 
+    # o = e^{gam} Q S0 + attn W = attn U + (e^{gam} Q - attn Wk) S0: everything but "@ S0" is batched
     attn = (q @ k.transpose(-1, -2)) * decay  # intra-chunk scores, diagonal included
-    q_dec = q * gam.exp()[..., None]  # reads S0 decayed to step t
-    k_dec = k * (gam[..., -1:] - gam).exp()[..., None]  # writes decayed to the chunk end
+    o_intra = attn @ U
+    q_state = q * gam.exp()[..., None] - attn @ Wk
+    k_dec = (k * (gam[..., -1:] - gam).exp()[..., None]).transpose(-1, -2)  # writes decayed to chunk end
     chunk_decay = gam[..., -1].exp()[..., None, None]
 
     S = q.new_zeros(B, H, Dk, Dv) if state is None else state.float()
     outs = []
     for n in range(N):
-        W = U[:, :, n] - Wk[:, :, n] @ S
-        outs.append(q_dec[:, :, n] @ S + attn[:, :, n] @ W)
-        S = S * chunk_decay[:, :, n] + k_dec[:, :, n].transpose(-1, -2) @ W
+        outs.append(o_intra[:, :, n] + q_state[:, :, n] @ S)
+        S = S * chunk_decay[:, :, n] + k_dec[:, :, n] @ (U[:, :, n] - Wk[:, :, n] @ S)
     o = torch.stack(outs, dim=2).reshape(B, H, N * C, Dv)[:, :, :T]
     return o, S
 
