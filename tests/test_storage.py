@@ -501,3 +501,20 @@ def test_fineweb_tokenize_lands_a_verifiable_dataset_in_s3(s3, server, tmp_path)
             assert int(doc[-1]) == reader.manifest.tokenizer.eos_id  # EOS closes every document
             decoded.append(enc.decode(doc[:-1].tolist()))
     assert sorted(decoded) == sorted(texts)
+
+
+def test_cli_commands_round_trip(s3, server, tmp_path, capsys):
+    client, bucket = s3
+    src = make_dataset(tmp_path / "src")
+    parser = argparse.ArgumentParser()
+    storage.add_storage_commands(parser.add_subparsers(dest="cmd", required=True))
+    common = ["--endpoint-url", server.endpoint, "--workers", "2", "--no-progress"]
+    for argv in (["upload", str(src), f"s3://{bucket}/cli/ds", *common],
+                 ["download", f"s3://{bucket}/cli/ds", str(tmp_path / "dst"), *common],
+                 ["sync", str(src), f"s3://{bucket}/cli/ds", *common]):
+        args = parser.parse_args(argv)
+        assert args.func(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    n = len(tree(src))
+    assert f"{n} transferred" in out[0] and f"{n} transferred" in out[1] and "0 transferred" in out[2]
+    assert tree(tmp_path / "dst") == tree(src)
