@@ -69,13 +69,15 @@ class ShardWriter:
             raise ValueError("a document must be a non-empty 1-D sequence of token ids")
         if arr.min() < 0 or arr.max() > self.max_id:
             raise ValueError(f"token id out of range for {self.dtype.name}: min {arr.min()}, max {arr.max()}")
-        self._tokens.write(arr.astype(self.dtype, copy=False).tobytes())
+        # Validate the mask before writing anything: a rejected document must leave no bytes behind.
         if self._loss is not None:
             if loss_mask is None or len(loss_mask) != arr.size:
                 raise ValueError("this shard stores loss masks: each document needs one mask value per token")
-            self._loss.write(np.asarray(loss_mask, dtype=np.uint8).tobytes())
         elif loss_mask is not None:
             raise ValueError("loss_mask given to a ShardWriter opened with with_loss=False")
+        self._tokens.write(arr.astype(self.dtype, copy=False).tobytes())
+        if self._loss is not None:
+            self._loss.write(np.asarray(loss_mask, dtype=np.uint8).tobytes())
         self.tokens += arr.size
         self.documents += 1
         self._index.write(np.array([self.tokens], dtype="<u8").tobytes())
