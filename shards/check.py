@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import sys
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -141,7 +140,7 @@ def format_inspect(s: dict) -> str:
 @dataclass
 class VerifyReport:
     directory: str
-    problems: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    problems: dict[str, list[str]] = field(default_factory=dict)
     shards: int = 0
     documents: int = 0
     tokens: int = 0
@@ -152,11 +151,10 @@ class VerifyReport:
         return not self.problems
 
     def add(self, file: str, problem: str) -> None:
-        self.problems[file].append(problem)
+        self.problems.setdefault(file, []).append(problem)
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["problems"] = dict(self.problems)
         d["ok"] = self.ok
         return d
 
