@@ -165,7 +165,7 @@ class GatedDeltaNet(nn.Module):
             tail = qkv.new_zeros(qkv.shape[0], self.conv_dim, K - 1)
         x = torch.cat([tail.to(qkv.dtype), qkv], dim=-1)
         if cache is not None:
-            cache["conv"] = x[:, :, x.shape[-1] - (K - 1):]
+            cache["conv"] = x[:, :, x.shape[-1] - (K - 1):].clone()  # not a view pinning the whole input
         return F.silu(F.conv1d(x, self.conv1d.weight.to(x.dtype), groups=self.conv_dim))
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
