@@ -58,6 +58,8 @@ class DataSection:
     sources: list[SourceSection] = field(default_factory=list)
     schedule: list[MixturePointSection] = field(default_factory=list)
     cache_dir: str | None = None  # local cache for s3:// sources
+    packing: str = "stream"  # stream (pretraining windows) | document (SFT: one conversation per row)
+    verify_checksums: bool = False  # sha256 every shard file against its manifest before training
 
 
 @dataclass
@@ -498,6 +500,8 @@ def validate(cfg: Config, world_size: int = 1, where: str = "") -> None:
                 err(f"{w}.weights.{k}", f"must be >= 0, got {v}")
         if sum(p.weights.values()) <= 0:
             err(f"{w}.weights", "weights must sum to > 0")
+    if cfg.data.packing not in ("stream", "document"):
+        err("data.packing", f"expected stream | document, got {cfg.data.packing!r}")
     if cfg.eval.every < 0 or cfg.eval.batches < 0:
         err("eval", "every and batches must be >= 0")
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 1:

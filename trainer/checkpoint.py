@@ -1,0 +1,157 @@
+"""Checkpoints: atomic, self-describing, resumable.
+
+    RUN_DIR/checkpoints/step_0000100/
+        model.safetensors   model state dict (a tied weight stored once)
+        config.json         the full resolved curriculum stage (model + tokenizer sections included)
+        train_state.pt      optimizer, loader, RNG states, step, tokens seen (torch.load(weights_only=True))
+
+Everything is written into `step_0000100.tmp/`, fsynced, then renamed: a crash leaves at worst a
+`.tmp` directory, which `latest_checkpoint` ignores. Only plain types and tensors go into
+train_state.pt so it loads with `weights_only=True` (numpy's RNG state is stored as a tensor).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+STEP_RE = re.compile(r"^step_(\d{7,})$")
+FILES = ("model.safetensors", "config.json", "train_state.pt")
+
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:07d}"
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    st = {
+        "python": list(random.getstate()[1]) + [random.getstate()[2] if random.getstate()[2] is not None else -1],
+        "python_version": random.getstate()[0],
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "numpy_gauss": [int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    py = st["python"]
+    gauss = None if py[-1] == -1 else py[-1]
+    random.setstate((st["python_version"], tuple(int(v) for v in py[:-1]), gauss))
+    np.random.set_state(
+        ("MT19937", st["numpy_keys"].numpy().astype(np.uint32), st["numpy_pos"], st["numpy_gauss"][0], st["numpy_gauss"][1])
+    )
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(run_dir, step: int, model: torch.nn.Module, train_state: dict, config: dict, keep_last: int = 3) -> Path:
+    """Write step_X.tmp/ then rename to step_X/ (rank 0 only). Prunes to the newest `keep_last`."""
+    final = step_dir(run_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / "model.safetensors"))  # dedups tied tensors
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    torch.save(train_state, tmp / "train_state.pt")
+    for name in FILES:
+        with open(tmp / name, "rb") as f:
+            os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (e.g. a resumed run finishing): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    prune(run_dir, keep_last)
+    return final
+
+
+def is_valid(path: Path) -> bool:
+    return path.is_dir() and STEP_RE.match(path.name) is not None and all((path / f).is_file() and (path / f).stat().st_size > 0 for f in FILES)
+
+
+def list_checkpoints(run_dir) -> list[Path]:
+    """Valid checkpoints, oldest first (`.tmp` dirs and ones missing a file are skipped)."""
+    d = Path(run_dir) / "checkpoints"
+    if not d.is_dir():
+        return []
+    found = [p for p in d.iterdir() if is_valid(p)]
+    return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    """Newest checkpoint that loads: a dir whose train_state.pt does not unpickle is skipped."""
+    for p in reversed(list_checkpoints(run_dir)):
+        try:
+            torch.load(p / "train_state.pt", map_location="cpu", weights_only=True)
+            json.loads((p / "config.json").read_text())
+        except Exception as e:  # noqa: BLE001 - any damage means "not this one"
+            print(f"[checkpoint] skipping {p}: {type(e).__name__}: {e}", flush=True)
+            continue
+        return p
+    return None
+
+
+def prune(run_dir, keep_last: int) -> None:
+    ckpts = list_checkpoints(run_dir)
+    for p in ckpts[: max(0, len(ckpts) - keep_last)]:
+        shutil.rmtree(p, ignore_errors=True)
+    d = Path(run_dir) / "checkpoints"
+    # stale .tmp dirs from crashed saves
+    for p in d.glob("step_*.tmp"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir, or a run dir (its newest valid checkpoint)."""
+    p = Path(path)
+    if is_valid(p):
+        return p
+    ck = latest_checkpoint(p)
+    if ck is None:
+        raise FileNotFoundError(f"{p}: not a checkpoint directory and holds no valid checkpoints/step_*")
+    return ck
+
+
+def load_model_weights(model: torch.nn.Module, ckpt: str | Path, device="cpu") -> None:
+    """Model weights only (init_from / generation). Strict: a shape or name mismatch is an error."""
+    ckpt = Path(ckpt)
+    missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False, device=str(device))
+    if missing or unexpected:
+        raise ValueError(
+            f"{ckpt / 'model.safetensors'}: does not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+
+
+def load_train_state(ckpt: str | Path) -> dict:
+    return torch.load(Path(ckpt) / "train_state.pt", map_location="cpu", weights_only=True)
+
+
+def load_config(ckpt: str | Path) -> dict:
+    return json.loads((Path(ckpt) / "config.json").read_text())

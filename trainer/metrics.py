@@ -1,0 +1,197 @@
+"""Run metrics: `metrics.jsonl` (every train step and eval), `eval.csv`, a live progress line and
+`training.png` (loss, LR and mixture weights against tokens).
+
+Rows are appended and flushed as they happen, so a crash loses nothing already logged. On resume,
+rows past the checkpoint's step are dropped (they will be produced again by the resumed run), so
+the files read as one uninterrupted run.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+EVAL_FIELDS = ["step", "tokens", "source", "loss", "perplexity"]
+
+
+class MetricsLog:
+    def __init__(self, run_dir: str | Path, enabled: bool = True):
+        self.dir = Path(run_dir)
+        self.enabled = enabled
+        self.jsonl = self.dir / "metrics.jsonl"
+        self.csv = self.dir / "eval.csv"
+        if enabled:
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.flush()
+
+    def log_eval(self, step: int, tokens: int, losses: dict[str, float]) -> None:
+        """losses: per source plus 'overall'."""
+        if not self.enabled:
+            return
+        new = not self.csv.exists()
+        with open(self.csv, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(EVAL_FIELDS)
+            for src, loss in losses.items():
+                w.writerow([step, tokens, src, f"{loss:.6f}", f"{perplexity(loss):.4f}"])
+            f.flush()
+            os.fsync(f.fileno())
+        self.log({"type": "eval", "step": step, "tokens": tokens,
+                  "loss": losses, "perplexity": {k: perplexity(v) for k, v in losses.items()}})
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows logged after `step` (resume from a checkpoint at `step`)."""
+        if not self.enabled:
+            return
+        if self.jsonl.exists():
+            keep = []
+            for line in self.jsonl.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by the crash
+                    continue
+                if row.get("step", 0) <= step:
+                    keep.append(line)
+            _atomic_write(self.jsonl, "".join(k + "\n" for k in keep))
+        if self.csv.exists():
+            with open(self.csv, newline="") as f:
+                rows = list(csv.reader(f))
+            body = [r for r in rows[1:] if len(r) == len(EVAL_FIELDS) and r[0].isdigit() and int(r[0]) <= step]
+            out = [EVAL_FIELDS] + body
+            tmp = self.csv.with_suffix(".csv.tmp")
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows(out)
+            os.replace(tmp, self.csv)
+
+    def rows(self) -> list[dict]:
+        if not self.jsonl.exists():
+            return []
+        out = []
+        for line in self.jsonl.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+        return out
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def fmt_duration(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = int(s)
+    h, m, sec = s // 3600, s % 3600 // 60, s % 60
+    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s"
+
+
+def fmt_count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def peak_flops(device) -> float:
+    """Dense bf16 peak of the accelerator (fp32 FMA estimate on CPU) for the MFU estimate.
+    Override with SHARDLOOM_PEAK_FLOPS."""
+    env = os.environ.get("SHARDLOOM_PEAK_FLOPS")
+    if env:
+        return float(env)
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in (("H200", 989e12), ("H100", 989e12), ("B200", 2250e12), ("A100", 312e12),
+                           ("L40", 181e12), ("4090", 165e12), ("A10", 125e12)):
+            if key in name:
+                return flops
+        return 100e12
+    # CPU: ~32 fp32 FLOP/cycle/core (2 AVX2 FMA units) at ~3 GHz
+    return torch.get_num_threads() * 32 * 3e9
+
+
+class Progress:
+    """The live progress line: step, loss, lr, tokens/s, MFU estimate, ETA."""
+
+    def __init__(self, total_steps: int, start_step: int, tokens_per_step: int, flops_per_token: float, peak: float):
+        self.total, self.start = total_steps, start_step
+        self.tps_step = tokens_per_step
+        self.fpt, self.peak = flops_per_token, peak
+        self.t0 = time.perf_counter()
+        self.last_t, self.last_step = self.t0, start_step
+
+    def line(self, step: int, loss: float, lr: float, extra: str = "") -> str:
+        now = time.perf_counter()
+        done = step + 1
+        dt = max(now - self.last_t, 1e-9)
+        tok_s = (done - self.last_step) * self.tps_step / dt
+        self.last_t, self.last_step = now, done
+        avg = (now - self.t0) / max(1, done - self.start)
+        eta = avg * (self.total - done)
+        mfu = self.fpt * tok_s / self.peak if self.peak else float("nan")
+        return (f"step {done:>6d}/{self.total} | loss {loss:.4f} | lr {lr:.3e} | {fmt_count(tok_s)} tok/s | "
+                f"MFU {100 * mfu:.1f}% | ETA {fmt_duration(eta)}{extra}")
+
+
+def plot(run_dir: str | Path, rows: list[dict] | None = None) -> Path | None:
+    """training.png: train/eval loss, LR and mixture weights against tokens. Written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    rows = rows if rows is not None else MetricsLog(run_dir).rows()
+    train = [r for r in rows if r.get("type") == "train"]
+    evals = [r for r in rows if r.get("type") == "eval"]
+    if not train:
+        return None
+    toks = [r["tokens"] for r in train]
+    fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
+    ax = axes[0]
+    ax.plot(toks, [r["loss"] for r in train], lw=0.8, alpha=0.7, label="train")
+    if evals:
+        for src in evals[-1]["loss"]:
+            ax.plot([e["tokens"] for e in evals if src in e["loss"]], [e["loss"][src] for e in evals if src in e["loss"]],
+                    marker="o", ms=3, lw=1.5 if src == "overall" else 1, label=f"val {src}")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    axes[1].plot(toks, [r["lr"] for r in train], color="tab:orange")
+    axes[1].set_ylabel("learning rate")
+    axes[1].grid(alpha=0.3)
+    names = sorted({k for r in train for k in r.get("weights", {})})
+    for n in names:
+        axes[2].plot(toks, [r.get("weights", {}).get(n, 0.0) for r in train], label=n)
+    axes[2].set_ylabel("mixture weight")
+    axes[2].set_xlabel("tokens")
+    axes[2].set_ylim(-0.02, 1.02)
+    if names:
+        axes[2].legend(fontsize=7)
+    axes[2].grid(alpha=0.3)
+    fig.tight_layout()
+    out = run_dir / "training.png"
+    tmp = run_dir / "training.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,493 @@
+"""Train a model from a curriculum.
+
+    python -m trainer.run curricula/atom.yaml [section.key=value ...] [--dry-run] [--json]
+                          [--resume] [--run-dir DIR] [--overwrite]
+    torchrun --nproc_per_node=N -m trainer.run curricula/atom.yaml ...     (gloo on CPU, NCCL on GPU;
+    multi-node through torchrun's --nnodes/--node_rank/--rdzv_endpoint)
+
+One optimizer step = grad_accum micro-steps per rank (DDP `no_sync` on all but the last), then
+clipping and the update. Every batch is a deterministic function of (seed, step, micro_step, rank),
+so `--resume` from a checkpoint reproduces the uninterrupted run bit for bit on the same hardware.
+Data and config problems stop before the first step with a message naming the file/field.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .checkpoint import (latest_checkpoint, load_model_weights, load_train_state, resolve_checkpoint,
+                         save_checkpoint, set_rng_state, rng_state)
+from .config import Config, ConfigError, load_curriculum
+from .metrics import MetricsLog, Progress, fmt_count, peak_flops, plot
+from .optim import build_optimizer
+from .schedule import set_lr
+
+# ---------------------------------------------------------------- distributed
+
+
+class Dist:
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.enabled = False
+
+    def init(self, device_type: str):
+        if self.world > 1 and not dist.is_initialized():
+            backend = "nccl" if device_type == "cuda" else "gloo"
+            if device_type == "cuda":
+                torch.cuda.set_device(self.local_rank)
+            dist.init_process_group(backend=backend)
+            self.enabled = True
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t /= self.world
+        return t
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def barrier(self):
+        if self.enabled:
+            dist.barrier()
+
+    def close(self):
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def say(d: Dist, *a):
+    if d.main:
+        print(*a, flush=True)
+
+
+# ---------------------------------------------------------------- pieces
+
+
+def model_section(cfg: Config) -> dict:
+    m = dict(cfg.model)
+    if cfg.train.activation_checkpointing:
+        m["activation_checkpointing"] = True
+    return m
+
+
+def build_meta_model(cfg: Config):
+    from trainer.models import build_model
+
+    try:
+        return build_model(model_section(cfg), device="meta")
+    except ValueError as e:
+        raise ConfigError(f"{cfg.source_file}: {e}") from None
+
+
+def compute_loss(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean cross-entropy over the tokens that count: all of them, or where the `.ds.loss` mask is 1."""
+    V = logits.size(-1)
+    if mask is None:
+        return F.cross_entropy(logits.reshape(-1, V).float(), y.reshape(-1))
+    ce = F.cross_entropy(logits.reshape(-1, V).float(), y.reshape(-1), reduction="none")
+    m = mask.reshape(-1).to(ce.dtype)
+    return (ce * m).sum() / m.sum().clamp(min=1.0)
+
+
+def pick_device(cfg: Config, d: Dist) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{cfg.source_file}: train.device: cuda requested but not available")
+        return torch.device("cuda", d.local_rank)
+    return torch.device("cpu")
+
+
+def seed_all(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_loader(cfg: Config, d: Dist, vocab_size: int):
+    from trainer.data import MixtureLoader, MixturePoint, SourceSpec
+
+    points = [MixturePoint(at=at, weights=w) for at, w in cfg.mixture_points(d.world)]
+    return MixtureLoader(
+        [SourceSpec(s.name, s.path) for s in cfg.data.sources], points,
+        seq_len=cfg.batch.seq_len, micro_batch=cfg.batch.micro_batch, seed=cfg.train.seed,
+        rank=d.rank, world_size=d.world, total_tokens=cfg.total_tokens(d.world), split="train",
+        cache_dir=cfg.data.cache_dir, grad_accum=cfg.grad_accum(d.world), packing=cfg.data.packing,
+        vocab_size=vocab_size,
+    )
+
+
+def verify_sources(cfg: Config) -> None:
+    """Optional full check: sha256 of every shard file against its manifest (data.verify_checksums)."""
+    from shards.manifest import read_manifest, sha256_file
+
+    from trainer.data import DataError
+
+    for s in cfg.data.sources:
+        if str(s.path).startswith("s3://"):
+            continue  # the s3 cache is verified on download
+        m = read_manifest(s.path)
+        for rel, entry in m.files.items():
+            f = Path(s.path) / rel
+            if f.exists() and sha256_file(f) != entry.sha256:
+                raise DataError(f"source '{s.name}' ({s.path}): {f} fails its sha256 check against manifest.json (corrupted shard)")
+
+
+def load_eval_sets(cfg: Config, d: Dist):
+    from trainer.data import DataError, val_batches
+
+    if cfg.eval.batches <= 0:
+        return {}
+    mb = cfg.eval.micro_batch or cfg.batch.micro_batch
+    out = {}
+    for s in cfg.data.sources:
+        try:
+            out[s.name] = val_batches(s.path, cfg.batch.seq_len, mb, cfg.eval.batches, split="val",
+                                      packing=cfg.data.packing, cache_dir=cfg.data.cache_dir, name=s.name)
+        except DataError as e:
+            if "split 'val'" in str(e) or "fewer than one batch" in str(e):
+                say(d, f"[eval] no val data for '{s.name}': {e}")
+                continue
+            raise
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, eval_sets, device, autocast, d: Dist) -> dict[str, float]:
+    was = model.training
+    model.eval()
+    out = {}
+    tot = torch.zeros(2, dtype=torch.float64)
+    for name, batches in eval_sets.items():
+        acc = torch.zeros(2, dtype=torch.float64)  # sum of loss*tokens, tokens
+        for x, y, mask in batches[d.rank :: d.world]:
+            x, y = x.to(device), y.to(device)
+            mask = mask.to(device) if mask is not None else None
+            with autocast():
+                logits = model(x)
+            n = float(mask.sum()) if mask is not None else float(y.numel())
+            acc += torch.tensor([compute_loss(logits, y, mask).item() * n, n], dtype=torch.float64)
+        d.sum(acc)
+        if acc[1] > 0:
+            out[name] = float(acc[0] / acc[1])
+            tot += acc
+    if tot[1] > 0:
+        out["overall"] = float(tot[0] / tot[1])
+    model.train(was)
+    return out
+
+
+def summary(cfg: Config, world: int) -> dict:
+    model = build_meta_model(cfg)
+    tps = cfg.tokens_per_step(world)
+    steps = cfg.total_steps(world)
+    return {
+        "stage": cfg.name,
+        "parameters": int(model.num_params()),
+        "tokens_per_step": tps,
+        "grad_accum": cfg.grad_accum(world),
+        "world_size": world,
+        "steps": steps,
+        "tokens": steps * tps,
+        "flops_per_token": float(model.flops_per_token(cfg.batch.seq_len)),
+        "optimizer": cfg.optim.name,
+        "schedule": cfg.schedule.kind,
+        "mixture": [{"at": at, "weights": w} for at, w in cfg.mixture_points(world)],
+    }
+
+
+def print_summary(s: dict, cfg: Config) -> None:
+    name = f" [{s['stage']}]" if s["stage"] else ""
+    print(f"{cfg.source_file}{name}")
+    print(f"  parameters      {s['parameters']:,}")
+    print(f"  tokens/step     {s['tokens_per_step']:,} (seq_len {cfg.batch.seq_len} x micro_batch "
+          f"{cfg.batch.micro_batch} x grad_accum {s['grad_accum']} x world {s['world_size']})")
+    print(f"  steps           {s['steps']:,} ({fmt_count(s['tokens'])} tokens)")
+    print(f"  optimizer       {cfg.optim.name} lr {cfg.optim.lr:g}, schedule {cfg.schedule.kind} "
+          f"(warmup {cfg.schedule.warmup})")
+    names = [src.name for src in cfg.data.sources]
+    width = max(12, *(len(n) for n in names))
+    print("  mixture schedule (normalised weights; linear between points)")
+    print("    " + "at".rjust(7) + "  " + "  ".join(n.rjust(width) for n in names))
+    for p in s["mixture"]:
+        print("    " + f"{p['at']:7.3f}" + "  " + "  ".join(f"{p['weights'].get(n, 0.0):{width}.3f}" for n in names))
+
+
+# ---------------------------------------------------------------- one stage
+
+
+def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: Path | None) -> Path:
+    device = pick_device(cfg, d)
+    d.init(device.type)
+    world = d.world
+    accum = cfg.grad_accum(world)
+    total_steps = cfg.total_steps(world)
+    tps = cfg.tokens_per_step(world)
+
+    # 1. everything that can fail on bad input, before any model memory or training step
+    meta = build_meta_model(cfg)
+    vocab = int(getattr(meta.config, "vocab_size"))
+    if cfg.data.verify_checksums:
+        verify_sources(cfg)
+    loader = make_loader(cfg, d, vocab)  # opens every source, validates dtype/sizes/tokenizer
+    loader.validate()
+    eval_sets = load_eval_sets(cfg, d)
+    del meta
+
+    resume_from = latest_checkpoint(stage_dir) if resume else None
+    if not resume and (stage_dir / "checkpoints").exists() and any((stage_dir / "checkpoints").iterdir()):
+        raise ConfigError(f"{stage_dir}: already holds checkpoints; pass --resume to continue or --overwrite to start over")
+
+    # 2. model, optimizer
+    seed_all(cfg.train.seed)
+    from trainer.models import build_model
+
+    model = build_model(model_section(cfg), device=device)
+    if init_from is not None and resume_from is None:
+        load_model_weights(model, init_from, device=device)
+        say(d, f"[init] model weights from {init_from} (fresh optimizer"
+               f"{', data cursor reset' if cfg.train.reset_data_cursor else ''})")
+    opt = build_optimizer(model, cfg.optim, device.type)
+    raw_model = model
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    use_bf16 = cfg.train.dtype == "bf16" and device.type == "cuda"
+    if cfg.train.dtype == "bf16" and device.type != "cuda":
+        say(d, "[dtype] bf16 autocast is a GPU path; training in fp32 on CPU")
+
+    def autocast():
+        if use_bf16:
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    metrics = MetricsLog(stage_dir, enabled=d.main)
+    start_step, tokens_seen = 0, 0
+    by_source: dict[str, int] = {}
+    if resume_from is not None:
+        st = load_train_state(resume_from)
+        load_model_weights(raw_model, resume_from, device=device)
+        opt.load_state_dict(st["optimizer"])
+        loader.load_state_dict(st["loader"])
+        start_step, tokens_seen = int(st["step"]), int(st["tokens_seen"])
+        by_source = dict(st.get("tokens_by_source", {}))
+        set_rng_state(st["rng"])
+        metrics.truncate_after(start_step)
+        say(d, f"[resume] {resume_from} (step {start_step}, {fmt_count(tokens_seen)} tokens)")
+    elif init_from is not None and cfg.train.reset_data_cursor:
+        loader.reset_data_cursor(0)
+
+    fpt = float(raw_model.flops_per_token(cfg.batch.seq_len))
+    prog = Progress(total_steps, start_step, tps, fpt, peak_flops(device) * world)
+    peak = cfg.optim.lr
+    config_json = {**cfg.to_dict(), "world_size": world}
+    hang_at = int(os.environ.get("SHARDLOOM_TEST_HANG_AT_STEP", "-1"))  # fault injection for the resume test
+
+    def checkpoint(step: int):
+        if d.main:
+            state = {"step": step, "tokens_seen": tokens_seen, "optimizer": opt.state_dict(),
+                     "loader": loader.state_dict(), "rng": rng_state(), "tokens_by_source": by_source,
+                     "stage": cfg.name, "world_size": world, "total_steps": total_steps}
+            p = save_checkpoint(stage_dir, step, raw_model, state, config_json, cfg.checkpoint.keep_last)
+            print(f"[checkpoint] saved {p}", flush=True)
+        d.barrier()
+
+    def run_eval(step: int):
+        if not eval_sets:
+            return
+        losses = evaluate(raw_model, eval_sets, device, autocast, d)
+        metrics.log_eval(step, tokens_seen, losses)
+        metrics.log({"type": "mixture", "step": step, "tokens": tokens_seen, "tokens_by_source": dict(by_source)})
+        if d.main:
+            print("[eval] step {} | ".format(step) + " | ".join(
+                f"{k} {v:.4f} (ppl {math.exp(min(v, 50)):.1f})" for k, v in losses.items()), flush=True)
+            try:
+                plot(stage_dir)
+            except Exception as e:  # noqa: BLE001 - a plotting problem must never stop training
+                print(f"[plot] failed: {e}", flush=True)
+
+    if d.main:
+        print(f"[train] {cfg.name or Path(cfg.source_file).stem}: {total_steps} steps x {tps:,} tokens "
+              f"(grad_accum {accum}, world {world}) on {device.type} -> {stage_dir}", flush=True)
+    model.train()
+    for step in range(start_step, total_steps):
+        if step == hang_at:
+            print(f"[test] hanging at step {step}", flush=True)
+            time.sleep(3600)
+        lr = set_lr(opt, step, peak, total_steps, cfg.schedule)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        weights = None
+        for micro in range(accum):
+            x, y, mask, info = loader.batch(step, micro)
+            weights = weights or info.get("weights")
+            for k, v in info.get("tokens_per_source", {}).items():
+                by_source[k] = by_source.get(k, 0) + int(v)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            mask = mask.to(device, non_blocking=True) if mask is not None else None
+            sync = contextlib.nullcontext() if (not d.enabled or micro == accum - 1) else model.no_sync()
+            with sync:
+                with autocast():
+                    logits = model(x)
+                loss = compute_loss(logits, y, mask)
+                (loss / accum).backward()
+            loss_sum += loss.detach().double()
+        gnorm = None
+        if cfg.optim.grad_clip and cfg.optim.grad_clip > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens_seen += tps
+        done = step + 1
+        if done % cfg.train.log_every == 0 or done == total_steps or done == start_step + 1:
+            loss_val = float(d.mean(loss_sum / accum))
+            row = {"type": "train", "step": done, "tokens": tokens_seen, "loss": loss_val, "lr": lr,
+                   "weights": weights or {}}
+            if gnorm is not None:
+                row["grad_norm"] = float(gnorm)
+            metrics.log(row)
+            if d.main:
+                print(prog.line(step, loss_val, lr), flush=True)
+            if not math.isfinite(loss_val):
+                raise FloatingPointError(f"loss is {loss_val} at step {done}: stopping (last checkpoint kept)")
+        if cfg.eval.every and done % cfg.eval.every == 0 and done != total_steps:
+            run_eval(done)
+        if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != total_steps:
+            checkpoint(done)
+    run_eval(total_steps)
+    from .checkpoint import step_dir
+
+    final = step_dir(stage_dir, total_steps)
+    if not (resume_from is not None and start_step == total_steps):
+        checkpoint(total_steps)
+    if d.main:
+        (stage_dir / "DONE").write_text(f"{final}\n")
+    d.barrier()
+    return final
+
+
+def sample_generation(cfg: Config, ckpt: Path) -> None:
+    """Print a short sample from the final checkpoint with M1's generator."""
+    if not cfg.sample.prompt:
+        return
+    try:
+        from trainer.generate import GenerationConfig, generate
+    except ImportError as e:
+        print(f"[sample] trainer.generate unavailable ({e}); skipping", flush=True)
+        return
+    from shards.tokenizers import get_tokenizer
+    from trainer.models import build_model
+
+    tok = get_tokenizer(cfg.tokenizer.path or cfg.tokenizer.name)
+    model = build_model(model_section(cfg), device="cpu")
+    load_model_weights(model, ckpt)
+    model.eval()
+    ids = tok.encode(cfg.sample.prompt)
+    if getattr(tok, "add_bos", False) and tok.bos_id is not None:
+        ids = [tok.bos_id] + ids
+    gen = GenerationConfig(max_new_tokens=cfg.sample.max_new_tokens, temperature=cfg.sample.temperature,
+                           top_k=cfg.sample.top_k or None, stop_ids=(tok.eos_id,), seed=cfg.train.seed)
+    new = generate(model, ids, gen)
+    print(f"[sample] {ckpt}:\n{cfg.sample.prompt}{tok.decode(list(new))}", flush=True)
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="python -m trainer.run", description=__doc__.split("\n\n")[0])
+    ap.add_argument("curriculum")
+    ap.add_argument("overrides", nargs="*", help="section.key=value")
+    ap.add_argument("--dry-run", action="store_true", help="validate, build on the meta device, print a summary")
+    ap.add_argument("--json", action="store_true", help="with --dry-run: last stdout line is a JSON summary")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
+    ap.add_argument("--run-dir", default=None, help="default: runs/<curriculum name>")
+    ap.add_argument("--overwrite", action="store_true", help="delete an existing run dir first")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    d = Dist()
+    try:
+        stages = load_curriculum(args.curriculum, args.overrides, world_size=d.world)
+        if args.dry_run:
+            sums = []
+            for cfg in stages:
+                s = summary(cfg, d.world)
+                sums.append(s)
+                if d.main:
+                    print_summary(s, cfg)
+            if args.json and d.main:
+                first = sums[0]
+                out = {k: first[k] for k in ("parameters", "tokens_per_step", "steps", "tokens", "grad_accum",
+                                             "world_size", "flops_per_token")}
+                out["stages"] = [{k: v for k, v in s.items() if k != "mixture"} | {"mixture": s["mixture"]} for s in sums]
+                out["steps_total"] = sum(s["steps"] for s in sums)
+                print(json.dumps(out))
+            return 0
+        run_dir = Path(args.run_dir or Path("runs") / Path(args.curriculum).stem)
+        if args.overwrite and d.main and run_dir.exists():
+            shutil.rmtree(run_dir)
+        prev_final: Path | None = None
+        final = None
+        for i, cfg in enumerate(stages):
+            stage_dir = run_dir if len(stages) == 1 else run_dir / f"{i}-{cfg.name}"
+            init = cfg.train.init_from
+            init_path = None
+            if init == "@previous":
+                if prev_final is None:
+                    raise ConfigError(f"{cfg.source_file}: train.init_from: '@previous' in the first stage")
+                init_path = prev_final
+            elif init:
+                init_path = resolve_checkpoint(init)
+            if args.resume and (stage_dir / "DONE").exists():
+                prev_final = Path((stage_dir / "DONE").read_text().strip())
+                say(d, f"[stage] {cfg.name or i}: already done ({prev_final})")
+                final = prev_final
+                continue
+            final = train_stage(cfg, stage_dir, d, args.resume, init_path)
+            prev_final = final
+        if d.main and final is not None:
+            sample_generation(stages[-1], final)
+        return 0
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except Exception as e:
+        from trainer.data import DataError
+
+        if isinstance(e, DataError):  # names the source and file already: no traceback
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
+        raise
+    finally:
+        d.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
