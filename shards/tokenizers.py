@@ -70,7 +70,11 @@ BOS_NAMES = ("<s>", "<bos>", "<|bos|>", "[BOS]", "<|begin_of_text|>", "<|startof
 
 
 def default_threads() -> int:
-    return os.cpu_count() or 1
+    """Every core this process may use (the affinity mask under Slurm/taskset, else cpu_count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 class Tokenizer:
