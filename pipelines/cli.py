@@ -196,8 +196,9 @@ def read_stats(logging_dir: str) -> list[tuple[str, dict]]:
     return merged
 
 
-def print_stats(title: str, logging_dir: str, out=sys.stdout) -> list[tuple[str, dict]]:
+def print_stats(title: str, logging_dir: str, out=None) -> list[tuple[str, dict]]:
     """A small table: kept/dropped per filter, counted skips per reader/writer."""
+    out = out or sys.stdout
     stats = read_stats(logging_dir)
     if not stats:
         return stats
@@ -369,7 +370,8 @@ def stage_tokenize(args, corpus, input_path, output, logs, filters: list[str] | 
     return output
 
 
-def print_manifest_summary(directory, out=sys.stdout) -> None:
+def print_manifest_summary(directory, out=None) -> None:
+    out = out or sys.stdout
     from shards.manifest import read_manifest
 
     try:
