@@ -29,23 +29,26 @@ import time
 import warnings
 from pathlib import Path
 
-# Modules whose docstrings make the corpus: stable, side-effect-free imports, sorted.
-DOC_MODULES = sorted("""
-abc argparse ast asyncio base64 bisect calendar cmath codecs collections colorsys concurrent.futures
-configparser contextlib copy csv dataclasses datetime decimal difflib dis email.message enum filecmp
-fnmatch fractions ftplib functools getopt gettext glob graphlib gzip hashlib heapq hmac html.parser
-http.client http.server imaplib inspect io ipaddress itertools json locale logging lzma mailbox math
-mimetypes multiprocessing numbers operator optparse os pathlib pickle pkgutil platform plistlib poplib
-pprint queue random re reprlib sched secrets selectors shelve shlex shutil smtplib socket socketserver
-sqlite3 ssl statistics string struct subprocess symtable tarfile tempfile textwrap threading timeit
-tokenize traceback types typing unittest urllib.parse urllib.request uuid warnings wave weakref
-xml.dom.minidom xml.etree.ElementTree zipfile zoneinfo
-""".split())
+# Modules whose docstrings make the corpus: the whole standard library (fixed per Python version)
+# minus modules with import side effects or private/duplicate implementations, plus submodules.
+SKIP_MODULES = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "lib2to3", "ensurepip",
+                "venv", "pydoc", "pip"}
+EXTRA_MODULES = """asyncio.events asyncio.streams asyncio.tasks collections.abc concurrent.futures
+concurrent.futures.thread email.headerregistry email.message email.parser email.utils html.parser
+http.client http.cookiejar http.server importlib.metadata importlib.resources json.decoder
+logging.handlers multiprocessing.pool os.path unittest.mock urllib.error urllib.parse urllib.request
+xml.dom xml.dom.minidom xml.etree.ElementTree xml.sax""".split()
+
+
+def doc_modules() -> list[str]:
+    names = {m for m in sys.stdlib_module_names if not m.startswith("_") and m not in SKIP_MODULES}
+    return sorted(names | set(EXTRA_MODULES))
+
 
 VOCAB_SIZE = 4096
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|endoftext|>"]  # ids 0..4
 DATE = "2024-01-01T00:00:00Z"  # fixed: the corpus must be byte-identical run to run
-MIN_DOCSTRING_CHARS = 200
+MIN_DOCSTRING_CHARS = 100
 
 
 def _row(text: str, doc_id: str, url: str, file_path: str) -> dict:
@@ -65,7 +68,7 @@ def topic_rows() -> list[dict]:
                  "pydoc_data/topics.py") for name, text in sorted(topics.topics.items()) if text.strip()]
 
 
-def docstring_rows(modules=DOC_MODULES, min_chars: int = MIN_DOCSTRING_CHARS) -> list[dict]:
+def docstring_rows(modules=None, min_chars: int = MIN_DOCSTRING_CHARS) -> list[dict]:
     """Docstrings of modules and their public classes, functions and methods, deduplicated by text."""
     rows, seen = [], set()
 
@@ -79,10 +82,10 @@ def docstring_rows(modules=DOC_MODULES, min_chars: int = MIN_DOCSTRING_CHARS) ->
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for modname in modules:
+        for modname in modules or doc_modules():
             try:
                 mod = importlib.import_module(modname)
-            except Exception:  # an optional stdlib part missing on this build (e.g. _sqlite3)
+            except BaseException:  # missing on this platform/build (winreg, _sqlite3, ...)
                 continue
             add(mod, modname, modname)
             for name, obj in sorted(vars(mod).items()):
