@@ -174,6 +174,8 @@ class _Remote:
             raise StorageError(f"AWS profile '{profile}' not found in ~/.aws/config or ~/.aws/credentials") from None
         try:
             creds = session.get_credentials()
+        except ProfileNotFound:
+            raise StorageError(f"AWS profile '{profile}' not found in ~/.aws/config or ~/.aws/credentials") from None
         except BotoCoreError as e:  # e.g. a malformed config file: name the type, not the content
             raise StorageError(f"could not load AWS credentials ({type(e).__name__})") from None
         if creds is None:

@@ -290,15 +290,22 @@ def test_sigkilled_transfers_resume_without_leftovers(s3, server, tmp_path):
     assert multipart_uploads(client, bucket) == []
     assert objects(client, bucket, "killed") == {k: len(v) for k, v in src_files.items()}
 
+    # a local copy that lacks the big shard (deterministic: the small files are already verified
+    # there), then a download SIGKILLed in the middle of that shard
     dst = tmp_path / "dst"
+    storage.download(uri, dst, endpoint_url=server.endpoint, **FAST)
+    big = "train/00003.ds"
+    (dst / big).unlink()
+    (dst / "manifest.json").unlink()
     r = _killed_run(["download", uri, str(dst), str(7 * MiB), server.endpoint])
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert not (dst / "manifest.json").exists()  # half a download is not a dataset
-    assert list(dst.rglob("*.part"))  # ... and its partial file is only ever a .part
+    assert [p.name for p in dst.rglob("*.part")] == ["00003.ds.part"]  # the partial file is only a .part
+    assert not (dst / big).exists()
     down = storage.download(uri, dst, endpoint_url=server.endpoint, **FAST)
     assert tree(dst) == src_files and not list(dst.rglob("*.part"))
-    assert down.transferred[-1] == "manifest.json" and set(down.transferred) | set(down.skipped) == set(src_files)
-    assert down.skipped  # what finished before the kill was kept, not fetched again
+    assert down.transferred == [big, "manifest.json"]  # what was verified is kept, not fetched again
+    assert set(down.skipped) == set(src_files) - {big, "manifest.json"}
 
 
 def test_wrong_credentials_and_missing_bucket_are_clear_and_secret_free(s3, server, tmp_path, monkeypatch, capsys):
@@ -348,6 +355,13 @@ def test_wrong_credentials_and_missing_bucket_are_clear_and_secret_free(s3, serv
             call()
         assert f"bucket no-such-bucket does not exist at {server.endpoint}" in str(err.value)
         assert SECRET not in str(err.value)
+
+    with pytest.raises(StorageError, match="AWS profile 'nope' not found"):
+        storage.upload(src, f"s3://{bucket}/p", endpoint_url=server.endpoint, profile="nope", **FAST)
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(StorageError, match="no AWS credentials found"):
+        storage.upload(src, f"s3://{bucket}/p", endpoint_url=server.endpoint, **FAST)
 
 
 def test_tampered_object_fails_verification_naming_the_file(s3, server, tmp_path):
@@ -506,14 +520,13 @@ def test_fineweb_tokenize_lands_a_verifiable_dataset_in_s3(s3, server, tmp_path)
 def test_cli_commands_round_trip(s3, server, tmp_path, capsys):
     client, bucket = s3
     src = make_dataset(tmp_path / "src")
-    parser = argparse.ArgumentParser()
-    storage.add_storage_commands(parser.add_subparsers(dest="cmd", required=True))
+    from shards.__main__ import main  # `python -m shards`, which registers our commands
+
     common = ["--endpoint-url", server.endpoint, "--workers", "2", "--no-progress"]
     for argv in (["upload", str(src), f"s3://{bucket}/cli/ds", *common],
                  ["download", f"s3://{bucket}/cli/ds", str(tmp_path / "dst"), *common],
                  ["sync", str(src), f"s3://{bucket}/cli/ds", *common]):
-        args = parser.parse_args(argv)
-        assert args.func(args) == 0
+        assert main(argv) == 0
     out = capsys.readouterr().out.splitlines()
     n = len(tree(src))
     assert f"{n} transferred" in out[0] and f"{n} transferred" in out[1] and "0 transferred" in out[2]
