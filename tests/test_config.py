@@ -106,15 +106,57 @@ CARDS = {
 
 
 @pytest.mark.parametrize("name", sorted(CARDS))
-def test_dry_run_json_every_curriculum(name):
+def test_dry_run_json_every_curriculum(name, capsys, monkeypatch):
+    from trainer.run import main
+
     path = ROOT / "curricula" / name
-    if not path.exists():
-        pytest.fail(f"{path} missing")
+    assert path.exists(), path
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main([str(path), "--dry-run", "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    out = json.loads(lines[-1])
+    assert out["parameters"] == CARDS[name] and isinstance(out["parameters"], int)
+    assert out["tokens_per_step"] > 0 and out["steps"] > 0
+    assert any("mixture schedule" in l for l in lines)
+
+
+def test_dry_run_cli_json_last_line():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("WORLD_SIZE", None)
-    r = subprocess.run([sys.executable, "-m", "trainer.run", str(path), "--dry-run", "--json"],
+    r = subprocess.run([sys.executable, "-m", "trainer.run", "curricula/axiom-380m.yaml", "--dry-run", "--json"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["parameters"] == CARDS[name]
-    assert isinstance(out["parameters"], int) and out["tokens_per_step"] > 0 and out["steps"] > 0
+    # the card's recipe: 327,680 tokens/step (1 x 1024 x 320), 24,414 steps for 8B tokens
+    assert (out["parameters"], out["tokens_per_step"], out["steps"]) == (385_849_344, 327_680, 24_414)
+
+
+def test_card_recipes():
+    (arg1, arg2) = load_curriculum(ROOT / "curricula" / "argonne-3.0.yaml", world_size=3)
+    assert arg1.grad_accum(3) == 2 and arg1.tokens_per_step(3) == 233_472 and arg1.train.seed == 444
+    assert arg2.train.init_from == "@previous" and arg2.train.reset_data_cursor and arg2.schedule.warmup == 0
+    assert (arg1.schedule.kind, arg1.schedule.warmup, arg1.schedule.cooldown) == ("wsd", 1000, 0)
+    (lt,) = load_curriculum(ROOT / "curricula" / "llama-think-95m.yaml", world_size=4)
+    assert lt.grad_accum(4) == 8 and lt.tokens_per_step(4) == 2_097_152 and lt.optim.name == "muon"
+    assert lt.optim.lr == 0.02 and lt.optim.muon.adamw_lr is None  # every group on the Muon schedule
+    (sft,) = load_curriculum(ROOT / "curricula" / "axiom-380m-sft.yaml")
+    assert (sft.total_steps(), sft.tokens_per_step(), sft.schedule.warmup, sft.schedule.decay) == (641, 319_488, 51, 102)
+    assert sft.data.packing == "document"
+
+
+def test_atom_mixture_integrates_to_the_cards_proportions():
+    """Time-integrated share of each source under the piecewise-linear schedule == 39/31/12/12/6."""
+    (cfg,) = load_curriculum(ROOT / "curricula" / "atom.yaml")
+    pts = cfg.mixture_points()
+    assert pts[0][0] == 0.0 and pts[-1][0] == 1.0
+    share = {}
+    for (a0, w0), (a1, w1) in zip(pts, pts[1:]):
+        for k in w0:
+            share[k] = share.get(k, 0.0) + (a1 - a0) * (w0[k] + w1[k]) / 2
+    want = {"fineweb-edu": 0.39, "ultra-fineweb": 0.31, "finemath-3plus": 0.12, "cosmopedia-v2": 0.12, "ultradata-math": 0.06}
+    assert share == pytest.approx(want, abs=1e-9)
+    # web text early, edu/synthetic/math later
+    first, last = pts[0][1], pts[-1][1]
+    assert first["ultra-fineweb"] > last["ultra-fineweb"]
+    for k in ("finemath-3plus", "cosmopedia-v2", "ultradata-math", "fineweb-edu"):
+        assert last[k] >= first[k]

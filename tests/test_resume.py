@@ -1,0 +1,161 @@
+"""Bit-exact resume: N steps straight == k steps, a real SIGKILL of the training process, `--resume`,
+the remaining steps (same per-step losses, same eval rows, same final weights). Plus multi-stage runs:
+stage 2 starts from stage 1's final weights with a fresh optimizer."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from shards.format import ShardWriter
+from shards.manifest import TokenizerInfo, build_manifest, write_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 64
+
+
+def make_source(d: Path, seed: int, docs: int = 60, val_docs: int = 8):
+    """Tiny shard dir with learnable structure (arithmetic-progression documents)."""
+    rng = np.random.default_rng(seed)
+    info = TokenizerInfo(name="tiny", vocab_size=VOCAB, vocab_hash="tiny-hash", eos_id=0)
+    for split, n in (("train", docs), ("val", val_docs)):
+        with ShardWriter(d / split / "00000", np.dtype("<u2"), "tiny") as w:
+            for _ in range(n):
+                start, step, length = rng.integers(1, VOCAB), rng.integers(1, 4), rng.integers(20, 60)
+                doc = (start + step * np.arange(length)) % (VOCAB - 1) + 1
+                w.write(np.append(doc, 0))
+    write_manifest(d, build_manifest(d, info))
+    return d
+
+
+def tiny_curriculum(tmp_path: Path, **over) -> Path:
+    a = make_source(tmp_path / "data" / "a", 1)
+    b = make_source(tmp_path / "data" / "b", 2)
+    cur = {
+        "model": {"arch": "dense", "vocab_size": VOCAB, "d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1,
+                  "ffn_dim": 64, "max_seq_len": 32},
+        "tokenizer": {"name": "tiny"},
+        "data": {"sources": [{"name": "a", "path": str(a)}, {"name": "b", "path": str(b)}],
+                 "schedule": [{"at": 0.0, "weights": {"a": 0.9, "b": 0.1}}, {"at": 1.0, "weights": {"a": 0.1, "b": 0.9}}]},
+        "optim": {"name": "adamw", "lr": 1e-2, "weight_decay": 0.1},
+        "schedule": {"kind": "cosine", "warmup": 2, "min_lr_ratio": 0.1},
+        "batch": {"seq_len": 32, "micro_batch": 2, "grad_accum": 2},
+        "train": {"steps": 8, "seed": 7, "dtype": "fp32"},
+        "eval": {"every": 4, "batches": 1},
+        "checkpoint": {"every": 3, "keep_last": 2},
+    }
+    for k, v in over.items():
+        cur[k] = v
+    p = tmp_path / "tiny.yaml"
+    p.write_text(yaml.safe_dump(cur))
+    return p
+
+
+def env():
+    e = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SHARDLOOM_TEST_HANG_AT_STEP"):
+        e.pop(k, None)
+    return e
+
+
+def run(args, **kw):
+    r = subprocess.run([sys.executable, "-m", "trainer.run", *map(str, args)], cwd=ROOT, env=kw.pop("env", env()),
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["type"] == "train"]
+    steps = [r["step"] for r in train]
+    assert steps == sorted(set(steps)), "duplicated or unordered steps after resume"
+    return {r["step"]: r["loss"] for r in train}
+
+
+def test_sigkill_then_resume_is_bit_exact(tmp_path):
+    cur = tiny_curriculum(tmp_path)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run([cur, "--run-dir", straight])
+
+    e = env()
+    e["SHARDLOOM_TEST_HANG_AT_STEP"] = "5"  # steps 0-4 done (checkpoint at 3, eval at 4), then stop
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.run", str(cur), "--run-dir", str(killed)], cwd=ROOT,
+                            env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            if "hanging at step" in line:
+                break
+        else:
+            pytest.fail("training process ended without reaching the hang point")
+        proc.send_signal(signal.SIGKILL)  # a real, uncatchable kill mid-run
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    ck = killed / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["step_0000003"]
+    assert max(train_losses(killed)) == 5  # rows past the checkpoint were logged before the kill
+    # debris a crash could leave: a half-written save and a dir missing files — both must be ignored
+    (ck / "step_0000006.tmp").mkdir()
+    (ck / "step_0000006.tmp" / "model.safetensors").write_bytes(b"partial")
+    (ck / "step_0000007").mkdir()
+    (ck / "step_0000007" / "config.json").write_text("{}")
+
+    r = run([cur, "--run-dir", killed, "--resume"])
+    assert "[resume]" in r.stdout and "step_0000003" in r.stdout
+
+    assert train_losses(killed) == train_losses(straight)  # exact floats, every step
+    assert (killed / "eval.csv").read_text() == (straight / "eval.csv").read_text()
+    w1 = load_file(straight / "checkpoints" / "step_0000008" / "model.safetensors")
+    w2 = load_file(killed / "checkpoints" / "step_0000008" / "model.safetensors")
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        assert torch.equal(w1[k], w2[k]), k
+    # the run really trained, and kept only the last 2 checkpoints
+    losses = train_losses(straight)
+    assert losses[8] < losses[1]
+    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == ["step_0000006", "step_0000008"]
+    assert (straight / "training.png").stat().st_size > 1000
+    st = torch.load(straight / "checkpoints" / "step_0000008" / "train_state.pt", weights_only=True)
+    assert st["step"] == 8 and st["tokens_seen"] == 8 * 32 * 2 * 2
+    cfg = json.loads((straight / "checkpoints" / "step_0000008" / "config.json").read_text())
+    assert cfg["model"]["d_model"] == 32 and cfg["tokenizer"]["name"] == "tiny"
+
+
+def test_two_stages_init_from_previous_with_fresh_optimizer(tmp_path):
+    cur = tiny_curriculum(tmp_path)
+    d = yaml.safe_load(cur.read_text())
+    d["train"]["steps"] = 4
+    d["eval"] = {"every": 0, "batches": 0}
+    d["stages"] = [
+        {"name": "pretrain"},
+        # the second stage: other data, near-zero lr so its weights stay those of stage 1
+        {"name": "continued", "data": {"sources": [{"name": "b", "path": d["data"]["sources"][1]["path"]}], "schedule": []},
+         "optim": {"lr": 1e-12}, "schedule": {"warmup": 0},
+         "train": {"steps": 3, "init_from": "@previous", "reset_data_cursor": True}},
+    ]
+    cur.write_text(yaml.safe_dump(d))
+    out = tmp_path / "run"
+    r = run([cur, "--run-dir", out])
+    s1 = out / "0-pretrain" / "checkpoints" / "step_0000004"
+    s2 = out / "1-continued" / "checkpoints" / "step_0000003"
+    assert "[init] model weights from" in r.stdout and str(s1) in r.stdout
+    w1, w2 = load_file(s1 / "model.safetensors"), load_file(s2 / "model.safetensors")
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-6), k
+    st2 = torch.load(s2 / "train_state.pt", weights_only=True)
+    steps = {int(s["step"]) for s in st2["optimizer"]["state"].values()}
+    assert steps == {3}  # fresh AdamW: 3 steps of state, not 4 + 3
+    assert st2["loader"]["sources"] == ["b"] and st2["tokens_by_source"] == {"b": 3 * 4 * 32}
+    # --resume on a finished run skips both stages
+    r = run([cur, "--run-dir", out, "--resume"])
+    assert r.stdout.count("already done") == 2

@@ -1,0 +1,138 @@
+"""Bad input stops BEFORE training with one clear line naming the file/field (corrupted shard, wrong
+dtype, missing source, bad YAML field), and SFT's loss ignores masked-out targets."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from shards.format import ShardWriter
+from shards.manifest import TokenizerInfo, build_manifest, write_manifest
+from test_resume import ROOT, VOCAB, env, make_source, tiny_curriculum
+from trainer.models import build_model
+from trainer.run import compute_loss, main
+
+
+def run_main(cur, capsys, *extra):
+    rc = main([str(cur), *extra])
+    err = capsys.readouterr().err
+    return rc, err
+
+
+def assert_stopped_before_training(run_dir: Path):
+    assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "checkpoints").exists()
+
+
+def test_missing_source(tmp_path, capsys):
+    cur = tiny_curriculum(tmp_path)
+    rc, err = run_main(cur, capsys, "data.sources.1.path=" + str(tmp_path / "nope"), "--run-dir", str(tmp_path / "r"))
+    assert rc == 2 and "source 'b'" in err and "nope" in err and "Traceback" not in err
+    assert_stopped_before_training(tmp_path / "r")
+
+
+def test_truncated_shard(tmp_path, capsys):
+    cur = tiny_curriculum(tmp_path)
+    ds = tmp_path / "data" / "a" / "train" / "00000.ds"
+    ds.write_bytes(ds.read_bytes()[:-10])  # even byte count: only the manifest size check can catch it
+    rc, err = run_main(cur, capsys, "--run-dir", str(tmp_path / "r"))
+    assert rc == 2 and "00000.ds" in err and "source 'a'" in err, err
+    assert_stopped_before_training(tmp_path / "r")
+
+
+def test_bit_flipped_shard_caught_by_checksums(tmp_path, capsys):
+    cur = tiny_curriculum(tmp_path)
+    ds = tmp_path / "data" / "b" / "train" / "00000.ds"
+    raw = bytearray(ds.read_bytes())
+    raw[100] ^= 0xFF  # same size, different content
+    ds.write_bytes(bytes(raw))
+    rc, err = run_main(cur, capsys, "data.verify_checksums=true", "--run-dir", str(tmp_path / "r"))
+    assert rc == 2 and "sha256" in err and str(ds) in err, err
+    assert_stopped_before_training(tmp_path / "r")
+
+
+def test_wrong_dtype(tmp_path, capsys):
+    cur = tiny_curriculum(tmp_path)
+    # a uint32 shard where the manifest of a small vocab says uint16
+    bad = tmp_path / "data" / "c"
+    info = TokenizerInfo(name="tiny", vocab_size=VOCAB, vocab_hash="tiny-hash", eos_id=0)
+    make_source(bad, 3)
+    for split in ("train", "val"):
+        with ShardWriter(bad / split / "00000", np.dtype("<u4"), "tiny") as w:
+            w.write(np.arange(1, 50) % VOCAB)
+    m = json.loads((bad / "manifest.json").read_text())
+    assert m["dtype"] == "uint16"
+    rc, err = run_main(cur, capsys, f"data.sources.0.path={bad}", "--run-dir", str(tmp_path / "r"))
+    assert rc == 2 and "uint16" in err and "uint32" in err and "00000.ds" in err, err
+    assert_stopped_before_training(tmp_path / "r")
+
+
+def test_bad_yaml_field_cli(tmp_path):
+    cur = tiny_curriculum(tmp_path)
+    d = yaml.safe_load(cur.read_text())
+    d["optim"]["lr"] = "abc"
+    cur.write_text(yaml.safe_dump(d))
+    r = subprocess.run([sys.executable, "-m", "trainer.run", str(cur), "--run-dir", str(tmp_path / "r")],
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"error: {cur}: optim.lr: expected a number, got 'abc'"
+    assert_stopped_before_training(tmp_path / "r")
+
+
+def test_vocab_too_small_for_data(tmp_path, capsys):
+    cur = tiny_curriculum(tmp_path)
+    rc, err = run_main(cur, capsys, "model.vocab_size=32", "--run-dir", str(tmp_path / "r"))
+    assert rc == 2 and "vocab_size" in err and "manifest.json" in err, err
+
+
+def test_sft_loss_ignores_masked_tokens():
+    torch.manual_seed(0)
+    model = build_model(dict(arch="dense", vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=2, ffn_dim=64, max_seq_len=32))
+    x = torch.randint(0, VOCAB, (2, 16))
+    y = torch.randint(0, VOCAB, (2, 16))
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, 8:] = True  # "assistant" half
+
+    def loss_and_grads(targets):
+        model.zero_grad()
+        loss = compute_loss(model(x), targets, mask)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    l1, g1 = loss_and_grads(y)
+    y2 = y.clone()
+    y2[~mask] = (y2[~mask] + 7) % VOCAB  # change every masked-out target
+    l2, g2 = loss_and_grads(y2)
+    assert torch.equal(l1, l2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+    # and it is the mean over the unmasked tokens only
+    with torch.no_grad():
+        ce = torch.nn.functional.cross_entropy(model(x)[:, 8:].reshape(-1, VOCAB), y[:, 8:].reshape(-1))
+    assert torch.allclose(l1, ce)
+    y3 = y.clone()
+    y3[mask] = (y3[mask] + 7) % VOCAB  # changing a target that counts does change the loss
+    assert not torch.equal(loss_and_grads(y3)[0], l1)
+
+
+def test_sft_training_end_to_end_with_loss_masks(tmp_path):
+    """Document-packed SFT shards with `.ds.loss` masks train, and the loss is over masked tokens only."""
+    d = tmp_path / "sft"
+    info = TokenizerInfo(name="tiny", vocab_size=VOCAB, vocab_hash="tiny-hash", eos_id=0)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 40), ("val", 8)):
+        with ShardWriter(d / split / "00000", np.dtype("<u2"), "tiny", with_loss=True) as w:
+            for _ in range(n):
+                prompt = rng.integers(1, VOCAB, 10)
+                answer = np.sort(rng.integers(1, VOCAB, 12))
+                w.write(np.concatenate([prompt, answer, [0]]), loss_mask=np.r_[np.zeros(10), np.ones(13)])
+    write_manifest(d, build_manifest(d, info))
+    cur = tiny_curriculum(tmp_path, data={"sources": [{"name": "chat", "path": str(d)}], "packing": "document"},
+                          train={"steps": 3, "seed": 1, "dtype": "fp32"}, checkpoint={"every": 0, "keep_last": 1})
+    r = subprocess.run([sys.executable, "-m", "trainer.run", str(cur), "--run-dir", str(tmp_path / "r")],
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows if x["type"] == "train"] == [1, 2, 3]
+    assert any(x["type"] == "eval" for x in rows)
