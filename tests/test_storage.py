@@ -426,7 +426,7 @@ def test_sync_transfers_only_what_differs(s3, server, tmp_path):
         storage.sync(src, tmp_path / "elsewhere")
 
 
-def test_fetch_to_cache_hit_and_miss(s3, server, tmp_path):
+def test_fetch_to_cache_hit_and_miss(s3, server, tmp_path, monkeypatch):
     client, bucket = s3
     src = make_dataset(tmp_path / "src")
     uri = f"s3://{bucket}/corpora/web"
@@ -440,6 +440,9 @@ def test_fetch_to_cache_hit_and_miss(s3, server, tmp_path):
     assert hit.transferred == [] and len(hit.skipped) == len(read_manifest(src).files)
     assert {p: p.stat().st_ino for p in path.rglob("*") if p.is_file()} == inodes
     assert storage.fetch_to_cache(uri, cache, endpoint_url=server.endpoint, **FAST) == path
+    # the trainer passes no endpoint: botocore's AWS_ENDPOINT_URL_S3 (or a profile's endpoint_url) picks it
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", server.endpoint)
+    assert storage.fetch_to_cache(uri, cache, progress=False) == path
 
     # a corrupted cached file is noticed (hashed, not trusted by mtime) and only it is fetched again
     f = path / "train/00000.ds"
