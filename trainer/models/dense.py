@@ -147,12 +147,14 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.v_norm is not None:
             v = self.v_norm(v)
-        q = apply_rope(q, cos, sin, self.rope_layout, self.rope_dims)
-        k = apply_rope(k, cos, sin, self.rope_layout, self.rope_dims)
+        # RoPE in the [B, H, T, D] layout SDPA wants, so q/k reach the kernel contiguous.
+        q = apply_rope(q.transpose(1, 2), cos, sin, self.rope_layout, self.rope_dims, heads_first=True)
+        k = apply_rope(k.transpose(1, 2), cos, sin, self.rope_layout, self.rope_dims, heads_first=True)
+        v = v.transpose(1, 2)
         v_self = v
-        if cache is not None:
-            k, v = cache.update_kv(self.layer, k, v)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:  # the cache stores [B, T, Hkv, D]
+            k, v = cache.update_kv(self.layer, k.transpose(1, 2), v.transpose(1, 2))
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
         t_k = k.shape[2]
         gqa = self.n_kv != self.n_heads
         if self.window is not None and t_k > 1:
@@ -172,11 +174,11 @@ class Attention(nn.Module):
     def _exclusive(self, y, v_self):
         """XSA: drop each head's output component along the token's own (group's) value direction.
 
-        y: [B, H, T, D]; v_self: [B, T, Hkv, D]. Grouped view instead of repeating v per head.
+        y: [B, H, T, D]; v_self: [B, Hkv, T, D]. Grouped view instead of repeating v per head.
         """
         B, H, T, D = y.shape
         g = H // self.n_kv
-        vh = F.normalize(v_self.transpose(1, 2).to(y.dtype), dim=-1).unsqueeze(2)  # [B, Hkv, 1, T, D]
+        vh = F.normalize(v_self.to(y.dtype), dim=-1).unsqueeze(2)  # [B, Hkv, 1, T, D]
         yg = y.view(B, self.n_kv, g, T, D)
         yg = yg - (yg * vh).sum(-1, keepdim=True) * vh
         return yg.view(B, H, T, D)

@@ -32,6 +32,9 @@ class RMSNorm(nn.Module):
                 self.weight.fill_(0.0 if self.unit_offset else 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None and not self.unit_offset and (x.dtype == torch.float32 or not self.fp32):
+            # same math, one fused call (x already fp32, or no upcast wanted)
+            return F.rms_norm(x, (self.dim,), self.weight.to(x.dtype), eps=self.eps)
         y = x.float() if self.fp32 else x
         y = F.rms_norm(y, (self.dim,), eps=self.eps).to(x.dtype)
         if self.weight is None:
@@ -61,17 +64,19 @@ def rope_cos_sin(positions: torch.Tensor, rot_dim: int, theta: float,
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str = "half",
-               rot_dim: int | None = None) -> torch.Tensor:
+               rot_dim: int | None = None, heads_first: bool = False) -> torch.Tensor:
     """Rotate the first rot_dim dims of x's last axis; the rest pass through (partial RoPE).
 
-    x: [..., T, H, D] (heads after time); cos/sin: [T, rot_dim // 2] (from rope_cos_sin).
+    x: [..., T, H, D] (heads after time), or [..., H, T, D] with heads_first=True (SDPA layout:
+    rotating there keeps q/k contiguous for the attention kernel); cos/sin: [T, rot_dim // 2].
     layout "half": pairs (i, i + rot_dim/2)  -- HF/GPT-NeoX rotate-half.
     layout "interleaved": pairs (2i, 2i+1)  -- Meta's original Llama / Axiom.
     """
     d = x.shape[-1]
     r = d if rot_dim is None else rot_dim
-    cos = cos[:, None, :].to(x.dtype)  # [T, 1, r/2] broadcasts over heads
-    sin = sin[:, None, :].to(x.dtype)
+    if not heads_first:  # [T, 1, r/2] broadcasts over heads
+        cos, sin = cos[:, None, :], sin[:, None, :]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     xr, xp = (x, None) if r == d else (x[..., :r], x[..., r:])
     if layout == "half":
         x1, x2 = xr[..., : r // 2], xr[..., r // 2:]
