@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from trainer.models.layers import KVCache, RMSNorm, SwiGLU, apply_rope, causal_mask, rope_cos_sin
+from trainer.models.layers import KVCache, RMSNorm, SwiGLU, apply_rope, causal_mask, rope_cos_sin, rope_full
 
 INIT_SCHEMES = ("gpt2", "depth_scaled", "fan_in")
 
@@ -255,7 +255,7 @@ class DenseLM(nn.Module):
         B, T = input_ids.shape
         pos0 = cache.pos if cache is not None else 0
         positions = torch.arange(pos0, pos0 + T, device=input_ids.device)
-        cos, sin = rope_cos_sin(positions, c.rope_dims or c.head_dim, c.rope_theta)
+        cos, sin = rope_full(*rope_cos_sin(positions, c.rope_dims or c.head_dim, c.rope_theta), c.rope_layout)
         x = self.embed(input_ids)
         ckpt = c.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for blk in self.blocks:

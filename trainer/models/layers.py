@@ -63,30 +63,47 @@ def rope_cos_sin(positions: torch.Tensor, rot_dim: int, theta: float,
     return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
 
+def rope_full(cos: torch.Tensor, sin: torch.Tensor, layout: str = "half") -> tuple[torch.Tensor, torch.Tensor]:
+    """Widen [T, r/2] cos/sin to [T, r] in the pair order of `layout`. Do it once per forward and
+    pass the result to apply_rope: rotation is then 2 multiplies + 1 add per tensor."""
+    if layout == "half":
+        return torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+    if layout == "interleaved":
+        return cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1)
+    raise ValueError(f"rope_layout must be 'half' or 'interleaved', got {layout!r}")
+
+
+def _rotate(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """The partner of each dim, signed: (x1, x2) -> (-x2, x1) for every rotation pair."""
+    if layout == "half":
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((-x2, x1), dim=-1)
+    if layout == "interleaved":
+        return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+    raise ValueError(f"rope_layout must be 'half' or 'interleaved', got {layout!r}")
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str = "half",
                rot_dim: int | None = None, heads_first: bool = False) -> torch.Tensor:
     """Rotate the first rot_dim dims of x's last axis; the rest pass through (partial RoPE).
 
     x: [..., T, H, D] (heads after time), or [..., H, T, D] with heads_first=True (SDPA layout:
-    rotating there keeps q/k contiguous for the attention kernel); cos/sin: [T, rot_dim // 2].
+    rotating there keeps q/k contiguous for the attention kernel).
+    cos/sin: [T, rot_dim // 2] from rope_cos_sin, or [T, rot_dim] from rope_full (cheaper).
     layout "half": pairs (i, i + rot_dim/2)  -- HF/GPT-NeoX rotate-half.
     layout "interleaved": pairs (2i, 2i+1)  -- Meta's original Llama / Axiom.
     """
     d = x.shape[-1]
     r = d if rot_dim is None else rot_dim
-    if not heads_first:  # [T, 1, r/2] broadcasts over heads
+    if cos.shape[-1] != r:
+        cos, sin = rope_full(cos, sin, layout)
+    if not heads_first:  # [T, 1, r] broadcasts over heads
         cos, sin = cos[:, None, :], sin[:, None, :]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    xr, xp = (x, None) if r == d else (x[..., :r], x[..., r:])
-    if layout == "half":
-        x1, x2 = xr[..., : r // 2], xr[..., r // 2:]
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    elif layout == "interleaved":
-        x1, x2 = xr[..., 0::2], xr[..., 1::2]
-        out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
-    else:
-        raise ValueError(f"rope_layout must be 'half' or 'interleaved', got {layout!r}")
-    return out if xp is None else torch.cat((out, xp), dim=-1)
+    if r == d:
+        return x * cos + _rotate(x, layout) * sin
+    xr, xp = x[..., :r], x[..., r:]
+    return torch.cat((xr * cos + _rotate(xr, layout) * sin, xp), dim=-1)
 
 
 # ---------------------------------------------------------------------------------------- MLP
