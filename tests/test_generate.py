@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from trainer.generate import (GenerationConfig, banned_ngram_tokens, chatml_prompt, generate, load_checkpoint,
+from trainer.generate import (GenerationConfig, banned_ngram_tokens, chatml_prompt, complete, generate, load_checkpoint,
                               load_tokenizer, main, next_token, prompt_ids, top_k_filter, top_p_filter,
                               apply_no_repeat_ngram, apply_repetition_penalty)
 from trainer.models import build_model
@@ -86,6 +86,24 @@ def test_greedy_is_deterministic_and_equals_uncached_argmax():
         for _ in range(12):
             ctx.append(int(m(torch.tensor([ctx]))[0, -1].argmax()))
     assert out == ctx[len(prompt):]
+
+
+def test_greedy_hybrid_recurrent_state_via_cache():
+    pytest.importorskip("trainer.models.hybrid")
+    torch.manual_seed(0)
+    m = build_model({"arch": "hybrid", "preset": "hybrid-tiny"}).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.2)
+    prompt = [5, 17, 42, 7, 300, 11]
+    out = generate(m, prompt, GenerationConfig(max_new_tokens=10, greedy=True))
+    ctx = list(prompt)
+    with torch.no_grad():
+        for _ in range(10):
+            ctx.append(int(m(torch.tensor([ctx]))[0, -1].argmax()))
+    assert out == ctx[len(prompt):]
+    assert len(set(out)) > 1
 
 
 def test_seeded_sampling_reproducible_and_top_k_1_is_greedy():
@@ -192,6 +210,32 @@ def test_load_checkpoint_roundtrip(run_dir):
         torch.testing.assert_close(model(ids), ref(ids), rtol=0, atol=0)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         load_checkpoint(run_dir / "checkpoints" / "step_0000020.tmp")
+
+
+def test_load_checkpoint_mismatch_and_prefixes(run_dir, tmp_path):
+    from safetensors.torch import save_file
+    src = run_dir / "checkpoints" / "step_0000010"
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    (bad / "config.json").write_text(json.dumps({"model": {**TINY, "n_layers": 3}, "tokenizer": {}}))
+    with pytest.raises(ValueError, match="does not match.*blocks.2"):
+        load_checkpoint(bad)
+    ddp = tmp_path / "ddp"  # saved from a DDP-wrapped, compiled model
+    ddp.mkdir()
+    save_file({"module._orig_mod." + k: v.contiguous() for k, v in tiny_model().state_dict().items()},
+              str(ddp / "model.safetensors"))
+    (ddp / "config.json").write_text((src / "config.json").read_text())
+    model, _, _ = load_checkpoint(ddp)
+    torch.testing.assert_close(model.embed.weight, tiny_model().embed.weight, rtol=0, atol=0)
+
+
+def test_complete_returns_text(run_dir):
+    model, cfg, _ = load_checkpoint(run_dir)
+    tok = load_tokenizer(cfg)
+    ids = generate(model, tok.encode("the quick"), GenerationConfig(max_new_tokens=6, greedy=True,
+                                                                    stop_ids=(tok.eos_id,)))
+    assert complete(model, tok, "the quick", GenerationConfig(max_new_tokens=6, greedy=True)) == tok.decode(ids)
 
 
 def test_chatml_prompt_uses_special_ids(run_dir):

@@ -12,6 +12,7 @@ top-k, top-p, then sample (or argmax with greedy).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -170,10 +171,28 @@ def find_checkpoint(path: str | Path) -> Path:
                             f"or checkpoints/step_*/ holding them)")
 
 
+def load_state(model, file: Path, device) -> None:
+    """Fill `model` from a safetensors file: strict about names, except that a tied weight stored
+    once satisfies all its aliases, and DDP/compile prefixes ("module.", "_orig_mod.") are dropped."""
+    from safetensors.torch import load_file
+
+    try:
+        sd = load_file(str(file), device=str(device))
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
+        raise ValueError(f"{file}: unreadable safetensors ({e})") from None
+    for prefix in ("module.", "_orig_mod."):
+        sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(params[k]) for k in sd if k in params}
+    missing = [k for k in missing if not (k in params and id(params[k]) in loaded)]
+    if missing or unexpected:
+        raise ValueError(f"{file}: does not match config.json's model "
+                         f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """Returns (model, full config dict, checkpoint dir). Built on meta, then filled from safetensors."""
-    from safetensors.torch import load_model
-
     from trainer.models import build_model
 
     ckpt = find_checkpoint(path)
@@ -183,17 +202,25 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
         raise ValueError(f"{ckpt / 'config.json'}: unreadable ({e})") from None
     if not isinstance(cfg, dict) or "model" not in cfg:
         raise ValueError(f"{ckpt / 'config.json'}: no 'model' section")
-    model = build_model(cfg["model"], device="meta")
+    model = build_model(cfg["model"], device="meta")  # no time spent on a random init
     model.to_empty(device=device)
     if any(True for _ in model.buffers()):  # non-persistent buffers are not in the file: recompute them
         model.init_weights()
-    missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False, device=str(device))
-    if missing or unexpected:
-        raise ValueError(f"{ckpt / 'model.safetensors'}: does not match config.json's model "
-                         f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    load_state(model, ckpt / "model.safetensors", device)
     if dtype is not None:
         model.to(dtype)
     return model.eval(), cfg, ckpt
+
+
+def complete(model, tok, prompt: str, cfg: GenerationConfig, chat: bool = False) -> str:
+    """Prompt text in, completion text out (stops at EOS, and at <|im_end|> in chat mode).
+    What the trainer's demo calls to print a sample."""
+    ids = prompt_ids(tok, prompt, chat)
+    stops = set(cfg.stop_ids) | {tok.eos_id}
+    if chat:
+        stops.add(tok.special_tokens[CHATML_END])
+    cfg = dataclasses.replace(cfg, stop_ids=tuple(sorted(stops)))
+    return tok.decode(generate(model, ids, cfg))
 
 
 def load_tokenizer(cfg: dict, path_override: str | None = None):
