@@ -1,1 +1,12 @@
-"""Datatrove pipelines that turn raw corpora into token shards."""
+"""Datatrove pipelines that turn raw corpora into token shards.
+
+Reusable steps (any datatrove pipeline):
+  pipelines.steps     HashSplit (train/val by blake2b of id-or-text + seed), TokenizeShards
+                      (OUTPUT/<split>/<rank>.ds via shards.format.ShardWriter), WriteManifest
+  pipelines.readers   CountingJsonlReader / CountingParquetReader (bad rows counted and named),
+                      make_reader / resolve_input (input checks, InputError -> exit 2)
+  pipelines.filters   FineWeb's chain offline (local fastText LID, URL, Gopher, C4, FineWeb quality),
+                      MinHash dedup stages
+Command line (shared by every corpus): pipelines.cli.main(Corpus(...)); corpora: pipelines.fineweb,
+pipelines.fineweb_edu. Embedded demo: python -m pipelines.demo --output out/demo.
+"""
