@@ -222,7 +222,7 @@ def main(argv=None) -> int:
             docs = build_corpus(inp, size)
             for w in args.workers:
                 configs = [("raw", 1, w, f"encode_ordinary_batch, {w} thr")]
-                configs.append(("ours", 1, w, f"1 task x {w} threads"))
+                configs.append(("ours", 1, w, f"1 task x {w} thread(s)"))
                 if w > 1 and args.all_configs:
                     configs.append(("ours", w, 1, f"{w} tasks x 1 thread"))
                 configs.append(("datatrove", w, 1, f"{w} task(s), DocumentTokenizer"))

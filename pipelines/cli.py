@@ -208,7 +208,7 @@ def print_stats(title: str, logging_dir: str, out=None) -> list[tuple[str, dict]
     print(f"\n{title}", file=out)
     print(f"  {'step':<44} {'in':>10} {'kept':>10} {'dropped':>10}  notes", file=out)
     for name, s in stats:
-        if "total" in s or "forwarded" in s:  # a datatrove filter
+        if "total" in s or "forwarded" in s or "FILTER" in name:  # a datatrove filter
             notes = ", ".join(f"{k[8:]}={v:,}" for k, v in sorted(s.items()) if k.startswith("dropped_"))
             print(f"  {name[:44]:<44} {s.get('total', 0):>10,} {s.get('forwarded', 0):>10,} "
                   f"{s.get('dropped', 0):>10,}  {notes}", file=out)
@@ -413,6 +413,8 @@ def run_stage(args, corpus: Corpus) -> None:
         _reader(args, corpus)  # fail on a bad input before the first stage starts
         resolve_tokenizer(args)
         path = stage_filter(args, corpus, args.input, sub(args.output, "filtered"), sub(logs, "filter"))
+        if not is_remote(path) and not any(Path(path).glob("*.jsonl.gz")) and args.executor == "local":
+            raise InputError(f"the filter stage kept no documents (see the table above); nothing to tokenize in {path}")
         if args.dedup:
             path = stage_dedup(args, corpus, path, sub(args.output, "dedup"), sub(logs, "dedup"))
         limit, args.limit = args.limit, -1  # the limit applied when reading the raw input
