@@ -127,6 +127,9 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
     assert (straight / "training.png").stat().st_size > 1000
     st = torch.load(straight / "checkpoints" / "step_0000008" / "train_state.pt", weights_only=True)
     assert st["step"] == 8 and st["tokens_seen"] == 8 * 32 * 2 * 2
+    # realised mixture: weights 0.9 -> 0.1 (a) and 0.1 -> 0.9 (b) linearly integrate to half each
+    got = st["tokens_by_source"]
+    assert sum(got.values()) == 8 * 32 * 2 * 2 and abs(got["a"] - got["b"]) <= 2 * 32, got
     cfg = json.loads((straight / "checkpoints" / "step_0000008" / "config.json").read_text())
     assert cfg["model"]["d_model"] == 32 and cfg["tokenizer"]["name"] == "tiny"
 

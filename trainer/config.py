@@ -119,7 +119,8 @@ class TrainSection:
     activation_checkpointing: bool = False
     init_from: str | None = None  # checkpoint dir (or run dir) to take model weights from
     reset_data_cursor: bool = False  # with init_from: the loader starts from step 0 of its own schedule
-    log_every: int = 1
+    log_every: int = 1  # metrics.jsonl train rows (loss all-reduced: one sync per row)
+    print_every: int = 10  # progress line
 
 
 @dataclass

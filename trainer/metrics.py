@@ -168,7 +168,13 @@ def plot(run_dir: str | Path, rows: list[dict] | None = None) -> Path | None:
     toks = [r["tokens"] for r in train]
     fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
     ax = axes[0]
-    ax.plot(toks, [r["loss"] for r in train], lw=0.8, alpha=0.7, label="train")
+    losses = [r["loss"] for r in train]
+    ax.plot(toks, losses, lw=0.6, alpha=0.35, color="tab:blue", label="train")
+    ema, sm = None, []
+    for v in losses:  # smoothed train loss (EMA, ~20 rows)
+        ema = v if ema is None else 0.95 * ema + 0.05 * v
+        sm.append(ema)
+    ax.plot(toks, sm, lw=1.5, color="tab:blue", label="train (EMA)")
     if evals:
         for src in evals[-1]["loss"]:
             ax.plot([e["tokens"] for e in evals if src in e["loss"]], [e["loss"][src] for e in evals if src in e["loss"]],

@@ -271,10 +271,11 @@ def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
                f"{', data cursor reset' if cfg.train.reset_data_cursor else ''})")
     opt = build_optimizer(model, cfg.optim, device.type)
     raw_model = model
+    ddp = None
     if d.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None)
+        model = ddp = DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None)
     if cfg.train.compile:
         model = torch.compile(model)
     use_bf16 = cfg.train.dtype == "bf16" and device.type == "cuda"
@@ -349,7 +350,8 @@ def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
                 by_source[k] = by_source.get(k, 0) + int(v)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             mask = mask.to(device, non_blocking=True) if mask is not None else None
-            sync = contextlib.nullcontext() if (not d.enabled or micro == accum - 1) else model.no_sync()
+            # DDP all-reduces gradients only on the last micro-step of the optimizer step
+            sync = ddp.no_sync() if (ddp is not None and micro < accum - 1) else contextlib.nullcontext()
             with sync:
                 with autocast():
                     logits = model(x)
@@ -366,11 +368,11 @@ def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
         if done % cfg.train.log_every == 0 or done == total_steps or done == start_step + 1:
             loss_val = float(d.mean(loss_sum / accum))
             row = {"type": "train", "step": done, "tokens": tokens_seen, "loss": loss_val, "lr": lr,
-                   "weights": weights or {}}
+                   "weights": weights or {}, "time": time.time()}
             if gnorm is not None:
                 row["grad_norm"] = float(gnorm)
             metrics.log(row)
-            if d.main:
+            if d.main and (done % cfg.train.print_every == 0 or done == total_steps or done == start_step + 1):
                 print(prog.line(step, loss_val, lr), flush=True)
             if not math.isfinite(loss_val):
                 raise FloatingPointError(f"loss is {loss_val} at step {done}: stopping (last checkpoint kept)")
@@ -402,7 +404,10 @@ def sample_generation(cfg: Config, ckpt: Path) -> None:
     from shards.tokenizers import get_tokenizer
     from trainer.models import build_model
 
-    tok = get_tokenizer(cfg.tokenizer.path or cfg.tokenizer.name)
+    from shards.tokenizers import REGISTRY
+
+    t = cfg.tokenizer
+    tok = get_tokenizer(t.name, path=t.path) if t.name in REGISTRY else get_tokenizer(t.path or t.name)
     model = build_model(model_section(cfg), device="cpu")
     load_model_weights(model, ckpt)
     model.eval()
