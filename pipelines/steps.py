@@ -255,7 +255,7 @@ class TokenizeShards(PipelineStep):
             for split, docs_ids in per_split.items():
                 if split not in writers:
                     writers[split] = ShardWriter(Path(self.output_dir) / split / f"{rank:05d}", dtype, tok.name)
-                n_tok = write_documents(writers[split], docs_ids, dtype)
+                n_tok = writers[split].write_many(docs_ids)
                 count(f"{split}_documents", len(docs_ids))
                 count(f"{split}_tokens", n_tok)
                 docs += len(docs_ids)
@@ -301,32 +301,6 @@ class TokenizeShards(PipelineStep):
             f"task {rank}{' done' if final else ''}: {docs:,} docs ({docs / elapsed:,.0f} docs/s), "
             f"{tokens:,} tokens ({tokens / elapsed:,.0f} tokens/s)"
         )
-
-
-def write_documents(writer: ShardWriter, docs_ids: list[list[int]], dtype) -> int:
-    """Append several documents to a ShardWriter with one write per file instead of one per
-    document (the per-document path costs more than tokenizing short documents). Produces exactly
-    the bytes `writer.write` would; falls back to it if the writer's internals differ."""
-    import itertools
-
-    lengths = np.fromiter((len(d) for d in docs_ids), dtype=np.int64, count=len(docs_ids))
-    total = int(lengths.sum())
-    if not all(hasattr(writer, a) for a in ("_tokens", "_index", "tokens", "documents", "max_id")) \
-            or getattr(writer, "_loss", None) is not None:
-        for d in docs_ids:
-            writer.write(np.asarray(d, dtype=dtype))
-        return total
-    flat = np.fromiter(itertools.chain.from_iterable(docs_ids), dtype=np.int64, count=total)
-    if (lengths <= 0).any():
-        raise ValueError("a document must be a non-empty sequence of token ids")
-    if total and (flat.min() < 0 or flat.max() > writer.max_id):
-        raise ValueError(f"token id out of range for {writer.dtype.name}: min {flat.min()}, max {flat.max()}")
-    writer._tokens.write(flat.astype(writer.dtype).tobytes())
-    ends = writer.tokens + np.cumsum(lengths)
-    writer._index.write(ends.astype("<u8").tobytes())
-    writer.tokens += total
-    writer.documents += len(docs_ids)
-    return total
 
 
 class WriteManifest(PipelineStep):

@@ -64,23 +64,35 @@ class ShardWriter:
         return Path(str(self.path) + suffix + ".tmp")
 
     def write(self, tokens, loss_mask=None) -> None:
-        arr = np.asarray(tokens)
-        if arr.ndim != 1 or arr.size == 0:
+        self.write_many([tokens], None if loss_mask is None else [loss_mask])
+
+    def write_many(self, docs, loss_masks=None) -> int:
+        """Append several documents with one write per file (per-document writes cost more than
+        tokenizing short documents). Everything is validated before any byte is written, so a
+        rejected batch leaves the shard consistent with its index. Returns the tokens written."""
+        lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
+        if len(docs) == 0:
+            return 0
+        if (lengths <= 0).any():
             raise ValueError("a document must be a non-empty 1-D sequence of token ids")
-        if arr.min() < 0 or arr.max() > self.max_id:
-            raise ValueError(f"token id out of range for {self.dtype.name}: min {arr.min()}, max {arr.max()}")
-        # Validate the mask before writing anything: a rejected document must leave no bytes behind.
+        flat = np.concatenate([np.asarray(d).reshape(-1) for d in docs])
+        if flat.min() < 0 or flat.max() > self.max_id:
+            raise ValueError(f"token id out of range for {self.dtype.name}: min {flat.min()}, max {flat.max()}")
         if self._loss is not None:
-            if loss_mask is None or len(loss_mask) != arr.size:
+            if loss_masks is None or len(loss_masks) != len(docs) or any(
+                len(m) != n for m, n in zip(loss_masks, lengths)
+            ):
                 raise ValueError("this shard stores loss masks: each document needs one mask value per token")
-        elif loss_mask is not None:
+        elif loss_masks is not None:
             raise ValueError("loss_mask given to a ShardWriter opened with with_loss=False")
-        self._tokens.write(arr.astype(self.dtype, copy=False).tobytes())
+        self._tokens.write(flat.astype(self.dtype, copy=False).tobytes())
         if self._loss is not None:
-            self._loss.write(np.asarray(loss_mask, dtype=np.uint8).tobytes())
-        self.tokens += arr.size
-        self.documents += 1
-        self._index.write(np.array([self.tokens], dtype="<u8").tobytes())
+            self._loss.write(np.concatenate([np.asarray(m, dtype=np.uint8) for m in loss_masks]).tobytes())
+        self._index.write((self.tokens + np.cumsum(lengths)).astype("<u8").tobytes())
+        total = int(lengths.sum())
+        self.tokens += total
+        self.documents += len(docs)
+        return total
 
     def close(self) -> None:
         if self._closed:
