@@ -162,3 +162,26 @@ def test_two_stages_init_from_previous_with_fresh_optimizer(tmp_path):
     # --resume on a finished run skips both stages
     r = run([cur, "--run-dir", out, "--resume"])
     assert r.stdout.count("already done") == 2
+
+
+def test_resume_with_muon_on_the_hybrid_model(tmp_path):
+    """Muon's combined optimizer state (Muon + AdamW) round-trips through train_state.pt
+    (weights_only) and the resumed step is bit-exact, on the hybrid (Gated DeltaNet) model."""
+    cur = tiny_curriculum(tmp_path, model={"arch": "hybrid", "preset": "hybrid-tiny", "vocab_size": VOCAB},
+                          optim={"name": "muon", "lr": 0.02}, train={"steps": 4, "seed": 3, "dtype": "fp32"},
+                          eval={"every": 0, "batches": 0})
+    out = tmp_path / "run"
+    run([cur, "--run-dir", out])
+    straight = train_losses(out)
+    w_straight = load_file(out / "checkpoints" / "step_0000004" / "model.safetensors")
+    st = torch.load(out / "checkpoints" / "step_0000003" / "train_state.pt", weights_only=True)
+    assert set(st["optimizer"]) == {"0", "1"}  # Muon, AdamW
+    assert all("momentum_buffer" in s for s in st["optimizer"]["0"]["state"].values())
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "step_0000004")
+    (out / "DONE").unlink()
+    run([cur, "--run-dir", out, "--resume"])
+    assert train_losses(out) == straight
+    w = load_file(out / "checkpoints" / "step_0000004" / "model.safetensors")
+    assert all(torch.equal(w[k], w_straight[k]) for k in w)
