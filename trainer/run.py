@@ -392,6 +392,22 @@ def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
     return final
 
 
+def encode_with_specials(tok, text: str) -> list[int]:
+    """encode() treats special-token strings as text; a ChatML sample prompt needs their real ids."""
+    import re
+
+    specials = {k: v for k, v in (getattr(tok, "special_tokens", None) or {}).items() if k and k in text}
+    if not specials:
+        return tok.encode(text)
+    ids: list[int] = []
+    for part in re.split("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")", text):
+        if part in specials:
+            ids.append(specials[part])
+        elif part:
+            ids.extend(tok.encode(part))
+    return ids
+
+
 def sample_generation(cfg: Config, ckpt: Path) -> None:
     """Print a short sample from the final checkpoint with M1's generator."""
     if not cfg.sample.prompt:
@@ -411,11 +427,13 @@ def sample_generation(cfg: Config, ckpt: Path) -> None:
     model = build_model(model_section(cfg), device="cpu")
     load_model_weights(model, ckpt)
     model.eval()
-    ids = tok.encode(cfg.sample.prompt)
+    ids = encode_with_specials(tok, cfg.sample.prompt)
     if getattr(tok, "add_bos", False) and tok.bos_id is not None:
         ids = [tok.bos_id] + ids
+    stops = [tok.eos_id] + [tok.special_tokens[t] for t in ("<|im_end|>",) if t in cfg.sample.prompt
+                            and t in getattr(tok, "special_tokens", {})]
     gen = GenerationConfig(max_new_tokens=cfg.sample.max_new_tokens, temperature=cfg.sample.temperature,
-                           top_k=cfg.sample.top_k or None, stop_ids=(tok.eos_id,), seed=cfg.train.seed)
+                           top_k=cfg.sample.top_k or None, stop_ids=tuple(stops), seed=cfg.train.seed)
     new = generate(model, ids, gen)
     print(f"[sample] {ckpt}:\n{cfg.sample.prompt}{tok.decode(list(new))}", flush=True)
 
