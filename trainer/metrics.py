@@ -170,10 +170,10 @@ def plot(run_dir: str | Path, rows: list[dict] | None = None) -> Path | None:
     ax = axes[0]
     losses = [r["loss"] for r in train]
     ax.plot(toks, losses, lw=0.6, alpha=0.35, color="tab:blue", label="train")
-    ema, sm = None, []
-    for v in losses:  # smoothed train loss (EMA, ~20 rows)
-        ema = v if ema is None else 0.95 * ema + 0.05 * v
-        sm.append(ema)
+    ema, sm = 0.0, []
+    for i, v in enumerate(losses, 1):  # smoothed train loss: bias-corrected EMA over ~20 rows
+        ema = 0.95 * ema + 0.05 * v
+        sm.append(ema / (1 - 0.95**i))
     ax.plot(toks, sm, lw=1.5, color="tab:blue", label="train (EMA)")
     if evals:
         for src in evals[-1]["loss"]:
