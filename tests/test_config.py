@@ -131,6 +131,27 @@ def test_dry_run_cli_json_last_line():
     assert (out["parameters"], out["tokens_per_step"], out["steps"]) == (385_849_344, 327_680, 24_414)
 
 
+def test_model_section_error_names_file_and_field(tmp_path, capsys):
+    from trainer.run import main
+
+    p = write(tmp_path, {**BASE, "model": {**BASE["model"], "n_layer": 2}})
+    assert main([str(p), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert str(p) in err and "model.n_layer" in err and "n_layers" in err, err
+
+
+def test_multi_stage_dry_run_json_counts_all_stages(capsys, monkeypatch):
+    from trainer.run import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main([str(ROOT / "curricula" / "argonne-3.0.yaml"), "--dry-run", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    s1, s2 = out["stages"]
+    assert (s1["stage"], s2["stage"]) == ("pretrain", "continued")
+    assert s1["steps"] == 20_839_021_454 // 233_472 and s2["steps"] == 55_211_688_156 // 233_472
+    assert out["steps"] == s1["steps"] + s2["steps"] and out["tokens_per_step"] == 233_472
+
+
 def test_card_recipes():
     (arg1, arg2) = load_curriculum(ROOT / "curricula" / "argonne-3.0.yaml", world_size=3)
     assert arg1.grad_accum(3) == 2 and arg1.tokens_per_step(3) == 233_472 and arg1.train.seed == 444

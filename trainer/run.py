@@ -467,10 +467,12 @@ def main(argv=None) -> int:
                     print_summary(s, cfg)
             if args.json and d.main:
                 first = sums[0]
-                out = {k: first[k] for k in ("parameters", "tokens_per_step", "steps", "tokens", "grad_accum",
-                                             "world_size", "flops_per_token")}
-                out["stages"] = [{k: v for k, v in s.items() if k != "mixture"} | {"mixture": s["mixture"]} for s in sums]
-                out["steps_total"] = sum(s["steps"] for s in sums)
+                out = {k: first[k] for k in ("parameters", "tokens_per_step", "grad_accum", "world_size",
+                                             "flops_per_token")}
+                # steps/tokens: the whole curriculum (all stages); per-stage figures under "stages"
+                out["steps"] = sum(s["steps"] for s in sums)
+                out["tokens"] = sum(s["tokens"] for s in sums)
+                out["stages"] = sums
                 print(json.dumps(out))
             return 0
         run_dir = Path(args.run_dir or Path("runs") / Path(args.curriculum).stem)
