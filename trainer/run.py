@@ -227,6 +227,11 @@ def print_summary(s: dict, cfg: Config) -> None:
     print(f"  steps           {s['steps']:,} ({fmt_count(s['tokens'])} tokens)")
     print(f"  optimizer       {cfg.optim.name} lr {cfg.optim.lr:g}, schedule {cfg.schedule.kind} "
           f"(warmup {cfg.schedule.warmup})")
+    print("  sources")
+    for src in cfg.data.sources:
+        remote = str(src.path).startswith("s3://")
+        state = "remote" if remote else ("ok" if (Path(src.path) / "manifest.json").exists() else "not built yet")
+        print(f"    {src.name:24s} {src.path}  [{state}]")
     names = [src.name for src in cfg.data.sources]
     width = max(12, *(len(n) for n in names))
     print("  mixture schedule (normalised weights; linear between points)")
