@@ -248,12 +248,13 @@ def test_killed_run_rerun_equals_uninterrupted(tmp_path, texts, bpe):
     assert tokenize(tmp_path / "in", tmp_path / "fresh", *args) == 0
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "pipelines.fineweb", "tokenize", "--input", str(tmp_path / "in"), "--output", str(out), *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Own process group: the kill takes down the job and its datatrove workers, as a real crash would.
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     caught = False
     deadline = time.time() + 60
     while proc.poll() is None and time.time() < deadline:
         if list((out / "train").glob("00001.ds*.tmp")):
-            os.kill(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)
             caught = True
             break
         time.sleep(0.005)
