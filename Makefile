@@ -19,14 +19,24 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Corpus from Python's own docs -> 4096-id BPE -> two shard sources -> Atom trained a few minutes
+# on the CPU (loss curve in $(DEMO_DIR)/run/training.png) -> a sample generation.
 demo: $(STAMP)
 	$(BIN)/python -m pipelines.demo --output $(DEMO_DIR)
+	$(BIN)/python -m shards verify $(DEMO_DIR)/shards/topics
+	$(BIN)/python -m trainer.run curricula/demo-atom.yaml --run-dir $(DEMO_DIR)/run --overwrite \
+	    data.sources.0.path=$(DEMO_DIR)/shards/topics data.sources.1.path=$(DEMO_DIR)/shards/docstrings \
+	    tokenizer.path=$(DEMO_DIR)/tokenizer.json
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# Heavy measurements, not tests: each writes bench/results/<name>.json and prints a table.
 bench: $(STAMP)
 	$(BIN)/python bench/tokenize.py
+	$(BIN)/python bench/model.py
+	$(BIN)/python bench/loader.py
+	$(BIN)/python bench/train.py
 
 clean:
 	rm -rf out runs
