@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from trainer.models.layers import KVCache, RMSNorm, SwiGLU, apply_rope, causal_mask, rope_cos_sin, rope_full
+from trainer.models.layers import (CausalLM, KVCache, RMSNorm, SwiGLU, apply_rope, causal_mask, rope_cos_sin,
+                                   rope_full)
 
 INIT_SCHEMES = ("gpt2", "depth_scaled", "fan_in")
 
@@ -207,16 +207,11 @@ class Block(nn.Module):
         return h + m
 
 
-class DenseLM(nn.Module):
+class DenseLM(CausalLM):
     def __init__(self, config: DenseConfig):
-        super().__init__()
-        self.config = c = config
-        self.embed = nn.Embedding(c.vocab_size, c.d_model)
-        self.blocks = nn.ModuleList(Block(c, i) for i in range(c.n_layers))
-        self.norm = RMSNorm(c.d_model, eps=c.norm_eps, fp32=c.norm_fp32)
-        self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
-        if self.embed.weight.device.type != "meta":
-            self.init_weights()
+        c = config
+        super().__init__(c, lambda i: Block(c, i), RMSNorm(c.d_model, eps=c.norm_eps, fp32=c.norm_fp32),
+                         logit_softcap=c.logit_softcap)
 
     # ------------------------------------------------------------------ init
     def init_weights(self) -> None:
@@ -249,45 +244,9 @@ class DenseLM(nn.Module):
                     mod.reset_parameters()
             self.norm.reset_parameters()
 
-    # ------------------------------------------------------------------ forward
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
-        B, T = input_ids.shape
-        pos0 = cache.pos if cache is not None else 0
-        positions = torch.arange(pos0, pos0 + T, device=input_ids.device)
-        cos, sin = rope_full(*rope_cos_sin(positions, c.rope_dims or c.head_dim, c.rope_theta), c.rope_layout)
-        x = self.embed(input_ids)
-        ckpt = c.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
-        for blk in self.blocks:
-            if ckpt:
-                x = checkpoint(blk, x, cos, sin, use_reentrant=False)
-            else:
-                x = blk(x, cos, sin, cache)
-        x = self.norm(x)
-        w = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, w).float()
-        if c.logit_softcap is not None:
-            logits = c.logit_softcap * torch.tanh(logits / c.logit_softcap)
-        if cache is not None:
-            cache.advance(T)
-        return logits
-
-    # ------------------------------------------------------------------ interface
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        return KVCache(self.config.n_layers, batch_size, max_len or self.config.max_seq_len)
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
-
-    def param_kinds(self) -> dict[str, str]:
-        """Optimizer roles. The (tied) embedding/head is "embedding"; norm weights are "vector"."""
-        kinds = {}
-        for name, p in self.named_parameters():
-            if name.startswith("embed.") or name.startswith("lm_head."):
-                kinds[name] = "embedding"
-            else:
-                kinds[name] = "matrix" if p.ndim >= 2 else "vector"
-        return kinds
+        return rope_full(*rope_cos_sin(positions, c.rope_dims or c.head_dim, c.rope_theta), c.rope_layout)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward), PaLM-style: 6 x matmul params (the head

@@ -22,12 +22,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from trainer.models.csa import CompressedSparseAttention, GatedAttention
 from trainer.models.gated_deltanet import GatedDeltaNet
-from trainer.models.layers import KVCache, RMSNorm, SwiGLU, rope_cos_sin
+from trainer.models.layers import CausalLM, KVCache, RMSNorm, SwiGLU, rope_cos_sin
 
 MIXERS = ("linear", "csa", "full")
 
@@ -122,16 +120,19 @@ class Block(nn.Module):
         return (1 + self.ffn_residual_scale) * h + (1 + self.ffn_sublayer_scale) * f
 
 
-class HybridLM(nn.Module):
+class HybridLM(CausalLM):
+    """Optimizer roles (param_kinds): Muon ("matrix") gets every >= 2-D weight except the embedding/head,
+    INCLUDING the depthwise conv weight [C, 1, K] (the optimizer views it as [C, K]), as in the source.
+    Norm weights, hyper-connection scales, A_log and dt_bias are "vector".
+
+    Cache (new_cache): attention layers keep k/v (and CSA its pre-RoPE keys); Gated DeltaNet layers keep
+    "conv" (last kernel-1 inputs) and "state" (the [B,H,Dk,Dv] recurrent state): O(1) in the length.
+    """
+
     def __init__(self, config: HybridConfig):
-        super().__init__()
-        self.config = c = config
-        self.embed = nn.Embedding(c.vocab_size, c.d_model)
-        self.blocks = nn.ModuleList(Block(c, i) for i in range(c.n_layers))
-        self.norm = RMSNorm(c.d_model, eps=c.norm_eps, fp32=True, unit_offset=True)
-        self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
-        if self.embed.weight.device.type != "meta":
-            self.init_weights()
+        c = config
+        super().__init__(c, lambda i: Block(c, i),
+                         RMSNorm(c.d_model, eps=c.norm_eps, fp32=True, unit_offset=True))
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
@@ -160,47 +161,9 @@ class HybridLM(nn.Module):
                 p.zero_()
         self.norm.reset_parameters()
 
-    # ------------------------------------------------------------------ forward
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        c = self.config
-        B, T = input_ids.shape
-        pos0 = cache.pos if cache is not None else 0
-        positions = torch.arange(pos0, pos0 + T, device=input_ids.device)
-        cos, sin = rope_cos_sin(positions, c.rope_dims, c.rope_theta)
-        x = self.embed(input_ids)
-        ckpt = c.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
-        for blk in self.blocks:
-            if ckpt:
-                x = checkpoint(blk, x, cos, sin, use_reentrant=False)
-            else:
-                x = blk(x, cos, sin, cache)
-        x = self.norm(x)
-        w = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, w).float()
-        if cache is not None:
-            cache.advance(T)
-        return logits
-
-    # ------------------------------------------------------------------ interface
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        """Attention layers keep k/v (and CSA its pre-RoPE keys); Gated DeltaNet layers keep "conv"
-        (last kernel-1 inputs) and "state" (the [B,H,Dk,Dv] recurrent state): O(1) in the length."""
-        return KVCache(self.config.n_layers, batch_size, max_len or self.config.max_seq_len)
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())  # a tied weight is yielded once
-
-    def param_kinds(self) -> dict[str, str]:
-        """Muon ("matrix") gets every >= 2-D weight except the embedding/head, INCLUDING the depthwise conv
-        weight [C, 1, K] (the optimizer views it as [C, K]), as in the source. Norm weights,
-        hyper-connection scales, A_log and dt_bias are "vector"."""
-        kinds = {}
-        for name, p in self.named_parameters():
-            if name.startswith("embed.") or name.startswith("lm_head."):
-                kinds[name] = "embedding"
-            else:
-                kinds[name] = "matrix" if p.ndim >= 2 else "vector"
-        return kinds
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # [T, rope_dims/2] tables; apply_rope in each attention mixer widens them (rotate-half)
+        return rope_cos_sin(positions, self.config.rope_dims, self.config.rope_theta)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward = 3 x forward), PaLM-style.

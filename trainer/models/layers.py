@@ -1,13 +1,17 @@
-"""Building blocks shared by every architecture: RMSNorm, RoPE, SwiGLU, the KV/state cache.
+"""Building blocks shared by every architecture: RMSNorm, RoPE, SwiGLU, the KV/state cache, and the
+CausalLM trunk (embed -> blocks -> norm -> head) each model family subclasses.
 
 Tensor layout convention: activations are [B, T, ...]; attention heads are [B, T, H, D] until the
 SDPA call, which wants [B, H, T, D].
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 class RMSNorm(nn.Module):
@@ -174,3 +178,70 @@ def causal_mask(t_q: int, t_k: int, device, window: int | None = None) -> torch.
     if window is not None:
         m = m & (kj > qi - window)
     return m
+
+
+# ---------------------------------------------------------------------------------------- LM trunk
+
+class CausalLM(nn.Module):
+    """embed -> blocks -> final norm -> tied/untied head -> fp32 logits, shared by every family.
+
+    A subclass passes its block factory and final norm, implements init_weights() and rope() (the
+    cos/sin tables its blocks take; blocks are called as blk(x, cos, sin, cache)), and may ask for
+    a final logit softcap: logits <- c * tanh(logits / c).
+    """
+
+    def __init__(self, config, block: Callable[[int], nn.Module], norm: nn.Module,
+                 logit_softcap: float | None = None):
+        super().__init__()
+        self.config = c = config
+        self.logit_softcap = logit_softcap
+        self.embed = nn.Embedding(c.vocab_size, c.d_model)
+        self.blocks = nn.ModuleList(block(i) for i in range(c.n_layers))
+        self.norm = norm
+        self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
+        if self.embed.weight.device.type != "meta":
+            self.init_weights()
+
+    def init_weights(self) -> None:
+        raise NotImplementedError
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        T = input_ids.shape[1]
+        pos0 = cache.pos if cache is not None else 0
+        cos, sin = self.rope(torch.arange(pos0, pos0 + T, device=input_ids.device))
+        x = self.embed(input_ids)
+        c = self.config
+        ckpt = c.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
+        for blk in self.blocks:
+            if ckpt:
+                x = checkpoint(blk, x, cos, sin, use_reentrant=False)
+            else:
+                x = blk(x, cos, sin, cache)
+        x = self.norm(x)
+        w = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(x, w).float()
+        if self.logit_softcap is not None:
+            logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
+        if cache is not None:
+            cache.advance(T)
+        return logits
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        return KVCache(self.config.n_layers, batch_size, max_len or self.config.max_seq_len)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
+
+    def param_kinds(self) -> dict[str, str]:
+        """Optimizer roles: the (tied) embedding/head is "embedding"; every other >= 2-D weight is
+        "matrix"; norm weights and other 1-D parameters are "vector"."""
+        kinds = {}
+        for name, p in self.named_parameters():
+            if name.startswith("embed.") or name.startswith("lm_head."):
+                kinds[name] = "embedding"
+            else:
+                kinds[name] = "matrix" if p.ndim >= 2 else "vector"
+        return kinds
