@@ -391,12 +391,27 @@ def print_manifest_summary(directory, out=None) -> None:
 # -------------------------------------------------------------------------------------------- main
 
 
-def run_stage(args, corpus: Corpus) -> None:
-    logs = logging_base(args, corpus)
+def check_args(args) -> None:
+    """The checks argparse cannot express, shared by every corpus command line."""
     if args.tasks < 1:
         raise InputError(f"--tasks must be >= 1, got {args.tasks}")
     if not 0.0 <= args.val_fraction <= 1.0:
         raise InputError(f"--val-fraction must be in [0, 1], got {args.val_fraction}")
+
+
+def run_command(run, *args) -> int:
+    """Exit status of run(*args): 0, or 2 with one "error: ..." line on stderr for bad input."""
+    try:
+        run(*args)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_stage(args, corpus: Corpus) -> None:
+    logs = logging_base(args, corpus)
+    check_args(args)
     if args.stage == "download":
         stage_download(args, corpus)
     elif args.stage == "filter":
@@ -425,10 +440,4 @@ def run_stage(args, corpus: Corpus) -> None:
 
 
 def main(corpus: Corpus, argv=None) -> int:
-    args = build_parser(corpus).parse_args(argv)
-    try:
-        run_stage(args, corpus)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(run_stage, build_parser(corpus).parse_args(argv), corpus)

@@ -27,7 +27,6 @@ The command line is the shared one (`pipelines/cli.py`); only `download` and `to
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -36,12 +35,13 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.logging import logger
 
-from shards.format import ShardWriter, dtype_for_vocab
+from shards.format import dtype_for_vocab
 
-from .cli import (Corpus, build_parser, check_run_settings, is_remote, logging_base, make_executor,
-                  print_manifest_summary, print_stats, resolve_tokenizer, stage_download, storage_options, sub)
+from .cli import (Corpus, build_parser, check_args, check_run_settings, is_remote, logging_base, make_executor,
+                  print_manifest_summary, print_stats, resolve_tokenizer, run_command, stage_download,
+                  storage_options, sub)
 from .readers import CountingJsonlReader, CountingParquetReader, InputError, resolve_input
-from .steps import POSITION_ID_FLAG, HashSplit, WriteManifest, clean_rank_outputs, default_threads
+from .steps import POSITION_ID_FLAG, HashSplit, WriteManifest, clean_rank_outputs, default_threads, split_writers
 
 CORPUS = Corpus(
     name="smol-smoltalk",
@@ -172,7 +172,6 @@ class ChatTokenizeShards(PipelineStep):
         dtype = dtype_for_vocab(tok.vocab_size)
         if removed := clean_rank_outputs(self.output_dir, rank, self.splits):
             logger.info(f"task {rank}: removed {removed} files left by an earlier unfinished run")
-        writers: dict[str, ShardWriter] = {}
         docs = tokens = 0
         start = last = time.perf_counter()
 
@@ -188,9 +187,6 @@ class ChatTokenizeShards(PipelineStep):
                 split = doc.metadata.get("split", "train")
                 if split not in self.splits:
                     raise ValueError(f"document {doc.id!r} tagged split={split!r}, not one of {self.splits}")
-                if split not in writers:
-                    writers[split] = ShardWriter(Path(self.output_dir) / split / f"{rank:05d}", dtype, tok.name,
-                                                 with_loss=True)
                 writers[split].write(ids, mask)
                 self.stat_update(f"{split}_documents")
                 self.stat_update(f"{split}_tokens", value=len(ids))
@@ -198,7 +194,7 @@ class ChatTokenizeShards(PipelineStep):
                 docs += 1
                 tokens += len(ids)
 
-        try:
+        with split_writers(self.output_dir, rank, dtype, tok.name, with_loss=True) as writers:
             batch = []
             for doc in data:
                 batch.append(doc)
@@ -211,12 +207,6 @@ class ChatTokenizeShards(PipelineStep):
                         self._progress(rank, docs, tokens, last - start)
             if batch:
                 flush(batch)
-            for split in sorted(writers):
-                writers[split].close()
-        except BaseException:
-            for w in writers.values():
-                w.abort()
-            raise
         self._progress(rank, docs, tokens, time.perf_counter() - start, done=True)
         return
         yield  # a generator: datatrove drains it
@@ -273,26 +263,21 @@ def stage_tokenize(args) -> str:
     return args.output
 
 
+def run_stage(args) -> None:
+    check_args(args)
+    if args.stage == "download":
+        stage_download(args, CORPUS)
+    elif args.stage == "tokenize":
+        stage_tokenize(args)
+    else:
+        raise InputError(f"stage {args.stage!r} does not apply to chat data (use download or tokenize)")
+
+
 def main(argv=None) -> int:
     p = build_parser(CORPUS)
     p.prog = "python -m pipelines.smoltalk"
     p.set_defaults(tokenizer="cl100k", output=f"out/{CORPUS.name}")
-    args = p.parse_args(argv)
-    try:
-        if args.tasks < 1:
-            raise InputError(f"--tasks must be >= 1, got {args.tasks}")
-        if not 0.0 <= args.val_fraction <= 1.0:
-            raise InputError(f"--val-fraction must be in [0, 1], got {args.val_fraction}")
-        if args.stage == "download":
-            stage_download(args, CORPUS)
-        elif args.stage == "tokenize":
-            stage_tokenize(args)
-        else:
-            raise InputError(f"stage {args.stage!r} does not apply to chat data (use download or tokenize)")
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(run_stage, p.parse_args(argv))
 
 
 if __name__ == "__main__":  # LocalPipelineExecutor uses forkserver: workers re-import this module

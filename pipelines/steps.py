@@ -16,6 +16,7 @@ import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,37 @@ def clean_rank_outputs(output_dir: str | Path, rank: int, splits) -> int:
                     p.unlink()
                     removed += 1
     return removed
+
+
+class SplitWriters:
+    """One ShardWriter per split, OUTPUT/<split>/<rank:05d>.ds, opened on first `writers[split]`
+    (a split no document goes to gets no empty shard)."""
+
+    def __init__(self, output_dir: str | Path, rank: int, dtype, tokenizer_name: str, with_loss: bool = False):
+        self.output_dir, self.rank, self.dtype = Path(output_dir), rank, dtype
+        self.tokenizer_name, self.with_loss = tokenizer_name, with_loss
+        self.opened: dict[str, ShardWriter] = {}
+
+    def __getitem__(self, split: str) -> ShardWriter:
+        if split not in self.opened:
+            self.opened[split] = ShardWriter(self.output_dir / split / f"{self.rank:05d}", self.dtype,
+                                           self.tokenizer_name, with_loss=self.with_loss)
+        return self.opened[split]
+
+
+@contextmanager
+def split_writers(output_dir: str | Path, rank: int, dtype, tokenizer_name: str, with_loss: bool = False):
+    """SplitWriters for one task: every shard is closed (renamed into place) if the block succeeds,
+    and every one aborted (its .tmp files removed) on any exception, interrupts included."""
+    writers = SplitWriters(output_dir, rank, dtype, tokenizer_name, with_loss)
+    try:
+        yield writers
+        for split in sorted(writers.opened):
+            writers.opened[split].close()
+    except BaseException:
+        for w in writers.opened.values():
+            w.abort()
+        raise
 
 
 class TokenizeShards(PipelineStep):
@@ -227,7 +259,6 @@ class TokenizeShards(PipelineStep):
         eos = tok.eos_id
         if removed := clean_rank_outputs(self.output_dir, rank, self.splits):
             logger.info(f"task {rank}: removed {removed} files left by an earlier unfinished run")
-        writers: dict[str, ShardWriter] = {}
         docs = tokens = 0
         start = last_log = time.perf_counter()
 
@@ -253,8 +284,6 @@ class TokenizeShards(PipelineStep):
                 ids.append(eos)  # the tokenizer's fresh list: appending in place is free
                 per_split.setdefault(split, []).append(ids)
             for split, docs_ids in per_split.items():
-                if split not in writers:
-                    writers[split] = ShardWriter(Path(self.output_dir) / split / f"{rank:05d}", dtype, tok.name)
                 n_tok = writers[split].write_many(docs_ids)
                 count(f"{split}_documents", len(docs_ids))
                 count(f"{split}_tokens", n_tok)
@@ -265,7 +294,7 @@ class TokenizeShards(PipelineStep):
             return tok.encode_batch(texts, num_threads=self.num_threads)
 
         try:
-            with ThreadPoolExecutor(1) as pool:
+            with split_writers(self.output_dir, rank, dtype, tok.name) as writers, ThreadPoolExecutor(1) as pool:
                 pending = None
                 for batch in self._valid_batches(data):
                     with self.track_time(unit="batch"):
@@ -280,12 +309,6 @@ class TokenizeShards(PipelineStep):
                 if pending is not None:
                     with self.track_time(unit="batch"):
                         write(pending[0], pending[1].result())
-            for split in sorted(writers):
-                writers[split].close()
-        except BaseException:
-            for w in writers.values():
-                w.abort()
-            raise
         finally:
             for label, n in sorted(counts.items()):
                 self.stat_update(label, value=n, unit="task")
