@@ -165,6 +165,25 @@ def _fmt(name: str) -> str | None:
     return None
 
 
+def check_hub_input(path: str) -> None:
+    """One listing of an hf:// folder before any executor starts, so being offline (or a typo in the
+    repo path) is one clear line instead of a network traceback from inside a datatrove worker."""
+    from huggingface_hub import HfFileSystem
+
+    try:
+        names = HfFileSystem().ls(path.removeprefix("hf://"), detail=False)
+    except FileNotFoundError:
+        raise InputError(f"input {path}: not found on the Hugging Face hub") from None
+    except Exception as e:  # offline mode, DNS failure, auth: all mean "can't read it from here"
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise InputError(
+            f"input {path}: cannot reach the Hugging Face hub ({type(e).__name__}: {reason}). "
+            "Mirror it with the `download` stage on a connected machine, or pass --input PATH."
+        ) from None
+    if not names:
+        raise InputError(f"input {path}: the hub folder is empty")
+
+
 def resolve_input(path: str, storage_options: dict | None = None) -> tuple[object, str, str | None]:
     """Check `path` and return (datatrove data folder, format, glob pattern).
 
@@ -172,7 +191,8 @@ def resolve_input(path: str, storage_options: dict | None = None) -> tuple[objec
     parquet/jsonl files. A single file becomes (its folder, format, its name).
     """
     if path.startswith("hf://"):
-        return path, "parquet", None  # the hub: checked by the reader itself (network)
+        check_hub_input(path)
+        return path, "parquet", None
     if "://" in path:
         return _resolve_remote(path, storage_options or {})
     p = Path(path).expanduser()
