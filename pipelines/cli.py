@@ -27,6 +27,8 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from shards.storage import storage_options as s3_storage_options
+
 from .readers import InputError, make_reader
 from .steps import HashSplit, TokenizeShards, WriteManifest, default_threads
 
@@ -68,6 +70,7 @@ def build_parser(corpus: Corpus) -> argparse.ArgumentParser:
     io.add_argument("--id-key", default=corpus.id_key)
     io.add_argument("--endpoint-url", help="S3-compatible endpoint (Cloudflare R2: https://<account>.r2.cloudflarestorage.com)")
     io.add_argument("--profile", help="AWS profile for s3:// input/output (credentials come from the usual chain)")
+    io.add_argument("--region", help="S3 region name (default: the usual chain; 'auto' for an R2 --endpoint-url)")
     io.add_argument("--staging-dir", help="local folder for shards bound for an s3:// --output (default: under the logs)")
     tk = p.add_argument_group("tokenize")
     tk.add_argument("--tokenizer", default="qwen3", help="qwen3 | cl100k | llama2 | path to tokenizer.json / .model")
@@ -104,13 +107,14 @@ def build_parser(corpus: Corpus) -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------- helpers
 
 
+def storage_kwargs(args) -> dict:
+    """--endpoint-url/--profile/--region as shards.storage's upload() and storage_options() take them."""
+    return dict(endpoint_url=args.endpoint_url, profile=args.profile, region=args.region)
+
+
 def storage_options(args) -> dict:
-    so: dict = {}
-    if args.endpoint_url:
-        so["client_kwargs"] = {"endpoint_url": args.endpoint_url}
-    if args.profile:
-        so["profile"] = args.profile
-    return so
+    """fsspec options for s3:// input/output folders (no credentials: s3fs uses boto3's chain)."""
+    return s3_storage_options(**storage_kwargs(args))
 
 
 def is_remote(path: str) -> bool:
@@ -361,7 +365,7 @@ def stage_tokenize(args, corpus, input_path, output, logs, filters: list[str] | 
         local_out, tok_name, tok_path, source=source, filters=applied,
         seeds={"split_seed": args.split_seed, "val_fraction": args.val_fraction}, extra=extra,
         upload_to=output if remote else None,
-        storage_kwargs={"endpoint_url": args.endpoint_url, "profile": args.profile} if remote else None,
+        storage_kwargs=storage_kwargs(args) if remote else None,
     )
     tokenize = make_executor(args, pipeline, sub(logs, "tokenize"), job_name=f"{corpus.name}-tokenize")
     if args.executor == "local":

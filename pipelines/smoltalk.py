@@ -39,7 +39,7 @@ from shards.format import dtype_for_vocab
 
 from .cli import (Corpus, build_parser, check_args, check_run_settings, is_remote, logging_base, make_executor,
                   print_manifest_summary, print_stats, resolve_tokenizer, run_command, stage_download,
-                  storage_options, sub)
+                  storage_kwargs, storage_options, sub)
 from .readers import CountingJsonlReader, CountingParquetReader, InputError, resolve_input
 from .steps import POSITION_ID_FLAG, HashSplit, WriteManifest, clean_rank_outputs, default_threads, split_writers
 
@@ -253,7 +253,7 @@ def stage_tokenize(args) -> str:
     manifest = WriteManifest(out, tok_name, tok_path, source=source, filters=["chatml-row-checks"],
                              seeds={"split_seed": args.split_seed, "val_fraction": args.val_fraction}, extra=extra,
                              upload_to=args.output if remote else None,
-                             storage_kwargs={"endpoint_url": args.endpoint_url, "profile": args.profile} if remote else None)
+                             storage_kwargs=storage_kwargs(args) if remote else None)
     tokenize = make_executor(args, pipeline, sub(logs, "tokenize"), job_name="smoltalk-tokenize")
     make_executor(args, [manifest], sub(logs, "manifest"), tasks=1, depends=tokenize, skip_completed=False,
                   job_name="smoltalk-manifest").run()
