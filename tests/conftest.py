@@ -12,6 +12,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # importable without `pip install -e .` too
     sys.path.insert(0, str(REPO))
+if str(REPO / "tests") not in sys.path:  # `import trainhelp` under any --import-mode
+    sys.path.insert(0, str(REPO / "tests"))
 # `../shared` beside the repo root (CI has it beside the clone).
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 LLAMA2_MODEL = SHARED_DATA / "llama2-tokenizer.model"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_resume import ROOT, env, tiny_curriculum, train_losses
+from trainhelp import ROOT, env, tiny_curriculum, train_losses
 
 
 @pytest.mark.slow

@@ -2,82 +2,16 @@
 the remaining steps (same per-step losses, same eval rows, same final weights). Plus multi-stage runs:
 stage 2 starts from stage 1's final weights with a fresh optimizer."""
 import json
-import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from shards.format import ShardWriter
-from shards.manifest import TokenizerInfo, build_manifest, write_manifest
-
-ROOT = Path(__file__).resolve().parents[1]
-VOCAB = 64
-
-
-def make_source(d: Path, seed: int, docs: int = 60, val_docs: int = 8):
-    """Tiny shard dir with learnable structure (arithmetic-progression documents)."""
-    rng = np.random.default_rng(seed)
-    info = TokenizerInfo(name="tiny", vocab_size=VOCAB, vocab_hash="tiny-hash", eos_id=0)
-    for split, n in (("train", docs), ("val", val_docs)):
-        with ShardWriter(d / split / "00000", np.dtype("<u2"), "tiny") as w:
-            for _ in range(n):
-                start, step, length = rng.integers(1, VOCAB), rng.integers(1, 4), rng.integers(20, 60)
-                doc = (start + step * np.arange(length)) % (VOCAB - 1) + 1
-                w.write(np.append(doc, 0))
-    write_manifest(d, build_manifest(d, info))
-    return d
-
-
-def tiny_curriculum(tmp_path: Path, **over) -> Path:
-    a = make_source(tmp_path / "data" / "a", 1)
-    b = make_source(tmp_path / "data" / "b", 2)
-    cur = {
-        "model": {"arch": "dense", "vocab_size": VOCAB, "d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1,
-                  "ffn_dim": 64, "max_seq_len": 32},
-        "tokenizer": {"name": "tiny"},
-        "data": {"sources": [{"name": "a", "path": str(a)}, {"name": "b", "path": str(b)}],
-                 "schedule": [{"at": 0.0, "weights": {"a": 0.9, "b": 0.1}}, {"at": 1.0, "weights": {"a": 0.1, "b": 0.9}}]},
-        "optim": {"name": "adamw", "lr": 1e-2, "weight_decay": 0.1},
-        "schedule": {"kind": "cosine", "warmup": 2, "min_lr_ratio": 0.1},
-        "batch": {"seq_len": 32, "micro_batch": 2, "grad_accum": 2},
-        "train": {"steps": 8, "seed": 7, "dtype": "fp32"},
-        "eval": {"every": 4, "batches": 1},
-        "checkpoint": {"every": 3, "keep_last": 2},
-    }
-    for k, v in over.items():
-        cur[k] = v
-    p = tmp_path / "tiny.yaml"
-    p.write_text(yaml.safe_dump(cur))
-    return p
-
-
-def env():
-    e = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SHARDLOOM_TEST_HANG_AT_STEP"):
-        e.pop(k, None)
-    return e
-
-
-def run(args, **kw):
-    r = subprocess.run([sys.executable, "-m", "trainer.run", *map(str, args)], cwd=ROOT, env=kw.pop("env", env()),
-                       capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    return r
-
-
-def train_losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in rows if r["type"] == "train"]
-    steps = [r["step"] for r in train]
-    assert steps == sorted(set(steps)), "duplicated or unordered steps after resume"
-    return {r["step"]: r["loss"] for r in train}
+from trainhelp import ROOT, VOCAB, env, run, tiny_curriculum, train_losses
 
 
 def test_sigkill_then_resume_is_bit_exact(tmp_path):

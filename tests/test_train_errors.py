@@ -11,8 +11,7 @@ import torch
 import yaml
 
 from shards.format import ShardWriter
-from shards.manifest import TokenizerInfo, build_manifest, write_manifest
-from test_resume import ROOT, VOCAB, env, make_source, tiny_curriculum
+from trainhelp import ROOT, VOCAB, env, make_sft_source, make_source, tiny_curriculum
 from trainer.models import build_model
 from trainer.run import compute_loss, main
 
@@ -58,7 +57,6 @@ def test_wrong_dtype(tmp_path, capsys):
     cur = tiny_curriculum(tmp_path)
     # a uint32 shard where the manifest of a small vocab says uint16
     bad = tmp_path / "data" / "c"
-    info = TokenizerInfo(name="tiny", vocab_size=VOCAB, vocab_hash="tiny-hash", eos_id=0)
     make_source(bad, 3)
     for split in ("train", "val"):
         with ShardWriter(bad / split / "00000", np.dtype("<u4"), "tiny") as w:
@@ -118,16 +116,7 @@ def test_sft_loss_ignores_masked_tokens():
 
 def test_sft_training_end_to_end_with_loss_masks(tmp_path):
     """Document-packed SFT shards with `.ds.loss` masks train, and the loss is over masked tokens only."""
-    d = tmp_path / "sft"
-    info = TokenizerInfo(name="tiny", vocab_size=VOCAB, vocab_hash="tiny-hash", eos_id=0)
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 40), ("val", 8)):
-        with ShardWriter(d / split / "00000", np.dtype("<u2"), "tiny", with_loss=True) as w:
-            for _ in range(n):
-                prompt = rng.integers(1, VOCAB, 10)
-                answer = np.sort(rng.integers(1, VOCAB, 12))
-                w.write(np.concatenate([prompt, answer, [0]]), loss_mask=np.r_[np.zeros(10), np.ones(13)])
-    write_manifest(d, build_manifest(d, info))
+    d = make_sft_source(tmp_path / "sft")
     cur = tiny_curriculum(tmp_path, data={"sources": [{"name": "chat", "path": str(d)}], "packing": "document"},
                           train={"steps": 3, "seed": 1, "dtype": "fp32"}, checkpoint={"every": 0, "keep_last": 1})
     r = subprocess.run([sys.executable, "-m", "trainer.run", str(cur), "--run-dir", str(tmp_path / "r")],

@@ -1,0 +1,105 @@
+"""Shared helpers for the trainer tests: tiny shard dirs (plain and SFT-masked), a tiny curriculum, and
+running `trainer.run` in a subprocess (one process or torchrun). Imported as `import trainhelp`
+(conftest.py puts tests/ on sys.path)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from shards.format import ShardWriter
+from shards.manifest import TokenizerInfo, build_manifest, write_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 64
+TINY_TOKENIZER = TokenizerInfo(name="tiny", vocab_size=VOCAB, vocab_hash="tiny-hash", eos_id=0)
+
+
+def make_source(d: Path, seed: int, docs: int = 60, val_docs: int = 8) -> Path:
+    """Tiny shard dir with learnable structure (arithmetic-progression documents)."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", docs), ("val", val_docs)):
+        with ShardWriter(d / split / "00000", np.dtype("<u2"), "tiny") as w:
+            for _ in range(n):
+                start, step, length = rng.integers(1, VOCAB), rng.integers(1, 4), rng.integers(20, 60)
+                doc = (start + step * np.arange(length)) % (VOCAB - 1) + 1
+                w.write(np.append(doc, 0))
+    write_manifest(d, build_manifest(d, TINY_TOKENIZER))
+    return d
+
+
+def make_sft_source(d: Path, seed: int = 0, docs: int = 40, val_docs: int = 8,
+                    prompt_lens=(10,), answer_lens=(12,)) -> Path:
+    """Shard dir of prompt + sorted-answer + EOS documents with `.ds.loss` masks (1 on answer and EOS).
+    Several lengths to pick from make documents (and so micro-batches) of very different mask density."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", docs), ("val", val_docs)):
+        with ShardWriter(d / split / "00000", np.dtype("<u2"), "tiny", with_loss=True) as w:
+            for _ in range(n):
+                p, a = int(rng.choice(prompt_lens)), int(rng.choice(answer_lens))
+                prompt = rng.integers(1, VOCAB, p)
+                answer = np.sort(rng.integers(1, VOCAB, a))
+                w.write(np.concatenate([prompt, answer, [0]]), loss_mask=np.r_[np.zeros(p), np.ones(a + 1)])
+    write_manifest(d, build_manifest(d, TINY_TOKENIZER))
+    return d
+
+
+def tiny_curriculum(tmp_path: Path, **over) -> Path:
+    """Two tiny sources (a, b) with a linear 0.9/0.1 -> 0.1/0.9 mixture; `over` replaces whole sections."""
+    a = make_source(tmp_path / "data" / "a", 1)
+    b = make_source(tmp_path / "data" / "b", 2)
+    cur = {
+        "model": {"arch": "dense", "vocab_size": VOCAB, "d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1,
+                  "ffn_dim": 64, "max_seq_len": 32},
+        "tokenizer": {"name": "tiny"},
+        "data": {"sources": [{"name": "a", "path": str(a)}, {"name": "b", "path": str(b)}],
+                 "schedule": [{"at": 0.0, "weights": {"a": 0.9, "b": 0.1}}, {"at": 1.0, "weights": {"a": 0.1, "b": 0.9}}]},
+        "optim": {"name": "adamw", "lr": 1e-2, "weight_decay": 0.1},
+        "schedule": {"kind": "cosine", "warmup": 2, "min_lr_ratio": 0.1},
+        "batch": {"seq_len": 32, "micro_batch": 2, "grad_accum": 2},
+        "train": {"steps": 8, "seed": 7, "dtype": "fp32"},
+        "eval": {"every": 4, "batches": 1},
+        "checkpoint": {"every": 3, "keep_last": 2},
+    }
+    for k, v in over.items():
+        cur[k] = v
+    p = tmp_path / "tiny.yaml"
+    p.write_text(yaml.safe_dump(cur))
+    return p
+
+
+def env() -> dict:
+    """The test's environment without any torchrun/fault-injection variables, one thread per process."""
+    e = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SHARDLOOM_TEST_HANG_AT_STEP"):
+        e.pop(k, None)
+    return e
+
+
+def run(args, nproc: int = 1, check: bool = True, timeout: int = 240) -> subprocess.CompletedProcess:
+    """`python -m trainer.run ARGS`, or the same under torchrun (gloo) with `nproc` CPU processes."""
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    r = subprocess.run([*launcher, "-m", "trainer.run", *map(str, args)], cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+def metric_rows(run_dir: Path, kind: str = "train") -> list[dict]:
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["type"] == kind]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    train = metric_rows(run_dir)
+    steps = [r["step"] for r in train]
+    assert steps == sorted(set(steps)), "duplicated or unordered steps after resume"
+    return {r["step"]: r["loss"] for r in train}
