@@ -1,20 +1,84 @@
 """`python -m shards COMMAND ...`: inspect and verify shard directories (shards/check.py), and move
-them through object storage (upload/download/sync, from shards/storage.py when present).
+them through S3-compatible object storage (upload/download/sync over shards/storage.py).
 
-Adding commands without editing this file: a module exposing `add_X_commands(subparsers)` that adds
-argparse sub-parsers, each with `set_defaults(func=handler)`, where `handler(args) -> int` (exit code).
+Every command is an argparse sub-parser with `set_defaults(func=handler)`, `handler(args) -> int`
+(the exit code).
 """
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import sys
 
 from .check import add_check_commands
+from .storage import (DEFAULT_MULTIPART_CHUNKSIZE, DEFAULT_MULTIPART_THRESHOLD, MiB, StorageError, download, sync,
+                      upload)
 
-# (module, hook) pairs registered after inspect/verify; optional modules are skipped when absent.
-PLUGINS = (("shards.storage", "add_storage_commands"),)
+# ------------------------------------------------------------------------------ upload|download|sync
+
+
+def _common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint-url", default=None,
+                   help="S3-compatible endpoint, e.g. https://<account>.r2.cloudflarestorage.com for R2")
+    p.add_argument("--profile", default=None, help="AWS profile from ~/.aws/config (default: the usual chain)")
+    p.add_argument("--region", default=None, help="region name (R2: auto)")
+    p.add_argument("--workers", type=int, default=8, help="files transferred in parallel (default 8)")
+    p.add_argument("--multipart-threshold-mib", type=int, default=DEFAULT_MULTIPART_THRESHOLD // MiB,
+                   help="files at least this big go multipart (default %(default)s MiB)")
+    p.add_argument("--multipart-chunk-mib", type=int, default=DEFAULT_MULTIPART_CHUNKSIZE // MiB,
+                   help="part size (default %(default)s MiB, S3 minimum 5)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _kwargs(args) -> dict:
+    return dict(endpoint_url=args.endpoint_url, profile=args.profile, region=args.region, workers=args.workers,
+                multipart_threshold=args.multipart_threshold_mib * MiB,
+                multipart_chunksize=args.multipart_chunk_mib * MiB, progress=not args.no_progress)
+
+
+def _run(fn) -> int:
+    try:
+        summary = fn()
+    except StorageError as e:
+        print(f"error: {e}", flush=True, file=sys.stderr)
+        return 1
+    print(summary.line())
+    return 0
+
+
+def _cmd_upload(args) -> int:
+    return _run(lambda: upload(args.dir, args.uri, force=args.force, **_kwargs(args)))
+
+
+def _cmd_download(args) -> int:
+    return _run(lambda: download(args.uri, args.dir, **_kwargs(args)))
+
+
+def _cmd_sync(args) -> int:
+    return _run(lambda: sync(args.src, args.dst, force=args.force, **_kwargs(args)))
+
+
+def add_storage_commands(subparsers) -> None:
+    """Register `upload`, `download` and `sync` on the `python -m shards` subparsers; each sets
+    `func=` to a callable taking the parsed args and returning an exit code."""
+    p = subparsers.add_parser("upload", help="upload a shard directory to s3://bucket/prefix (manifest last)")
+    p.add_argument("dir")
+    p.add_argument("uri", metavar="s3://bucket/prefix")
+    p.add_argument("--force", action="store_true", help="upload even without manifest.json (incomplete dataset)")
+    _common_args(p)
+    p.set_defaults(func=_cmd_upload)
+
+    p = subparsers.add_parser("download", help="download s3://bucket/prefix into a directory, verified")
+    p.add_argument("uri", metavar="s3://bucket/prefix")
+    p.add_argument("dir")
+    _common_args(p)
+    p.set_defaults(func=_cmd_download)
+
+    p = subparsers.add_parser("sync", help="transfer only what differs; direction from which side is s3://")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--force", action="store_true", help="upload even without manifest.json")
+    _common_args(p)
+    p.set_defaults(func=_cmd_sync)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,13 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_check_commands(sub)
-    for module, hook in PLUGINS:
-        if importlib.util.find_spec(module) is None:
-            continue
-        try:
-            getattr(importlib.import_module(module), hook)(sub)
-        except (ImportError, AttributeError) as e:  # e.g. boto3 missing: the other commands still work
-            print(f"warning: {module} commands unavailable ({e})", file=sys.stderr)
+    add_storage_commands(sub)
     return parser
 
 

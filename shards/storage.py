@@ -28,7 +28,6 @@ and session token before it is raised.
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import contextlib
 import fcntl
@@ -38,7 +37,6 @@ import logging
 import os
 import random
 import re
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -622,72 +620,3 @@ def fetch_to_cache(uri: str, cache_dir: str | Path, endpoint_url: str | None = N
     windows at random: range reads would cost one round trip per window, and a verified local copy
     is what makes resume exact and the sha256 check meaningful."""
     return fetch_to_cache_with_summary(uri, cache_dir, endpoint_url, profile, region, **kwargs)[0]
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI: `python -m shards upload|download|sync`
-
-
-def _common_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--endpoint-url", default=None,
-                   help="S3-compatible endpoint, e.g. https://<account>.r2.cloudflarestorage.com for R2")
-    p.add_argument("--profile", default=None, help="AWS profile from ~/.aws/config (default: the usual chain)")
-    p.add_argument("--region", default=None, help="region name (R2: auto)")
-    p.add_argument("--workers", type=int, default=8, help="files transferred in parallel (default 8)")
-    p.add_argument("--multipart-threshold-mib", type=int, default=DEFAULT_MULTIPART_THRESHOLD // MiB,
-                   help="files at least this big go multipart (default %(default)s MiB)")
-    p.add_argument("--multipart-chunk-mib", type=int, default=DEFAULT_MULTIPART_CHUNKSIZE // MiB,
-                   help="part size (default %(default)s MiB, S3 minimum 5)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _kwargs(args) -> dict:
-    return dict(endpoint_url=args.endpoint_url, profile=args.profile, region=args.region, workers=args.workers,
-                multipart_threshold=args.multipart_threshold_mib * MiB,
-                multipart_chunksize=args.multipart_chunk_mib * MiB, progress=not args.no_progress)
-
-
-def _run(fn) -> int:
-    try:
-        summary = fn()
-    except StorageError as e:
-        print(f"error: {e}", flush=True, file=sys.stderr)
-        return 1
-    print(summary.line())
-    return 0
-
-
-def _cmd_upload(args) -> int:
-    return _run(lambda: upload(args.dir, args.uri, force=args.force, **_kwargs(args)))
-
-
-def _cmd_download(args) -> int:
-    return _run(lambda: download(args.uri, args.dir, **_kwargs(args)))
-
-
-def _cmd_sync(args) -> int:
-    return _run(lambda: sync(args.src, args.dst, force=args.force, **_kwargs(args)))
-
-
-def add_storage_commands(subparsers) -> None:
-    """Register `upload`, `download` and `sync` on the `python -m shards` subparsers; each sets
-    `func=` to a callable taking the parsed args and returning an exit code."""
-    p = subparsers.add_parser("upload", help="upload a shard directory to s3://bucket/prefix (manifest last)")
-    p.add_argument("dir")
-    p.add_argument("uri", metavar="s3://bucket/prefix")
-    p.add_argument("--force", action="store_true", help="upload even without manifest.json (incomplete dataset)")
-    _common_args(p)
-    p.set_defaults(func=_cmd_upload)
-
-    p = subparsers.add_parser("download", help="download s3://bucket/prefix into a directory, verified")
-    p.add_argument("uri", metavar="s3://bucket/prefix")
-    p.add_argument("dir")
-    _common_args(p)
-    p.set_defaults(func=_cmd_download)
-
-    p = subparsers.add_parser("sync", help="transfer only what differs; direction from which side is s3://")
-    p.add_argument("src")
-    p.add_argument("dst")
-    p.add_argument("--force", action="store_true", help="upload even without manifest.json")
-    _common_args(p)
-    p.set_defaults(func=_cmd_sync)

@@ -29,6 +29,7 @@ boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto")
 
 from shards import storage  # noqa: E402
+from shards.__main__ import add_storage_commands  # noqa: E402
 from shards.format import ShardWriter  # noqa: E402
 from shards.manifest import TokenizerInfo, build_manifest, read_manifest, write_manifest  # noqa: E402
 from shards.reader import open_split  # noqa: E402
@@ -337,7 +338,7 @@ def test_wrong_credentials_and_missing_bucket_are_clear_and_secret_free(s3, serv
                 assert "AWS_ACCESS_KEY_ID" in msg and secret not in msg and key["SecretAccessKey"] not in msg
         # the CLI prints the same clear line and nothing secret
         parser = argparse.ArgumentParser()
-        storage.add_storage_commands(parser.add_subparsers(dest="cmd"))
+        add_storage_commands(parser.add_subparsers(dest="cmd"))
         args = parser.parse_args(["upload", str(src), f"s3://{bucket}/cli", "--endpoint-url", server.endpoint,
                                   "--no-progress"])
         assert args.func(args) == 1
