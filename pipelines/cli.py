@@ -162,6 +162,12 @@ def check_run_settings(logging_dir: str, settings: dict) -> None:
     p.write_text(text)
 
 
+def local_workers(args, tasks: int | None = None) -> int:
+    """Tasks a local run executes at once: --workers, or one per core up to the number of tasks."""
+    tasks = args.tasks if tasks is None else tasks
+    return args.workers if args.workers > 0 else min(tasks, os.cpu_count() or 1)
+
+
 def make_executor(args, pipeline, logging_dir: str, tasks: int | None = None, depends=None,
                   skip_completed: bool = True, job_name: str = "shardloom"):
     tasks = args.tasks if tasks is None else tasks
@@ -169,7 +175,7 @@ def make_executor(args, pipeline, logging_dir: str, tasks: int | None = None, de
     if args.executor == "local":
         from datatrove.executor import LocalPipelineExecutor
 
-        workers = args.workers if args.workers > 0 else min(tasks, os.cpu_count() or 1)
+        workers = local_workers(args, tasks)
         return LocalPipelineExecutor(pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=logging_dir,
                                      depends=depends, skip_completed=skip_completed, **extra)
     if args.executor == "slurm":
@@ -345,7 +351,7 @@ def stage_tokenize(args, corpus, input_path, output, logs, filters: list[str] | 
     check_run_settings(sub(logs, "tokenize"), settings)
     # The manifest marks completion: remove it before tasks start rewriting shards.
     Path(local_out, "manifest.json").unlink(missing_ok=True)
-    workers = args.workers if args.workers > 0 else min(args.tasks, os.cpu_count() or 1)
+    workers = local_workers(args)
     pipeline = [
         reader,
         *(_filters(args, output) if args.filter else []),

@@ -26,7 +26,6 @@ The command line is the shared one (`pipelines/cli.py`); only `download` and `to
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -37,9 +36,9 @@ from datatrove.utils.logging import logger
 
 from shards.format import dtype_for_vocab
 
-from .cli import (Corpus, build_parser, check_args, check_run_settings, is_remote, logging_base, make_executor,
-                  print_manifest_summary, print_stats, resolve_tokenizer, run_command, stage_download,
-                  storage_kwargs, storage_options, sub)
+from .cli import (Corpus, build_parser, check_args, check_run_settings, is_remote, local_workers, logging_base,
+                  make_executor, print_manifest_summary, print_stats, resolve_tokenizer, run_command,
+                  stage_download, storage_kwargs, storage_options, sub)
 from .readers import CountingJsonlReader, CountingParquetReader, InputError, resolve_input
 from .steps import POSITION_ID_FLAG, HashSplit, WriteManifest, clean_rank_outputs, default_threads, split_writers
 
@@ -239,7 +238,7 @@ def stage_tokenize(args) -> str:
                     split_seed=args.split_seed, split_key=args.split_key, max_doc_tokens=args.max_doc_tokens)
     check_run_settings(sub(logs, "tokenize"), settings)
     Path(out, "manifest.json").unlink(missing_ok=True)  # completion marker: gone while shards change
-    workers = args.workers if args.workers > 0 else min(args.tasks, os.cpu_count() or 1)
+    workers = local_workers(args)
     pipeline = [
         reader,
         HashSplit(args.val_fraction, args.split_seed, args.split_key),
