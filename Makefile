@@ -24,9 +24,9 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m pipelines.demo --output $(DEMO_DIR)
 	$(BIN)/python -m shards verify $(DEMO_DIR)/shards/topics
-	$(BIN)/python -m trainer.run curricula/demo-atom.yaml --run-dir $(DEMO_DIR)/run --overwrite \
+	$(BIN)/python -m trainer.run curricula/demo-atom.yaml \
 	    data.sources.0.path=$(DEMO_DIR)/shards/topics data.sources.1.path=$(DEMO_DIR)/shards/docstrings \
-	    tokenizer.path=$(DEMO_DIR)/tokenizer.json
+	    tokenizer.path=$(DEMO_DIR)/tokenizer.json --run-dir $(DEMO_DIR)/run --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
