@@ -20,8 +20,6 @@ in_proj_a, conv1d, A_log, dt_bias, norm, out_proj) so state dicts map 1:1.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
