@@ -1,13 +1,17 @@
-"""DDP: 2 CPU processes under torchrun (gloo) with grad_accum k match 1 process with grad_accum 2k."""
+"""DDP: 2 CPU processes under torchrun (gloo) with grad_accum k match 1 process with grad_accum 2k,
+on plain pretraining data and on SFT data with loss masks."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+import yaml
 from safetensors.torch import load_file
 
-from trainhelp import ROOT, env, tiny_curriculum, train_losses
+from trainer.data import MixtureLoader, MixturePoint, SourceSpec
+from trainer.models import build_model
+from trainhelp import ROOT, VOCAB, env, make_sft_source, metric_rows, run, tiny_curriculum, train_losses
 
 
 @pytest.mark.slow
@@ -40,3 +44,43 @@ def test_ddp_two_ranks_match_one_rank_with_double_accumulation(tmp_path):
     for a, b in zip(e1[1:], e2[1:]):
         fa, fb = a.split(","), b.split(",")
         assert fa[:3] == fb[:3] and float(fa[3]) == pytest.approx(float(fb[3]), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_ddp_masked_sft_matches_one_rank_token_weighted(tmp_path):
+    """SFT data whose micro-batches hold very different numbers of loss tokens: 2 ranks x grad_accum 2
+    match 1 rank x grad_accum 4 (losses, pre-clip grad norms, weights), and the logged step loss is the
+    mean over every loss token of the step, recomputed here from the loader's batches."""
+    sft = make_sft_source(tmp_path / "sft", seed=3, docs=64, prompt_lens=(2, 8, 28), answer_lens=(1, 3, 28))
+    cur = tiny_curriculum(tmp_path, data={"sources": [{"name": "chat", "path": str(sft)}], "packing": "document"},
+                          train={"steps": 3, "seed": 5, "dtype": "fp32"}, eval={"every": 0, "batches": 0},
+                          checkpoint={"every": 0, "keep_last": 1})
+    one, two = tmp_path / "one", tmp_path / "two"
+    r1 = run([cur, "batch.grad_accum=4", "--run-dir", one])
+    r2 = run([cur, "batch.grad_accum=2", "--run-dir", two], nproc=2)
+    assert "world 2" in r2.stdout and "world 1" in r1.stdout
+    rows1, rows2 = metric_rows(one), metric_rows(two)
+    assert [r["step"] for r in rows1] == [r["step"] for r in rows2] == [1, 2, 3]
+    for a, b in zip(rows1, rows2):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
+        # pre-clip norm of the all-reduced gradient: catches a rank scaling error AdamW would hide
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), a["step"]
+    w1 = load_file(one / "checkpoints" / "step_0000003" / "model.safetensors")
+    w2 = load_file(two / "checkpoints" / "step_0000003" / "model.safetensors")
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], rtol=1e-4, atol=1e-5), k
+
+    # step 1's loss (before any update) from scratch: the trainer's init, the loader's step-0 batches
+    loader = MixtureLoader([SourceSpec("chat", str(sft))], [MixturePoint(at=0.0, weights={"chat": 1.0})],
+                           seq_len=32, micro_batch=2, seed=5, grad_accum=4, packing="document")
+    batches = [loader.batch(0, m)[:3] for m in range(4)]
+    counts = [int(mask.sum()) for _, _, mask in batches]
+    assert max(counts) > 2 * min(counts), counts  # the data really exercises the weighting
+    torch.manual_seed(5)
+    model = build_model(yaml.safe_load(cur.read_text())["model"])
+    with torch.no_grad():
+        ce = [F.cross_entropy(model(x).reshape(-1, VOCAB), y.reshape(-1), reduction="none")[mask.reshape(-1)]
+              for x, y, mask in batches]
+    token_mean = float(torch.cat(ce).mean())
+    assert rows1[0]["loss"] == pytest.approx(token_mean, rel=1e-5)
+    assert float(torch.stack([c.mean() for c in ce]).mean()) != pytest.approx(token_mean, rel=1e-3)

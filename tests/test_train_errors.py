@@ -13,7 +13,7 @@ import yaml
 from shards.format import ShardWriter
 from trainhelp import ROOT, VOCAB, env, make_sft_source, make_source, tiny_curriculum
 from trainer.models import build_model
-from trainer.run import compute_loss, main
+from trainer.run import compute_loss, forward_backward, main
 
 
 def run_main(cur, capsys, *extra):
@@ -112,6 +112,50 @@ def test_sft_loss_ignores_masked_tokens():
     y3 = y.clone()
     y3[mask] = (y3[mask] + 7) % VOCAB  # changing a target that counts does change the loss
     assert not torch.equal(loss_and_grads(y3)[0], l1)
+
+
+def test_step_loss_is_token_weighted_over_micro_batches_and_ranks():
+    """A step's gradient is that of the mean over ALL its loss tokens (one big batch, computed here
+    straight from F.cross_entropy), however the tokens fall across micro-batches and ranks."""
+    torch.manual_seed(0)
+    model = build_model(dict(arch="dense", vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=2, ffn_dim=64, max_seq_len=32))
+    B, T = 2, 16
+    counts = [0, 2, 9, 31]  # loss tokens per micro-batch: very different densities (rank 0 gets 2, rank 1 40)
+    batches = []
+    for n in counts:
+        mask = torch.zeros(B * T, dtype=torch.bool)
+        mask[torch.randperm(B * T)[:n]] = True
+        batches.append((torch.randint(0, VOCAB, (B, T)), torch.randint(0, VOCAB, (B, T)), mask.view(B, T), {}))
+    total = sum(counts)
+
+    def grads():
+        g = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        return g
+
+    X, Y, M = (torch.cat([b[i] for b in batches]) for i in range(3))
+    ce = torch.nn.functional.cross_entropy(model(X).reshape(-1, VOCAB), Y.reshape(-1), reduction="none")
+    ref_loss = ce[M.reshape(-1)].mean()
+    ref_loss.backward()
+    ref = grads()
+
+    def close(g):
+        return all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(g, ref))
+
+    # one rank, four micro-steps
+    loss_sum = forward_backward(model, batches, total, 1, torch.device("cpu"))
+    assert close(grads())
+    assert float(loss_sum) / total == pytest.approx(ref_loss.item(), rel=1e-6)
+    # two ranks, two micro-steps each; DDP's average of the ranks' gradients done by hand
+    per_rank = []
+    for r in range(2):
+        forward_backward(model, batches[2 * r : 2 * r + 2], total, 2, torch.device("cpu"))
+        per_rank.append(grads())
+    assert close([(a + b) / 2 for a, b in zip(*per_rank)])
+    # the former reduction (mean of per-micro-batch means) is a different gradient on this data
+    for x, y, mask, _ in batches:
+        (compute_loss(model(x), y, mask) / len(batches)).backward()
+    assert not close(grads())
 
 
 def test_sft_training_end_to_end_with_loss_masks(tmp_path):

@@ -6,7 +6,8 @@
     multi-node through torchrun's --nnodes/--node_rank/--rdzv_endpoint)
 
 One optimizer step = grad_accum micro-steps per rank (DDP `no_sync` on all but the last), then
-clipping and the update. Every batch is a deterministic function of (seed, step, micro_step, rank),
+clipping and the update. The step's loss is the mean over all its loss tokens (every micro-step,
+every rank), so with `.ds.loss` masks a micro-batch or rank weighs by its number of target tokens. Every batch is a deterministic function of (seed, step, micro_step, rank),
 so `--resume` from a checkpoint reproduces the uninterrupted run bit for bit on the same hardware.
 Data and config problems stop before the first step with a message naming the file/field.
 """
@@ -57,12 +58,6 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
-    def mean(self, t: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-            t /= self.world
-        return t
-
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.enabled:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -109,6 +104,37 @@ def compute_loss(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | Non
     ce = F.cross_entropy(logits.reshape(-1, V).float(), y.reshape(-1), reduction="none")
     m = mask.reshape(-1).to(ce.dtype)
     return (ce * m).sum() / m.sum().clamp(min=1.0)
+
+
+def loss_tokens(y: torch.Tensor, mask: torch.Tensor | None) -> int:
+    """How many targets of a micro-batch count towards the loss."""
+    return int(mask.sum()) if mask is not None else y.numel()
+
+
+def forward_backward(model, batches, step_tokens: int, world: int, device: torch.device,
+                     autocast=contextlib.nullcontext, ddp=None) -> torch.Tensor:
+    """Accumulate into `.grad` the gradient of the step's loss: the mean over all `step_tokens` loss
+    tokens of every micro-batch on every rank (a micro-batch or rank with few SFT answer tokens
+    weighs little). Returns this rank's summed token loss (float64) for logging.
+
+    Micro-batch m with n_m loss tokens and mean loss l_m contributes l_m * n_m / step_tokens; DDP then
+    averages gradients over the ranks, so each rank also multiplies by `world`."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for micro, (x, y, mask, _) in enumerate(batches):
+        n = loss_tokens(y, mask)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        mask = mask.to(device, non_blocking=True) if mask is not None else None
+        # DDP all-reduces gradients only on the last micro-step of the optimizer step
+        sync = ddp.no_sync() if (ddp is not None and micro < len(batches) - 1) else contextlib.nullcontext()
+        with sync:
+            with autocast():
+                logits = model(x)
+            loss = compute_loss(logits, y, mask)
+            # a division, so unmasked data (step_tokens = world * n * accum) computes `loss / accum` exactly
+            scaled = loss / (step_tokens / (world * n)) if n else loss * 0.0
+            scaled.backward()
+        total += loss.detach().double() * n
+    return total
 
 
 def pick_device(cfg: Config, d: Dist) -> torch.device:
@@ -308,6 +334,8 @@ def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
     elif init_from is not None and cfg.train.reset_data_cursor:
         loader.reset_data_cursor(0)
 
+    # loss tokens per step: fixed for unmasked stream data, else counted from the step's masks
+    masked = cfg.data.packing == "document" or any(s.has_loss for s in loader.sources)
     fpt = float(raw_model.flops_per_token(cfg.batch.seq_len))
     prog = Progress(total_steps, start_step, tps, fpt, peak_flops(device) * world)
     peak = cfg.optim.lr
@@ -346,23 +374,16 @@ def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
             print(f"[test] hanging at step {step}", flush=True)
             time.sleep(3600)
         lr = set_lr(opt, step, peak, total_steps, cfg.schedule)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        weights = None
-        for micro in range(accum):
-            x, y, mask, info = loader.batch(step, micro)
-            weights = weights or info.get("weights")
-            for k, v in info.get("tokens_per_source", {}).items():
+        batches = [loader.batch(step, micro) for micro in range(accum)]
+        for *_, info in batches:
+            for k, v in info["tokens_per_source"].items():
                 by_source[k] = by_source.get(k, 0) + int(v)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            mask = mask.to(device, non_blocking=True) if mask is not None else None
-            # DDP all-reduces gradients only on the last micro-step of the optimizer step
-            sync = ddp.no_sync() if (ddp is not None and micro < accum - 1) else contextlib.nullcontext()
-            with sync:
-                with autocast():
-                    logits = model(x)
-                loss = compute_loss(logits, y, mask)
-                (loss / accum).backward()
-            loss_sum += loss.detach().double()
+        weights = batches[0][3]["weights"]
+        step_tokens = tps
+        if masked:  # one all-reduce per step, before any backward pass
+            n = sum(loss_tokens(y, mask) for _, y, mask, _ in batches)
+            step_tokens = int(d.sum(torch.tensor(n, dtype=torch.int64, device=device)))
+        loss_sum = forward_backward(model, batches, step_tokens, world, device, autocast, ddp)
         gnorm = None
         if cfg.optim.grad_clip and cfg.optim.grad_clip > 0:
             gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.optim.grad_clip)
@@ -371,9 +392,9 @@ def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
         tokens_seen += tps
         done = step + 1
         if done % cfg.train.log_every == 0 or done == total_steps or done == start_step + 1:
-            loss_val = float(d.mean(loss_sum / accum))
+            loss_val = float(d.sum(loss_sum)) / max(step_tokens, 1)
             row = {"type": "train", "step": done, "tokens": tokens_seen, "loss": loss_val, "lr": lr,
-                   "weights": weights or {}, "time": time.time()}
+                   "weights": weights, "time": time.time()}
             if gnorm is not None:
                 row["grad_norm"] = float(gnorm)
             metrics.log(row)
