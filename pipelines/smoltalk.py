@@ -39,7 +39,7 @@ from shards.format import dtype_for_vocab
 from .cli import (Corpus, build_parser, check_args, check_run_settings, is_remote, local_workers, logging_base,
                   make_executor, print_manifest_summary, print_stats, resolve_tokenizer, run_command,
                   stage_download, storage_kwargs, storage_options, sub)
-from .readers import CountingJsonlReader, CountingParquetReader, InputError, resolve_input
+from .readers import CountingJsonlReader, CountingParquetReader, InputError, check_hub_input, resolve_input
 from .steps import POSITION_ID_FLAG, HashSplit, WriteManifest, clean_rank_outputs, default_threads, split_writers
 
 CORPUS = Corpus(
@@ -117,6 +117,7 @@ class ChatJsonlReader(_ChatRows, CountingJsonlReader):
 def make_chat_reader(path: str, limit: int = -1, messages_key: str = "messages", id_key: str = "id",
                      storage_options: dict | None = None):
     if path.startswith("hf://"):
+        check_hub_input(path)
         folder, fmt, glob = path, "parquet", HUB_GLOB
     else:
         folder, fmt, glob = resolve_input(path, storage_options)

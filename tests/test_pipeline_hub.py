@@ -19,3 +19,15 @@ def test_signature_command_offline_is_one_clear_error(tmp_path):
     assert "cannot reach the Hugging Face hub" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_smoltalk_default_input_offline_is_one_clear_error(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.smoltalk", "tokenize", "--limit", "10", "--output", str(tmp_path / "out")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "hf://datasets/HuggingFaceTB/smol-smoltalk" in proc.stderr
+    assert "cannot reach the Hugging Face hub" in proc.stderr
+    assert "Traceback" not in proc.stderr
