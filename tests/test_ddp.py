@@ -50,14 +50,20 @@ def test_ddp_two_ranks_match_one_rank_with_double_accumulation(tmp_path):
 def test_ddp_masked_sft_matches_one_rank_token_weighted(tmp_path):
     """SFT data whose micro-batches hold very different numbers of loss tokens: 2 ranks x grad_accum 2
     match 1 rank x grad_accum 4 (losses, pre-clip grad norms, weights), and the logged step loss is the
-    mean over every loss token of the step, recomputed here from the loader's batches."""
+    mean over every loss token of the step, recomputed here from the loader's batches. The 2-rank run
+    also starts with --overwrite over a stale run dir."""
     sft = make_sft_source(tmp_path / "sft", seed=3, docs=64, prompt_lens=(2, 8, 28), answer_lens=(1, 3, 28))
     cur = tiny_curriculum(tmp_path, data={"sources": [{"name": "chat", "path": str(sft)}], "packing": "document"},
                           train={"steps": 3, "seed": 5, "dtype": "fp32"}, eval={"every": 0, "batches": 0},
                           checkpoint={"every": 0, "keep_last": 1})
     one, two = tmp_path / "one", tmp_path / "two"
+    # a stale run in `two`: under --overwrite rank 0 deletes it before any rank checks for checkpoints
+    (two / "checkpoints" / "step_0000009").mkdir(parents=True)
+    (two / "checkpoints" / "step_0000009" / "model.safetensors").write_bytes(b"stale")
+    (two / "metrics.jsonl").write_text('{"type": "train", "step": 9, "loss": 0.0}\n')
     r1 = run([cur, "batch.grad_accum=4", "--run-dir", one])
-    r2 = run([cur, "batch.grad_accum=2", "--run-dir", two], nproc=2)
+    r2 = run([cur, "batch.grad_accum=2", "--run-dir", two, "--overwrite"], nproc=2)
+    assert not (two / "checkpoints" / "step_0000009").exists()
     assert "world 2" in r2.stdout and "world 1" in r1.stdout
     rows1, rows2 = metric_rows(one), metric_rows(two)
     assert [r["step"] for r in rows1] == [r["step"] for r in rows2] == [1, 2, 3]

@@ -169,3 +169,15 @@ def test_sft_training_end_to_end_with_loss_masks(tmp_path):
     rows = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in rows if x["type"] == "train"] == [1, 2, 3]
     assert any(x["type"] == "eval" for x in rows)
+
+
+def test_existing_run_dir_needs_resume_or_overwrite(tmp_path, capsys):
+    cur = tiny_curriculum(tmp_path, train={"steps": 1, "seed": 1, "dtype": "fp32"}, eval={"every": 0, "batches": 0})
+    out = tmp_path / "r"
+    assert main([str(cur), "--run-dir", str(out)]) == 0
+    (out / "checkpoints" / "step_0000005").mkdir()  # a stale checkpoint --overwrite must remove
+    capsys.readouterr()
+    rc, err = run_main(cur, capsys, "--run-dir", str(out))
+    assert rc == 2 and "already holds checkpoints" in err and "--overwrite" in err, err
+    assert main([str(cur), "--run-dir", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000001"]

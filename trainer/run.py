@@ -502,8 +502,14 @@ def main(argv=None) -> int:
                 print(json.dumps(out))
             return 0
         run_dir = Path(args.run_dir or Path("runs") / Path(args.curriculum).stem)
-        if args.overwrite and d.main and run_dir.exists():
-            shutil.rmtree(run_dir)
+        if args.overwrite:
+            # rank 0 deletes; no rank may look at the run dir before that is done (the "already holds
+            # checkpoints" check), hence the process group first and a barrier after
+            if d.world > 1:
+                d.init(pick_device(stages[0], d).type)
+            if d.main and run_dir.exists():
+                shutil.rmtree(run_dir)
+            d.barrier()
         prev_final: Path | None = None
         final = None
         for i, cfg in enumerate(stages):
