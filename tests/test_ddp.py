@@ -75,6 +75,9 @@ def test_ddp_masked_sft_matches_one_rank_token_weighted(tmp_path):
     w2 = load_file(two / "checkpoints" / "step_0000003" / "model.safetensors")
     for k in w1:
         assert torch.allclose(w1[k], w2[k], rtol=1e-4, atol=1e-5), k
+    for r in (one, two):  # tokens per source count every rank's rows, like tokens_seen
+        st = torch.load(r / "checkpoints" / "step_0000003" / "train_state.pt", weights_only=True)
+        assert st["tokens_seen"] == sum(st["tokens_by_source"].values()) == 3 * 4 * 2 * 32, r
 
     # step 1's loss (before any update) from scratch: the trainer's init, the loader's step-0 batches
     loader = MixtureLoader([SourceSpec("chat", str(sft))], [MixturePoint(at=0.0, weights={"chat": 1.0})],

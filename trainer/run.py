@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .checkpoint import (latest_checkpoint, load_model_weights, load_train_state, resolve_checkpoint,
-                         save_checkpoint, set_rng_state, rng_state)
+                         rng_state, save_checkpoint, set_rng_state, step_dir)
 from .config import Config, ConfigError, load_curriculum
 from .metrics import MetricsLog, Progress, fmt_count, peak_flops, plot
 from .optim import build_optimizer
@@ -279,11 +279,10 @@ def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
 
     # 1. everything that can fail on bad input, before any model memory or training step
     meta = build_meta_model(cfg)
-    vocab = int(getattr(meta.config, "vocab_size"))
+    vocab = int(meta.config.vocab_size)
     if cfg.data.verify_checksums:
         verify_sources(cfg)
-    loader = make_loader(cfg, d, vocab)  # opens every source, validates dtype/sizes/tokenizer
-    loader.validate()
+    loader = make_loader(cfg, d, vocab)  # opens every source, validates dtype/sizes/tokenizer/vocab
     eval_sets = load_eval_sets(cfg, d)
     del meta
 
@@ -319,18 +318,16 @@ def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
         return contextlib.nullcontext()
 
     metrics = MetricsLog(stage_dir, enabled=d.main)
-    start_step, tokens_seen = 0, 0
-    by_source: dict[str, int] = {}
+    start_step = 0
     if resume_from is not None:
         st = load_train_state(resume_from)
         load_model_weights(raw_model, resume_from, device=device)
         opt.load_state_dict(st["optimizer"])
         loader.load_state_dict(st["loader"])
-        start_step, tokens_seen = int(st["step"]), int(st["tokens_seen"])
-        by_source = dict(st.get("tokens_by_source", {}))
+        start_step = int(st["step"])
         set_rng_state(st["rng"])
         metrics.truncate_after(start_step)
-        say(d, f"[resume] {resume_from} (step {start_step}, {fmt_count(tokens_seen)} tokens)")
+        say(d, f"[resume] {resume_from} (step {start_step}, {fmt_count(start_step * tps)} tokens)")
     elif init_from is not None and cfg.train.reset_data_cursor:
         loader.reset_data_cursor(0)
 
@@ -342,10 +339,16 @@ def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
     config_json = {**cfg.to_dict(), "world_size": world}
     hang_at = int(os.environ.get("SHARDLOOM_TEST_HANG_AT_STEP", "-1"))  # fault injection for the resume test
 
+    def tokens_by_source() -> dict[str, int]:
+        """Tokens drawn per source so far in this stage by all ranks: the loader's cursors (the
+        mixture is a function of the row index, so nothing needs counting on the hot path)."""
+        return {k: v * cfg.batch.seq_len for k, v in loader.state_dict()["cursors"].items()}
+
+    # tokens_seen after `step` steps is step * tps: a resumed loader refuses another rows_per_step
     def checkpoint(step: int):
         if d.main:
-            state = {"step": step, "tokens_seen": tokens_seen, "optimizer": opt.state_dict(),
-                     "loader": loader.state_dict(), "rng": rng_state(), "tokens_by_source": by_source,
+            state = {"step": step, "tokens_seen": step * tps, "optimizer": opt.state_dict(),
+                     "loader": loader.state_dict(), "rng": rng_state(), "tokens_by_source": tokens_by_source(),
                      "stage": cfg.name, "world_size": world, "total_steps": total_steps}
             p = save_checkpoint(stage_dir, step, raw_model, state, config_json, cfg.checkpoint.keep_last)
             print(f"[checkpoint] saved {p}", flush=True)
@@ -355,8 +358,8 @@ def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
         if not eval_sets:
             return
         losses = evaluate(raw_model, eval_sets, device, autocast, d)
-        metrics.log_eval(step, tokens_seen, losses)
-        metrics.log({"type": "mixture", "step": step, "tokens": tokens_seen, "tokens_by_source": dict(by_source)})
+        metrics.log_eval(step, step * tps, losses)
+        metrics.log({"type": "mixture", "step": step, "tokens": step * tps, "tokens_by_source": tokens_by_source()})
         if d.main:
             print("[eval] step {} | ".format(step) + " | ".join(
                 f"{k} {v:.4f} (ppl {math.exp(min(v, 50)):.1f})" for k, v in losses.items()), flush=True)
@@ -375,9 +378,6 @@ def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
             time.sleep(3600)
         lr = set_lr(opt, step, peak, total_steps, cfg.schedule)
         batches = [loader.batch(step, micro) for micro in range(accum)]
-        for *_, info in batches:
-            for k, v in info["tokens_per_source"].items():
-                by_source[k] = by_source.get(k, 0) + int(v)
         weights = batches[0][3]["weights"]
         step_tokens = tps
         if masked:  # one all-reduce per step, before any backward pass
@@ -389,11 +389,10 @@ def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
             gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.optim.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        tokens_seen += tps
         done = step + 1
         if done % cfg.train.log_every == 0 or done == total_steps or done == start_step + 1:
             loss_val = float(d.sum(loss_sum)) / max(step_tokens, 1)
-            row = {"type": "train", "step": done, "tokens": tokens_seen, "loss": loss_val, "lr": lr,
+            row = {"type": "train", "step": done, "tokens": done * tps, "loss": loss_val, "lr": lr,
                    "weights": weights, "time": time.time()}
             if gnorm is not None:
                 row["grad_norm"] = float(gnorm)
@@ -407,8 +406,6 @@ def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
         if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != total_steps:
             checkpoint(done)
     run_eval(total_steps)
-    from .checkpoint import step_dir
-
     final = step_dir(stage_dir, total_steps)
     if not (resume_from is not None and start_step == total_steps):
         checkpoint(total_steps)
@@ -443,10 +440,8 @@ def sample_generation(cfg: Config, ckpt: Path) -> None:
     except ImportError as e:
         print(f"[sample] trainer.generate unavailable ({e}); skipping", flush=True)
         return
-    from shards.tokenizers import get_tokenizer
+    from shards.tokenizers import REGISTRY, get_tokenizer
     from trainer.models import build_model
-
-    from shards.tokenizers import REGISTRY
 
     t = cfg.tokenizer
     tok = get_tokenizer(t.name, path=t.path) if t.name in REGISTRY else get_tokenizer(t.path or t.name)
