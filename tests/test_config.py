@@ -181,3 +181,13 @@ def test_atom_mixture_integrates_to_the_cards_proportions():
     assert first["ultra-fineweb"] > last["ultra-fineweb"]
     for k in ("finemath-3plus", "cosmopedia-v2", "ultradata-math", "fineweb-edu"):
         assert last[k] >= first[k]
+
+
+def test_overrides_may_follow_the_flags():
+    # `make demo` and users write `--run-dir X --overwrite key=value`; argparse's plain parse rejects that order.
+    from trainer.run import parse_args
+
+    a = parse_args(["curricula/atom.yaml", "--run-dir", "r", "--overwrite", "optim.lr=1e-3", "train.steps=5"])
+    b = parse_args(["curricula/atom.yaml", "optim.lr=1e-3", "--run-dir", "r", "train.steps=5", "--overwrite"])
+    assert a.overrides == b.overrides == ["optim.lr=1e-3", "train.steps=5"]
+    assert (a.run_dir, a.overwrite) == (b.run_dir, b.overwrite) == ("r", True)

@@ -471,7 +471,7 @@ def parse_args(argv):
     ap.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
     ap.add_argument("--run-dir", default=None, help="default: runs/<curriculum name>")
     ap.add_argument("--overwrite", action="store_true", help="delete an existing run dir first")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)  # overrides may come before or after the flags
 
 
 def main(argv=None) -> int:
