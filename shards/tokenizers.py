@@ -453,7 +453,7 @@ def get_tokenizer(name_or_path: str, path: str | Path | None = None, *, eos=None
                   add_bos: bool | None = None) -> Tokenizer:
     """A registered name (see `list_tokenizers`), or a path to a `tokenizer.json` (or a directory
     holding one) or a SentencePiece `.model`. `path` gives the file for a named tokenizer that
-    needs one (llama2). `eos`/`bos`/`add_bos` apply to tokenizer.json files only. Cached."""
+    needs one (llama2), or, with a name that is not registered, the file that name labels. `eos`/`bos`/`add_bos` apply to tokenizer.json files only. Cached."""
     key = (str(name_or_path), str(path) if path is not None else None, eos, bos, add_bos)
     return _get_cached(*key)
 
@@ -462,6 +462,8 @@ def get_tokenizer(name_or_path: str, path: str | Path | None = None, *, eos=None
 def _get_cached(name_or_path, path, eos, bos, add_bos) -> Tokenizer:
     kwargs = {k: v for k, v in dict(path=path, eos=eos, bos=bos, add_bos=add_bos).items() if v is not None}
     name = name_or_path
+    if name not in REGISTRY and path is not None:
+        name = str(path)  # a curriculum's own label for its file (e.g. "atom-bpe-4096" + path): load the file
     if name in REGISTRY:
         if name != "llama2" and path is not None:
             raise ValueError(f"tokenizer '{name}' ships with its package; path= is only for llama2 or files")

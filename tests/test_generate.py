@@ -196,7 +196,7 @@ def run_dir(tmp_path_factory, tokenizer_json):
     ck = run / "checkpoints" / "step_0000010"
     ck.mkdir(parents=True)
     save_model(m, str(ck / "model.safetensors"))
-    (ck / "config.json").write_text(json.dumps({"model": TINY, "tokenizer": {"name": str(tokenizer_json)}}))
+    (ck / "config.json").write_text(json.dumps({"model": TINY, "tokenizer": {"name": "tiny-bpe", "path": str(tokenizer_json)}}))
     (run / "checkpoints" / "step_0000020.tmp").mkdir()  # an unfinished write must be ignored
     return run
 

@@ -298,3 +298,21 @@ def test_pickles_as_arguments(name, request):
     assert len(blob) < 1000  # its constructor arguments, not its vocabulary (cheap to ship to workers)
     back = pickle.loads(blob)
     assert back.info() == tok.info() and back.encode("Hello world") == tok.encode("Hello world")
+
+
+def test_unregistered_name_with_path_loads_that_file(tmp_path):
+    # Curricula label their own tokenizer file: tokenizer: {name: atom-bpe-4096, path: .../tokenizer.json}
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    hf = Tokenizer(models.BPE(unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.train_from_iterator(["hello world, hello tokenizers"] * 20,
+                           trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|endoftext|>"]))
+    f = tmp_path / "tokenizer.json"
+    hf.save(str(f))
+    labelled = get_tokenizer("atom-bpe-4096", path=f)
+    direct = get_tokenizer(str(f))
+    assert labelled.encode("hello world") == direct.encode("hello world") == hf.encode("hello world").ids
+    assert labelled.eos_id == hf.token_to_id("<|endoftext|>")
+    with pytest.raises(ValueError, match="unknown tokenizer 'nope'"):
+        get_tokenizer("nope")

@@ -435,16 +435,11 @@ def sample_generation(cfg: Config, ckpt: Path) -> None:
     """Print a short sample from the final checkpoint with M1's generator."""
     if not cfg.sample.prompt:
         return
-    try:
-        from trainer.generate import GenerationConfig, generate
-    except ImportError as e:
-        print(f"[sample] trainer.generate unavailable ({e}); skipping", flush=True)
-        return
-    from shards.tokenizers import REGISTRY, get_tokenizer
+    from trainer.generate import GenerationConfig, generate
+    from trainer.generate import load_tokenizer
     from trainer.models import build_model
 
-    t = cfg.tokenizer
-    tok = get_tokenizer(t.name, path=t.path) if t.name in REGISTRY else get_tokenizer(t.path or t.name)
+    tok = load_tokenizer(cfg.to_dict())
     model = build_model(model_section(cfg), device="cpu")
     load_model_weights(model, ckpt)
     model.eval()
