@@ -33,10 +33,10 @@ test: $(STAMP)
 
 # Heavy measurements, not tests: each writes bench/results/<name>.json and prints a table.
 bench: $(STAMP)
-	$(BIN)/python bench/tokenize.py
-	$(BIN)/python bench/model.py
-	$(BIN)/python bench/loader.py
-	$(BIN)/python bench/train.py
+	$(BIN)/python -m bench.tokenize
+	$(BIN)/python -m bench.model
+	$(BIN)/python -m bench.loader
+	$(BIN)/python -m bench.train
 
 clean:
 	rm -rf out runs

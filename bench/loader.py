@@ -1,6 +1,6 @@
 """Loader throughput vs what an Atom training step consumes, on this machine's CPU.
 
-    .venv/bin/python bench/loader.py [--tokens-per-source 8000000] [--batches 200]
+    .venv/bin/python -m bench.loader [--tokens-per-source 8000000] [--batches 200]
 
 Builds five synthetic uint16 sources (Atom's vocabulary, its five-source schedule from
 curricula/atom.yaml), times `MixtureLoader.batch` at Atom's batch shape (512 x 64, grad_accum 4),

@@ -1,8 +1,8 @@
 """Model throughput: forward+backward tokens/s per architecture, and ours vs transformers' Llama.
 
-    .venv/bin/python bench/model.py              # CPU, small sizes, ~2-3 min on 2 cores
-    .venv/bin/python bench/model.py --quick      # fewer repetitions
-    .venv/bin/python bench/model.py --device cuda [--compile]   # bf16 autocast, adds MFU
+    .venv/bin/python -m bench.model              # CPU, small sizes, ~2-3 min on 2 cores
+    .venv/bin/python -m bench.model --quick      # fewer repetitions
+    .venv/bin/python -m bench.model --device cuda [--compile]   # bf16 autocast, adds MFU
 
 Atom runs at full size; Axiom, Argonne and Llama Think keep their shapes (head layout, GQA ratio,
 norms, mixers) at reduced width/depth/vocab so a CPU step stays short. The comparison rows load
@@ -17,21 +17,18 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# Run as a script, bench/ is sys.path[0] and bench/tokenize.py would shadow the stdlib module.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
+import argparse
+import json
+import platform
+import statistics
+import time
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from trainer.models import build_model  # noqa: E402
+from trainer.models import build_model
 
 # Shapes: the presets' structure at sizes a CPU can step through.
 ARCHS = {

@@ -15,26 +15,20 @@ start-up; peak RSS is the whole process tree (sampled from /proc every 20 ms). T
 checked equal (ours vs datatrove vs raw, same document order). Prints a table, writes
 bench/results/tokenize.json.
 
-    .venv/bin/python bench/tokenize.py [--sizes 6 18] [--quick]
+    .venv/bin/python -m bench.tokenize [--sizes 6 18] [--quick]
 """
 from __future__ import annotations
 
-import os.path as _osp
 import sys
 
-# This file is named like the stdlib's `tokenize`: drop bench/ from the import path before anything
-# (huggingface_hub, linecache, ...) imports the real one.
-_HERE = _osp.dirname(_osp.abspath(__file__))
-sys.path[:] = [p for p in sys.path if _osp.abspath(p or ".") != _HERE]
-
-import argparse  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))

@@ -1,7 +1,7 @@
 """Trainer overhead: tokens/s of `python -m trainer.run` vs a minimal plain-PyTorch loop over the same
 model, optimizer and batches (goal: our overhead <= 5%). Writes bench/results/train.json.
 
-    python bench/train.py [--steps 40] [--warmup 5] [--repeats 2] [--seq-len 128] [--micro-batch 4]
+    python -m bench.train [--steps 40] [--warmup 5] [--repeats 2] [--seq-len 128] [--micro-batch 4]
                           [--shards out/demo/shards/topics]
 
 Throughput = tokens per step / median step time (robust to other processes on a shared machine;
@@ -16,10 +16,6 @@ from __future__ import annotations
 
 import os
 import sys
-
-# bench/tokenize.py would shadow the stdlib `tokenize` module: drop this script's folder from the path
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 import argparse
 import json
