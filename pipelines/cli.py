@@ -218,14 +218,15 @@ def print_stats(title: str, logging_dir: str, out=None) -> list[tuple[str, dict]
     print(f"\n{title}", file=out)
     print(f"  {'step':<44} {'in':>10} {'kept':>10} {'dropped':>10}  notes", file=out)
     for name, s in stats:
-        if "total" in s or "forwarded" in s or "FILTER" in name:  # a datatrove filter
+        if "forwarded" in s or "dropped" in s or "FILTER" in name:  # a datatrove filter (writers count "total" too)
             notes = ", ".join(f"{k[8:]}={v:,}" for k, v in sorted(s.items()) if k.startswith("dropped_"))
+            notes += f"{', ' if notes else ''}no_url={s['no_url']:,} (passed)" if s.get("no_url") else ""
             print(f"  {name[:44]:<44} {s.get('total', 0):>10,} {s.get('forwarded', 0):>10,} "
                   f"{s.get('dropped', 0):>10,}  {notes}", file=out)
         else:
-            notes = ", ".join(f"{k}={v:,}" for k, v in sorted(s.items()) if k not in ("doc_len", "documents"))
+            notes = ", ".join(f"{k}={v:,}" for k, v in sorted(s.items()) if k not in ("doc_len", "documents", "total"))
             n = s.get("documents") or sum(v for k, v in s.items() if k.endswith("_documents")) \
-                or s.get("train", 0) + s.get("val", 0)
+                or s.get("train", 0) + s.get("val", 0) or s.get("total", 0)
             print(f"  {name[:44]:<44} {n:>10,} {'':>10} {'':>10}  {notes}", file=out)
     return stats
 
@@ -275,14 +276,19 @@ def stage_download(args, corpus) -> str:
     dest = args.output
     pattern = f"{corpus.hub_subset}/*.parquet"
     allow = pattern
-    if args.max_files:
-        from huggingface_hub import HfApi
+    try:
+        if args.max_files:
+            from huggingface_hub import HfApi
 
-        files = sorted(f for f in HfApi().list_repo_files(corpus.hub_repo, repo_type="dataset")
-                       if f.startswith(corpus.hub_subset + "/") and f.endswith(".parquet"))
-        allow = files[: args.max_files]
-    print(f"mirroring {corpus.hub_repo}/{pattern} -> {dest}")
-    snapshot_download(corpus.hub_repo, repo_type="dataset", allow_patterns=allow, local_dir=dest)
+            files = sorted(f for f in HfApi().list_repo_files(corpus.hub_repo, repo_type="dataset")
+                           if f.startswith(corpus.hub_subset + "/") and f.endswith(".parquet"))
+            allow = files[: args.max_files]
+        print(f"mirroring {corpus.hub_repo}/{pattern} -> {dest}")
+        snapshot_download(corpus.hub_repo, repo_type="dataset", allow_patterns=allow, local_dir=dest)
+    except Exception as e:  # offline, DNS, auth, a typo in the repo: one line, not a hub traceback
+        reason = str(e).splitlines()[0][:200] if str(e) else ""
+        raise InputError(f"download {corpus.hub_repo}/{pattern}: cannot fetch from the Hugging Face hub "
+                         f"({type(e).__name__}: {reason})") from None
     return sub(dest, corpus.hub_subset)
 
 

@@ -52,6 +52,18 @@ class LocalFT176LID(FT176LID):
         self.MODEL_URL = local_lid_model()
 
 
+class LocalURLFilter(URLFilter):
+    """datatrove's URLFilter, except that a document without a `url` (a local corpus of plain
+    {id, text} rows) passes, counted as `no_url`: datatrove's asserts, which kills the task with a
+    traceback. There is no URL to judge, and the content filters after it still apply."""
+
+    def filter(self, document):
+        if not document.metadata.get("url"):
+            self.stat_update("no_url")
+            return True
+        return super().filter(document)
+
+
 class LocalLanguageFilter(LanguageFilter):
     """LanguageFilter on the local model. Keeps documents whose score for a listed language is
     >= threshold (datatrove compares with '>'; 0.65 itself is a measure-zero edge)."""
@@ -79,7 +91,7 @@ def fineweb_filters(output, language_threshold: float = 0.65, languages=(ENGLISH
     """The chain with one exclusion writer each, ready to put between a reader and a writer."""
     w = lambda name: removed_writer(output, name, storage_options)  # noqa: E731
     return [
-        URLFilter(exclusion_writer=w("url")),
+        LocalURLFilter(exclusion_writer=w("url")),
         LocalLanguageFilter(languages, language_threshold, exclusion_writer=w("language")),
         GopherRepetitionFilter(exclusion_writer=w("gopher_repetition")),
         GopherQualityFilter(exclusion_writer=w("gopher_quality")),

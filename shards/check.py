@@ -121,7 +121,7 @@ def format_inspect(s: dict) -> str:
     lines += ["", header]
     for split, r in s["splits"].items():
         loss = f"{r['loss_tokens']:,}" if r["loss_tokens"] is not None else "-"
-        lines.append(f"{split or '.':<10}{str(r['tokenizer']):<14}{str(r['dtype']):<8}{r['shards']:>7}{r['documents']:>12,}"
+        lines.append(f"{split or '.':<10}{str(r['tokenizer']):<13} {str(r['dtype']):<8}{r['shards']:>7}{r['documents']:>12,}"
                      f"{r['tokens']:>15,}{r['mean_doc_tokens']:>10}{loss:>13}")
         for e in r.get("errors", []):
             lines.append(f"  ! {e}")

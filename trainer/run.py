@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .checkpoint import (latest_checkpoint, load_model_weights, load_train_state, resolve_checkpoint,
+from .checkpoint import (STEP_RE, latest_checkpoint, load_model_weights, load_train_state, resolve_checkpoint,
                          rng_state, save_checkpoint, set_rng_state, step_dir)
 from .config import Config, ConfigError, load_curriculum
 from .metrics import MetricsLog, Progress, fmt_count, peak_flops, plot
@@ -323,7 +323,13 @@ def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
         st = load_train_state(resume_from)
         load_model_weights(raw_model, resume_from, device=device)
         opt.load_state_dict(st["optimizer"])
-        loader.load_state_dict(st["loader"])
+        try:
+            loader.load_state_dict(st["loader"])
+        except ValueError as e:  # changed steps/schedule/batch/world size: the batches would differ
+            raise ConfigError(
+                f"{resume_from}: cannot resume with these settings: {e}. Resume with the settings the run "
+                f"started with (train.steps {st.get('total_steps')}, world size {st.get('world_size')}), or start "
+                f"a new run from its weights with train.init_from={resume_from}") from None
         start_step = int(st["step"])
         set_rng_state(st["rng"])
         metrics.truncate_after(start_step)
@@ -431,6 +437,18 @@ def encode_with_specials(tok, text: str) -> list[int]:
     return ids
 
 
+def check_sample_tokenizer(cfg: Config) -> None:
+    """The end-of-run sample needs the tokenizer: load it before training (cached, so no cost later)."""
+    if not cfg.sample.prompt:
+        return
+    from trainer.generate import load_tokenizer
+
+    try:
+        load_tokenizer(cfg.to_dict())
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"{cfg.source_file}: tokenizer: {e} (the sample.prompt at the end of the run needs it)") from None
+
+
 def sample_generation(cfg: Config, ckpt: Path) -> None:
     """Print a short sample from the final checkpoint with M1's generator."""
     if not cfg.sample.prompt:
@@ -491,6 +509,7 @@ def main(argv=None) -> int:
                 out["stages"] = sums
                 print(json.dumps(out))
             return 0
+        check_sample_tokenizer(stages[-1])  # a bad tokenizer.path must not surface only after training
         run_dir = Path(args.run_dir or Path("runs") / Path(args.curriculum).stem)
         if args.overwrite:
             # rank 0 deletes; no rank may look at the run dir before that is done (the "already holds
@@ -514,6 +533,13 @@ def main(argv=None) -> int:
                 init_path = resolve_checkpoint(init)
             if args.resume and (stage_dir / "DONE").exists():
                 prev_final = Path((stage_dir / "DONE").read_text().strip())
+                done = STEP_RE.match(prev_final.name)
+                if done and int(done.group(1)) != cfg.total_steps(d.world):
+                    raise ConfigError(
+                        f"{stage_dir}: finished at step {int(done.group(1))}, but these settings make "
+                        f"{cfg.total_steps(d.world)} steps: --resume only continues an unfinished run (the LR "
+                        f"and mixture schedules span the whole run); to train further, start a new run with "
+                        f"train.init_from={prev_final}")
                 say(d, f"[stage] {cfg.name or i}: already done ({prev_final})")
                 final = prev_final
                 continue

@@ -1,0 +1,105 @@
+"""What a newcomer following the README hits: each case was a traceback, a silent no-op or a
+misleading table before its fix. Kept fast (tiny models, in-process CLIs)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import trainhelp
+import yaml
+
+from datatrove.data import Document
+
+from pipelines.cli import main as fineweb_main
+from pipelines.cli import print_stats
+from pipelines.fineweb import CORPUS
+from pipelines.filters import fineweb_filters
+
+
+def test_url_filter_passes_and_counts_documents_without_url(tmp_path):
+    """A plain {id, text} corpus (README: `--input` any jsonl) through `filter`: datatrove's URLFilter
+    asserted on the missing url and killed the task; now such documents pass, counted."""
+    url_filter = fineweb_filters(str(tmp_path))[0]
+    docs = [Document(text="A document with no url.", id="a"),
+            Document(text="One with a url.", id="b", metadata={"url": "https://docs.python.org/3/"})]
+    kept = list(url_filter.run(iter(docs), rank=0, world_size=1))
+    assert [d.id for d in kept] == ["a", "b"]
+    assert url_filter.stats["no_url"].total == 1
+
+
+def test_writer_row_is_not_shown_as_a_filter_that_kept_nothing(tmp_path, capsys):
+    """The stage table printed a JsonlWriter (it counts "total") as `in N, kept 0, dropped 0`."""
+    stats = [{"name": "💽 - WRITER: 🐿 Jsonl", "stats": {"train/XXXXX.jsonl.gz": 52, "val/XXXXX.jsonl.gz": 8,
+                                                       "total": 60}}]
+    (tmp_path / "stats").mkdir()
+    (tmp_path / "stats" / "00000.json").write_text(json.dumps(stats))
+    print_stats("split", str(tmp_path))
+    line = [l for l in capsys.readouterr().out.splitlines() if "WRITER" in l][0]
+    assert "60" in line.split() and "0" not in line.split(), line
+
+
+def test_download_offline_is_one_line(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    def offline(*a, **k):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("Got: ConnectError: [Errno -2] Name or service not known\nmore")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    assert fineweb_main(CORPUS, ["download", "--output", str(tmp_path / "raw")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: download HuggingFaceFW/fineweb/sample/10BT") and "\n" not in err, err
+
+
+# ------------------------------------------------------------------------------------------ trainer
+
+
+def _run(args, capsys):
+    from trainer.run import main
+
+    rc = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.fixture()
+def finished_run(tmp_path, capsys):
+    cur = trainhelp.tiny_curriculum(tmp_path, train={"steps": 4, "seed": 7, "dtype": "fp32"},
+                                    checkpoint={"every": 2, "keep_last": 3})
+    run_dir = tmp_path / "run"
+    rc, out, err = _run([cur, "--run-dir", run_dir], capsys)
+    assert rc == 0, err
+    return cur, run_dir
+
+
+def test_resume_of_a_finished_run_with_more_steps_is_refused(finished_run, capsys):
+    """It printed "already done" and exited 0 without training: the new train.steps was ignored."""
+    cur, run_dir = finished_run
+    rc, out, err = _run([cur, "--run-dir", run_dir, "--resume", "train.steps=8"], capsys)
+    assert rc == 2
+    assert "finished at step 4" in err and "train.init_from=" in err and len(err.strip().splitlines()) == 1, err
+    # the same settings still resume as "done"
+    rc, out, err = _run([cur, "--run-dir", run_dir, "--resume"], capsys)
+    assert rc == 0 and "already done" in out
+
+
+def test_resume_with_changed_settings_is_one_line(finished_run, capsys):
+    """An unfinished run resumed with another train.steps: the loader's ValueError was a traceback."""
+    cur, run_dir = finished_run
+    (run_dir / "DONE").unlink()
+    rc, out, err = _run([cur, "--run-dir", run_dir, "--resume", "train.steps=9"], capsys)
+    assert rc == 2
+    assert "cannot resume with these settings" in err and "train.steps 4" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_bad_tokenizer_path_fails_before_training(tmp_path, capsys):
+    """The tokenizer is only needed for the end-of-run sample, so a typo in tokenizer.path used to
+    surface after the whole run. Now it stops before the first step."""
+    cur = trainhelp.tiny_curriculum(tmp_path)
+    raw = yaml.safe_load(cur.read_text())
+    raw["sample"] = {"prompt": "hello", "max_new_tokens": 4}
+    cur.write_text(yaml.safe_dump(raw))
+    run_dir = tmp_path / "run"
+    rc, out, err = _run([cur, "--run-dir", run_dir, f"tokenizer.path={tmp_path / 'nope.json'}"], capsys)
+    assert rc == 2 and "nope.json" in err and "tokenizer" in err, err
+    assert not (run_dir / "checkpoints").exists(), "trained before failing on the tokenizer"
