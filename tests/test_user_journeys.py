@@ -3,6 +3,7 @@ misleading table before its fix. Kept fast (tiny models, in-process CLIs)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import trainhelp
@@ -103,3 +104,16 @@ def test_bad_tokenizer_path_fails_before_training(tmp_path, capsys):
     rc, out, err = _run([cur, "--run-dir", run_dir, f"tokenizer.path={tmp_path / 'nope.json'}"], capsys)
     assert rc == 2 and "nope.json" in err and "tokenizer" in err, err
     assert not (run_dir / "checkpoints").exists(), "trained before failing on the tokenizer"
+
+
+def test_checkpoint_config_makes_the_tokenizer_path_absolute(tmp_path, monkeypatch):
+    # trainer.generate reads config.json from anywhere; a path relative to the training cwd would not resolve.
+    from trainer.config import load_curriculum
+    from trainer.run import checkpoint_config
+
+    (tmp_path / "tok.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_curriculum(Path(__file__).resolve().parents[1] / "curricula/demo-atom.yaml", ["tokenizer.path=tok.json"])[-1]
+    out = checkpoint_config(cfg, world=1)
+    assert out["tokenizer"]["path"] == str((tmp_path / "tok.json").resolve())
+    assert out["world_size"] == 1 and out["model"] == cfg.to_dict()["model"]

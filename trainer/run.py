@@ -137,6 +137,17 @@ def forward_backward(model, batches, step_tokens: int, world: int, device: torch
     return total
 
 
+def checkpoint_config(cfg: Config, world: int) -> dict:
+    """The config.json stored with each checkpoint. A relative tokenizer path is made absolute: it was
+    relative to where training ran, and `trainer.generate` may be run from anywhere."""
+    out = {**cfg.to_dict(), "world_size": world}
+    tok = dict(out.get("tokenizer") or {})
+    if tok.get("path") and Path(tok["path"]).exists():
+        tok["path"] = str(Path(tok["path"]).resolve())
+    out["tokenizer"] = tok
+    return out
+
+
 def pick_device(cfg: Config, d: Dist) -> torch.device:
     want = cfg.train.device
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
@@ -342,7 +353,7 @@ def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
     fpt = float(raw_model.flops_per_token(cfg.batch.seq_len))
     prog = Progress(total_steps, start_step, tps, fpt, peak_flops(device) * world)
     peak = cfg.optim.lr
-    config_json = {**cfg.to_dict(), "world_size": world}
+    config_json = checkpoint_config(cfg, world)
     hang_at = int(os.environ.get("SHARDLOOM_TEST_HANG_AT_STEP", "-1"))  # fault injection for the resume test
 
     def tokens_by_source() -> dict[str, int]:
