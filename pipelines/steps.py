@@ -365,10 +365,7 @@ class WriteManifest(PipelineStep):
             )
             logger.info(f"wrote {path}")
             if self.upload_to:
-                try:
-                    from shards.storage import upload
-                except ImportError as e:
-                    raise RuntimeError(f"cannot upload to {self.upload_to}: shards.storage unavailable ({e})") from None
+                from shards.storage import upload  # lazy: boto3 only when uploading
                 logger.info(f"uploading {self.output_dir} -> {self.upload_to}")
                 upload(self.output_dir, self.upload_to, **self.storage_kwargs)
         if data:
