@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 
 STEP_RE = re.compile(r"^step_(\d{7,})$")
-FILES = ("model.safetensors", "config.json", "train_state.pt")
+FILES = ("model.safetensors", "config.json", "train_state.pt")  # what --resume needs
+WEIGHT_FILES = ("model.safetensors", "config.json")  # what generation and init_from need
 
 
 def step_dir(run_dir: str | Path, step: int) -> Path:
@@ -92,16 +93,16 @@ def save_checkpoint(run_dir, step: int, model: torch.nn.Module, train_state: dic
     return final
 
 
-def is_valid(path: Path) -> bool:
-    return path.is_dir() and STEP_RE.match(path.name) is not None and all((path / f).is_file() and (path / f).stat().st_size > 0 for f in FILES)
+def is_valid(path: Path, files=FILES) -> bool:
+    return path.is_dir() and STEP_RE.match(path.name) is not None and all((path / f).is_file() and (path / f).stat().st_size > 0 for f in files)
 
 
-def list_checkpoints(run_dir) -> list[Path]:
+def list_checkpoints(run_dir, files=FILES) -> list[Path]:
     """Valid checkpoints, oldest first (`.tmp` dirs and ones missing a file are skipped)."""
     d = Path(run_dir) / "checkpoints"
     if not d.is_dir():
         return []
-    found = [p for p in d.iterdir() if is_valid(p)]
+    found = [p for p in d.iterdir() if is_valid(p, files)]
     return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))
 
 
@@ -139,19 +140,40 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return ck
 
 
+def find_weights(path: str | Path) -> Path:
+    """For generation and init_from-style use: a checkpoint dir itself, or the newest step_* under a
+    run dir or its checkpoints/ that holds weights + config (no optimizer state needed; `.tmp` skipped)."""
+    p = Path(path)
+    if (p / "model.safetensors").is_file():
+        return p
+    for run_dir in (p, p.parent) if p.name == "checkpoints" else (p,):
+        found = list_checkpoints(run_dir, files=WEIGHT_FILES)
+        if found:
+            return found[-1]
+    raise FileNotFoundError(f"{p}: no checkpoint here (expected model.safetensors + config.json, "
+                            f"or checkpoints/step_*/ holding them)")
+
+
 def load_model_weights(model: torch.nn.Module, ckpt: str | Path, device="cpu") -> None:
-    """Model weights only (init_from / generation). Strict: a shape or name mismatch is an error."""
-    ckpt = Path(ckpt)
-    missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False, device=str(device))
+    """Fill `model` from CKPT/model.safetensors: strict about names, except that a tied weight stored
+    once satisfies all its aliases, and DDP/compile prefixes ("module.", "_orig_mod.") are dropped."""
+    from safetensors.torch import load_file
+
+    file = Path(ckpt) / "model.safetensors"
+    try:
+        sd = load_file(str(file), device=str(device))
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
+        raise ValueError(f"{file}: unreadable safetensors ({e})") from None
+    for prefix in ("module.", "_orig_mod."):
+        sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(params[k]) for k in sd if k in params}
+    missing = [k for k in missing if not (k in params and id(params[k]) in loaded)]
     if missing or unexpected:
-        raise ValueError(
-            f"{ckpt / 'model.safetensors'}: does not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]})"
-        )
+        raise ValueError(f"{file}: does not match config.json's model "
+                         f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
 
 
 def load_train_state(ckpt: str | Path) -> dict:
     return torch.load(Path(ckpt) / "train_state.pt", map_location="cpu", weights_only=True)
-
-
-def load_config(ckpt: str | Path) -> dict:
-    return json.loads((Path(ckpt) / "config.json").read_text())

@@ -156,46 +156,12 @@ def generate(model, ids: list[int], cfg: GenerationConfig, *, generator: torch.G
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir itself, or the newest complete step_* under a run dir or its checkpoints/."""
-    p = Path(path)
-    if (p / "model.safetensors").is_file():
-        return p
-    for root in (p / "checkpoints", p):
-        if root.is_dir():
-            steps = sorted(d for d in root.glob("step_*") if d.is_dir() and not d.name.endswith(".tmp")
-                           and (d / "model.safetensors").is_file() and (d / "config.json").is_file())
-            if steps:
-                return steps[-1]
-    raise FileNotFoundError(f"{p}: no checkpoint here (expected model.safetensors + config.json, "
-                            f"or checkpoints/step_*/ holding them)")
-
-
-def load_state(model, file: Path, device) -> None:
-    """Fill `model` from a safetensors file: strict about names, except that a tied weight stored
-    once satisfies all its aliases, and DDP/compile prefixes ("module.", "_orig_mod.") are dropped."""
-    from safetensors.torch import load_file
-
-    try:
-        sd = load_file(str(file), device=str(device))
-    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
-        raise ValueError(f"{file}: unreadable safetensors ({e})") from None
-    for prefix in ("module.", "_orig_mod."):
-        sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    loaded = {id(params[k]) for k in sd if k in params}
-    missing = [k for k in missing if not (k in params and id(params[k]) in loaded)]
-    if missing or unexpected:
-        raise ValueError(f"{file}: does not match config.json's model "
-                         f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
-
-
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """Returns (model, full config dict, checkpoint dir). Built on meta, then filled from safetensors."""
+    from trainer.checkpoint import find_weights, load_model_weights
     from trainer.models import build_model
 
-    ckpt = find_checkpoint(path)
+    ckpt = find_weights(path)
     try:
         cfg = json.loads((ckpt / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -206,7 +172,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     model.to_empty(device=device)
     if any(True for _ in model.buffers()):  # non-persistent buffers are not in the file: recompute them
         model.init_weights()
-    load_state(model, ckpt / "model.safetensors", device)
+    load_model_weights(model, ckpt, device)
     if dtype is not None:
         model.to(dtype)
     return model.eval(), cfg, ckpt
