@@ -33,9 +33,10 @@ def step_dir(run_dir: str | Path, step: int) -> Path:
 
 def rng_state() -> dict:
     np_state = np.random.get_state()
+    py_version, py_keys, py_gauss = random.getstate()
     st = {
-        "python": list(random.getstate()[1]) + [random.getstate()[2] if random.getstate()[2] is not None else -1],
-        "python_version": random.getstate()[0],
+        "python": list(py_keys) + [py_gauss if py_gauss is not None else -1],
+        "python_version": py_version,
         "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
         "numpy_pos": int(np_state[2]),
         "numpy_gauss": [int(np_state[3]), float(np_state[4])],
