@@ -81,7 +81,6 @@ def time_plain(cur: Path, a) -> float:
     """The minimal loop: model, AdamW (same groups), forward, CE, backward, clip, step. Nothing else."""
     from trainer.config import load_curriculum
     from trainer.models import build_model
-    from trainer.optim import build_optimizer
     from trainer.run import make_loader, Dist
 
     (cfg,) = load_curriculum(cur)

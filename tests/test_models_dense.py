@@ -394,7 +394,6 @@ def test_torch_compile_fullgraph_matches_eager():
     compiled = torch.compile(m, backend="aot_eager", fullgraph=True)  # fullgraph: no graph breaks allowed
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids), m(ids), atol=1e-5, rtol=1e-5)
-    m.train()
     m2 = tiny("atom", activation_checkpointing=True).train()
     out = torch.compile(m2, backend="aot_eager", fullgraph=True)(ids)
     out.sum().backward()

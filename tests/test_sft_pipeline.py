@@ -9,7 +9,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from pipelines.cli import read_stats
 from pipelines.smoltalk import main, render_chatml

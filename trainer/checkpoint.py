@@ -147,10 +147,9 @@ def find_weights(path: str | Path) -> Path:
     p = Path(path)
     if (p / "model.safetensors").is_file():
         return p
-    for run_dir in (p, p.parent) if p.name == "checkpoints" else (p,):
-        found = list_checkpoints(run_dir, files=WEIGHT_FILES)
-        if found:
-            return found[-1]
+    found = list_checkpoints(p.parent if p.name == "checkpoints" else p, files=WEIGHT_FILES)
+    if found:
+        return found[-1]
     raise FileNotFoundError(f"{p}: no checkpoint here (expected model.safetensors + config.json, "
                             f"or checkpoints/step_*/ holding them)")
 

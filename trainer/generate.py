@@ -273,8 +273,6 @@ def main(argv=None) -> int:
         return 2
     stops = [tok.eos_id] + ([tok.special_tokens[CHATML_END]] if args.chat else [])
     gen_cfg.stop_ids = tuple(stops)
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
     print(f"[{ckpt}: {model.num_params():,} params, prompt {len(ids)} tokens]", file=sys.stderr)
     if not args.chat:
         sys.stdout.write(args.prompt)

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from trainer.models.csa import CompressedSparseAttention, GatedAttention
 from trainer.models.gated_deltanet import GatedDeltaNet
-from trainer.models.layers import CausalLM, KVCache, RMSNorm, SwiGLU, rope_cos_sin
+from trainer.models.layers import CausalLM, KVCache, RMSNorm, SwiGLU, rope_cos_sin, rope_full
 
 MIXERS = ("linear", "csa", "full")
 
@@ -162,8 +162,8 @@ class HybridLM(CausalLM):
         self.norm.reset_parameters()
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # [T, rope_dims/2] tables; apply_rope in each attention mixer widens them (rotate-half)
-        return rope_cos_sin(positions, self.config.rope_dims, self.config.rope_theta)
+        # widened once per forward here, not in every attention layer's apply_rope
+        return rope_full(*rope_cos_sin(positions, self.config.rope_dims, self.config.rope_theta), "half")
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward = 3 x forward), PaLM-style.
