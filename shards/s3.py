@@ -73,17 +73,25 @@ def storage_options(endpoint_url: str | None = None, profile: str | None = None,
 # connection, errors, retries
 
 
+def _error_code(e: BaseException) -> str:
+    """The S3 error code of a ClientError, or of the S3UploadFailedError that s3transfer wraps one in
+    (only its text survives: "... An error occurred (SlowDown) when calling ...")."""
+    from botocore.exceptions import ClientError
+
+    if isinstance(e, ClientError):
+        return str(e.response.get("Error", {}).get("Code", ""))
+    if "S3UploadFailedError" in type(e).__name__:
+        m = re.search(r"error occurred \((\w+)\)", str(e)) or re.search(r"\((\w+)\)", str(e))
+        return m.group(1) if m else ""
+    return ""
+
+
 def _retryable(e: BaseException) -> bool:
-    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError
-    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
 
     if isinstance(e, (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError)):
         return True
-    if isinstance(e, ClientError):
-        return e.response.get("Error", {}).get("Code", "") in RETRYABLE_CODES
-    if isinstance(e, S3UploadFailedError):  # s3transfer wraps the ClientError; keep only its text
-        return any(code in str(e) for code in RETRYABLE_CODES)
-    return False
+    return _error_code(e) in RETRYABLE_CODES
 
 
 _LOADER = None
@@ -157,16 +165,11 @@ class _Remote:
         return text
 
     def explain(self, e: BaseException, what: str) -> StorageError:
-        from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
+        from botocore.exceptions import NoCredentialsError, PartialCredentialsError
 
         if isinstance(e, StorageError):
             return StorageError(self.scrub(str(e)))
-        code = ""
-        if isinstance(e, ClientError):
-            code = str(e.response.get("Error", {}).get("Code", ""))
-        elif "S3UploadFailedError" in type(e).__name__:
-            m = re.search(r"\((\w+)\)", str(e))
-            code = m.group(1) if m else ""
+        code = _error_code(e)
         if code in CREDENTIAL_CODES:
             hint = f"profile {self.profile}" if self.profile else "AWS_PROFILE"
             msg = (f"credentials rejected by {self.endpoint} for bucket {self.bucket} ({code}) while {what} "

@@ -536,3 +536,16 @@ def test_cli_commands_round_trip(s3, server, tmp_path, capsys):
     n = len(tree(src))
     assert f"{n} transferred" in out[0] and f"{n} transferred" in out[1] and "0 transferred" in out[2]
     assert tree(tmp_path / "dst") == tree(src)
+
+
+def test_wrapped_upload_error_code_is_read_from_the_error_not_the_file_name():
+    # s3transfer keeps only the text; a file named ...00500.ds must not make AccessDenied look like a 500
+    from boto3.exceptions import S3UploadFailedError
+
+    from shards.s3 import _retryable
+
+    denied = S3UploadFailedError("Failed to upload /d/train/00500.ds to b/k/train/00500.ds: An error occurred "
+                                 "(AccessDenied) when calling the PutObject operation: Access Denied")
+    slow = S3UploadFailedError("Failed to upload /d/train/00001.ds to b/k: An error occurred (SlowDown) when "
+                               "calling the UploadPart operation: Reduce your request rate")
+    assert not _retryable(denied) and _retryable(slow)
