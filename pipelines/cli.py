@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 from collections import deque
 from dataclasses import dataclass
@@ -30,7 +29,9 @@ from pathlib import Path
 from shards.storage import storage_options as s3_storage_options
 
 from .readers import InputError, make_reader
-from .steps import HashSplit, TokenizeShards, WriteManifest, default_threads
+from shards.tokenizers import default_threads
+
+from .steps import HashSplit, TokenizeShards, WriteManifest
 
 STAGES = ("download", "filter", "dedup", "split", "tokenize", "run")
 
@@ -165,7 +166,7 @@ def check_run_settings(logging_dir: str, settings: dict) -> None:
 def local_workers(args, tasks: int | None = None) -> int:
     """Tasks a local run executes at once: --workers, or one per core up to the number of tasks."""
     tasks = args.tasks if tasks is None else tasks
-    return args.workers if args.workers > 0 else min(tasks, os.cpu_count() or 1)
+    return args.workers if args.workers > 0 else min(tasks, default_threads())
 
 
 def make_executor(args, pipeline, logging_dir: str, tasks: int | None = None, depends=None,
@@ -333,7 +334,7 @@ def stage_split(args, corpus, input_path, output, logs) -> str:
     reader = _reader(args, corpus, input_path)
     check_run_settings(logs, dict(stage="split", input=input_path or corpus.hub_input, tasks=args.tasks,
                                   limit=args.limit, val_fraction=args.val_fraction, seed=args.split_seed,
-                                  key=args.split_key, filter=args.filter))
+                                  key=args.split_key, filters=_filter_names(args) if args.filter else []))
     pipeline = [reader, *(_filters(args, output) if args.filter else []),
                 HashSplit(args.val_fraction, args.split_seed, args.split_key),
                 JsonlWriter(folder(output, storage_options(args) or None), output_filename="${split}/${rank}.jsonl.gz")]
@@ -346,35 +347,47 @@ def stage_split(args, corpus, input_path, output, logs) -> str:
 def stage_tokenize(args, corpus, input_path, output, logs, filters: list[str] | None = None) -> str:
     reader = _reader(args, corpus, input_path)  # input errors surface here, before any executor
     tok_name, tok_path = resolve_tokenizer(args)
-    remote = is_remote(output)
-    local_out = (args.staging_dir or sub(logs, "staging")) if remote else output
-    source = input_path or corpus.hub_input
     applied = list(filters or []) + (_filter_names(args) if args.filter else [])
-    settings = dict(stage="tokenize", input=source, output=output, tasks=args.tasks, limit=args.limit,
-                    tokenizer=tok_name, tokenizer_path=tok_path, val_fraction=args.val_fraction,
-                    split_seed=args.split_seed, split_key=args.split_key, max_doc_tokens=args.max_doc_tokens,
-                    too_long=args.too_long, invalid_utf8=args.invalid_utf8, filter=args.filter)
-    check_run_settings(sub(logs, "tokenize"), settings)
-    # The manifest marks completion: remove it before tasks start rewriting shards.
-    Path(local_out, "manifest.json").unlink(missing_ok=True)
-    workers = local_workers(args)
-    pipeline = [
-        reader,
-        *(_filters(args, output) if args.filter else []),
-        HashSplit(args.val_fraction, args.split_seed, args.split_key),
-        TokenizeShards(local_out, tok_name, tok_path, max_doc_tokens=args.max_doc_tokens, too_long=args.too_long,
-                       invalid_utf8=args.invalid_utf8, batch_size=args.batch_size,
-                       num_threads=args.threads or default_threads(workers)),
-    ]
+
+    def step(out_dir, num_threads):
+        return TokenizeShards(out_dir, tok_name, tok_path, max_doc_tokens=args.max_doc_tokens,
+                              too_long=args.too_long, invalid_utf8=args.invalid_utf8, batch_size=args.batch_size,
+                              num_threads=num_threads)
+
     extra = {"corpus": corpus.name, "tasks": args.tasks, "split_key": args.split_key,
              "split_rule": "val iff blake2b(key, key=str(seed)) as little-endian uint64 / 2**64 < val_fraction; "
                            "auto key = id, or text when the id is missing/position-based",
              "max_doc_tokens": args.max_doc_tokens, "too_long": args.too_long, "invalid_utf8": args.invalid_utf8,
              "limit_per_task": args.limit}
+    return tokenize_job(args, corpus, logs, reader, _filters(args, output) if args.filter else [], step,
+                        source=input_path or corpus.hub_input, output=output, filters=applied, extra=extra,
+                        settings=dict(stage="tokenize", too_long=args.too_long, invalid_utf8=args.invalid_utf8,
+                                      filters=applied))
+
+
+def tokenize_job(args, corpus, logs, reader, middle: list, make_step, *, source: str, output: str,
+                 filters: list[str], extra: dict, settings: dict) -> str:
+    """What every corpus's tokenize stage shares: reader -> middle steps -> HashSplit -> the step
+    `make_step(out_dir, num_threads)` builds, then the manifest (in-process for local runs, a dependent
+    1-task job on Slurm/Ray), uploaded when `output` is s3://."""
+    tok_name, tok_path = resolve_tokenizer(args)
+    remote = is_remote(output)
+    local_out = (args.staging_dir or sub(logs, "staging")) if remote else output
+    check_run_settings(sub(logs, "tokenize"), dict(
+        input=source, output=output, tasks=args.tasks, limit=args.limit, tokenizer=tok_name,
+        tokenizer_path=tok_path, val_fraction=args.val_fraction, split_seed=args.split_seed,
+        split_key=args.split_key, max_doc_tokens=args.max_doc_tokens, **settings))
+    # The manifest marks completion: remove it before tasks start rewriting shards.
+    Path(local_out, "manifest.json").unlink(missing_ok=True)
+    # Local: the cores this process may use, shared by the tasks running at once. Slurm/Ray: None, so
+    # each task uses what its own allocation (affinity mask) gives it, not the submitting node's count.
+    threads = args.threads or (max(1, default_threads() // local_workers(args)) if args.executor == "local" else None)
+    pipeline = [reader, *middle, HashSplit(args.val_fraction, args.split_seed, args.split_key),
+                make_step(local_out, threads)]
     if tok_path or Path(tok_name).suffix in (".json", ".model"):
-        extra["tokenizer_path"] = tok_path or tok_name
+        extra = {**extra, "tokenizer_path": tok_path or tok_name}
     manifest_step = WriteManifest(
-        local_out, tok_name, tok_path, source=source, filters=applied,
+        local_out, tok_name, tok_path, source=source, filters=filters,
         seeds={"split_seed": args.split_seed, "val_fraction": args.val_fraction}, extra=extra,
         upload_to=output if remote else None,
         storage_kwargs=storage_kwargs(args) if remote else None,
@@ -383,12 +396,11 @@ def stage_tokenize(args, corpus, input_path, output, logs, filters: list[str] | 
     if args.executor == "local":
         tokenize.run()  # raises if a task failed: then no manifest, the output stays "incomplete"
         deque(manifest_step.run(None, 0, 1), maxlen=0)
+        print_stats(f"tokenize: {source} -> {output}", sub(logs, "tokenize"))
+        print_manifest_summary(local_out)
     else:  # a dependent 1-task job writes the manifest once every tokenize task has finished
         make_executor(args, [manifest_step], sub(logs, "manifest"), tasks=1, depends=tokenize,
                       skip_completed=False, job_name=f"{corpus.name}-manifest").run()
-    if args.executor == "local":
-        print_stats(f"tokenize: {source} -> {output}", sub(logs, "tokenize"))
-        print_manifest_summary(local_out)
     return output
 
 

@@ -27,7 +27,6 @@ The command line is the shared one (`pipelines/cli.py`); only `download` and `to
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 from datatrove.data import Document, DocumentsPipeline
@@ -36,11 +35,10 @@ from datatrove.utils.logging import logger
 
 from shards.format import dtype_for_vocab
 
-from .cli import (Corpus, build_parser, check_args, check_run_settings, is_remote, local_workers, logging_base,
-                  make_executor, print_manifest_summary, print_stats, resolve_tokenizer, run_command,
-                  stage_download, storage_kwargs, storage_options, sub)
+from .cli import (Corpus, build_parser, check_args, logging_base, resolve_tokenizer, run_command, stage_download,
+                  storage_options, tokenize_job)
 from .readers import CountingJsonlReader, CountingParquetReader, InputError, check_hub_input, resolve_input
-from .steps import POSITION_ID_FLAG, HashSplit, WriteManifest, clean_rank_outputs, default_threads, split_writers
+from .steps import POSITION_ID_FLAG, clean_rank_outputs, split_writers
 
 CORPUS = Corpus(
     name="smol-smoltalk",
@@ -231,36 +229,17 @@ def stage_tokenize(args) -> str:
     tok = get_tokenizer(tok_name, path=tok_path)
     if IM_START not in tok.special_tokens or IM_END not in tok.special_tokens:
         raise InputError(f"tokenizer {tok.name}: no {IM_START}/{IM_END} special tokens, ChatML needs them")
-    logs = logging_base(args, CORPUS)
-    remote = is_remote(args.output)
-    out = (args.staging_dir or sub(logs, "staging")) if remote else args.output
-    settings = dict(stage="sft-tokenize", input=source, output=args.output, tasks=args.tasks, limit=args.limit,
-                    tokenizer=tok_name, tokenizer_path=tok_path, val_fraction=args.val_fraction,
-                    split_seed=args.split_seed, split_key=args.split_key, max_doc_tokens=args.max_doc_tokens)
-    check_run_settings(sub(logs, "tokenize"), settings)
-    Path(out, "manifest.json").unlink(missing_ok=True)  # completion marker: gone while shards change
-    workers = local_workers(args)
-    pipeline = [
-        reader,
-        HashSplit(args.val_fraction, args.split_seed, args.split_key),
-        ChatTokenizeShards(out, tok_name, tok_path, max_doc_tokens=args.max_doc_tokens,
-                           num_threads=default_threads(workers)),
-    ]
+    def step(out_dir, num_threads):
+        return ChatTokenizeShards(out_dir, tok_name, tok_path, max_doc_tokens=args.max_doc_tokens,
+                                  batch_size=args.batch_size, num_threads=num_threads)
+
     extra = {"corpus": CORPUS.name, "format": "chatml", "tasks": args.tasks, "limit_per_task": args.limit,
              "im_start": tok.special_tokens[IM_START], "im_end": tok.special_tokens[IM_END],
              "system_turns": "dropped", "no_eos": True,
              "loss_mask": "1 on assistant turns incl. <|im_start|>assistant\\n header, <|im_end|> and trailing \\n"}
-    manifest = WriteManifest(out, tok_name, tok_path, source=source, filters=["chatml-row-checks"],
-                             seeds={"split_seed": args.split_seed, "val_fraction": args.val_fraction}, extra=extra,
-                             upload_to=args.output if remote else None,
-                             storage_kwargs=storage_kwargs(args) if remote else None)
-    tokenize = make_executor(args, pipeline, sub(logs, "tokenize"), job_name="smoltalk-tokenize")
-    make_executor(args, [manifest], sub(logs, "manifest"), tasks=1, depends=tokenize, skip_completed=False,
-                  job_name="smoltalk-manifest").run()
-    if args.executor == "local":
-        print_stats(f"tokenize: {source} -> {args.output}", sub(logs, "tokenize"))
-        print_manifest_summary(out)
-    return args.output
+    return tokenize_job(args, CORPUS, logging_base(args, CORPUS), reader, [], step, source=source,
+                        output=args.output, filters=["chatml-row-checks"], extra=extra,
+                        settings=dict(stage="sft-tokenize", batch_size=args.batch_size))
 
 
 def run_stage(args) -> None:

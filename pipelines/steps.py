@@ -12,7 +12,6 @@ feeds one writer that fans out to both splits, and a JsonlWriter can route by th
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -385,8 +384,3 @@ def write_shard_manifest(output_dir, tokenizer, tokenizer_path=None, splits=("tr
     manifest = build_manifest(out, tok.info(), splits=tuple(splits), source=source, filters=filters,
                               seeds=seeds, extra=extra)
     return write_manifest(out, manifest)
-
-
-def default_threads(workers: int = 1) -> int:
-    """Threads per task: the cores shared by the tasks that run at once."""
-    return max(1, (os.cpu_count() or 1) // max(1, workers))

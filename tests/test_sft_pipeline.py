@@ -163,3 +163,23 @@ def test_loader_reads_sft_shards_mask_for_y(sft_out, reference):
                 ref_mask += [turn["role"] == "assistant"] * len(seg)
         want = (ref_mask + [False] * 65)[1:65]
         assert mr == want  # mask of the y positions, padding excluded
+
+
+def test_threads_and_batch_size_flags_reach_the_step(tmp_path, monkeypatch):
+    # The SFT stage once ignored --threads and --batch-size; it now shares fineweb's tokenize job.
+    import pipelines.smoltalk as st
+
+    seen = {}
+
+    class Spy(st.ChatTokenizeShards):
+        def __init__(self, *a, **kw):
+            seen.update(kw)
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(st, "ChatTokenizeShards", Spy)
+    convs = conversations()
+    pq.write_table(pa.table({"messages": convs}), tmp_path / "chats.parquet")
+    run(["tokenize", "--input", str(tmp_path / "chats.parquet"), "--output", str(tmp_path / "o"), "--tokenizer",
+         "cl100k", "--tasks", "1", "--workers", "1", "--threads", "1", "--batch-size", "3"])
+    assert seen["num_threads"] == 1 and seen["batch_size"] == 3
+    assert (tmp_path / "o" / "manifest.json").exists()
