@@ -44,7 +44,6 @@ class Corpus:
     description: str = ""
     text_key: str = "text"
     id_key: str = "id"
-    english_filters: bool = True  # the FineWeb chain is meant for English web text
 
     @property
     def hub_input(self) -> str:

@@ -9,7 +9,10 @@ file and row (for the first few).
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
+
+import orjson
 
 from datatrove.pipeline.readers import JsonlReader, ParquetReader
 from datatrove.pipeline.readers.base import BaseReader
@@ -76,8 +79,6 @@ class CountingJsonlReader(_CountingMixin, JsonlReader):
         self.invalid_utf8 = invalid_utf8
 
     def read_file(self, filepath: str):
-        import orjson
-
         row = 0
         try:
             with self.data_folder.open(filepath, "rb", compression=self.compression) as f:
@@ -88,17 +89,11 @@ class CountingJsonlReader(_CountingMixin, JsonlReader):
                     if document is not None:
                         yield document
         except (OSError, EOFError, ValueError) as e:
-            if isinstance(e, orjson.JSONDecodeError):
-                raise
             # A corrupt or truncated file: fail the task loudly (it stays unfinished and is retried
             # on rerun) rather than silently keep the rows read so far.
             raise RuntimeError(f"{filepath}: unreadable after row {row} ({type(e).__name__}: {e})") from None
 
     def _parse_line(self, raw: bytes, filepath: str, row: int):
-        import json
-
-        import orjson
-
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -283,10 +278,10 @@ def _resolve_remote(uri: str, storage_options: dict):
 
 
 def make_reader(path: str, limit: int = -1, text_key: str = "text", id_key: str = "id",
-                invalid_utf8: str = "skip", storage_options: dict | None = None, doc_progress: bool = False):
+                invalid_utf8: str = "skip", storage_options: dict | None = None):
     """A counted reader for a checked input (see `resolve_input`)."""
     folder, fmt, glob = resolve_input(path, storage_options)
-    common = dict(limit=limit, text_key=text_key, id_key=id_key, glob_pattern=glob, doc_progress=doc_progress)
+    common = dict(limit=limit, text_key=text_key, id_key=id_key, glob_pattern=glob)
     if fmt == "parquet":
         return CountingParquetReader(folder, **common)
     return CountingJsonlReader(folder, invalid_utf8=invalid_utf8, **common)

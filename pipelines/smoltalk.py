@@ -46,7 +46,6 @@ CORPUS = Corpus(
     hub_subset="data",
     description="smol-smoltalk SFT conversations (messages: [{role, content}])",
     text_key="messages",
-    english_filters=False,
 )
 HUB_GLOB = "train-*.parquet"  # the hub's test-*.parquet stays out; our own hash split makes val
 ROLES = ("system", "user", "assistant")
