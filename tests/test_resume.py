@@ -2,16 +2,12 @@
 the remaining steps (same per-step losses, same eval rows, same final weights). Plus multi-stage runs:
 stage 2 starts from stage 1's final weights with a fresh optimizer."""
 import json
-import signal
-import subprocess
-import sys
 
-import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from trainhelp import ROOT, VOCAB, env, run, tiny_curriculum, train_losses
+from trainhelp import VOCAB, run, run_killed_at, tiny_curriculum, train_losses
 
 
 def test_sigkill_then_resume_is_bit_exact(tmp_path):
@@ -19,22 +15,7 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     run([cur, "--run-dir", straight])
 
-    e = env()
-    e["SHARDLOOM_TEST_HANG_AT_STEP"] = "5"  # steps 0-4 done (checkpoint at 3, eval at 4), then stop
-    proc = subprocess.Popen([sys.executable, "-m", "trainer.run", str(cur), "--run-dir", str(killed)], cwd=ROOT,
-                            env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        for line in proc.stdout:
-            if "hanging at step" in line:
-                break
-        else:
-            pytest.fail("training process ended without reaching the hang point")
-        proc.send_signal(signal.SIGKILL)  # a real, uncatchable kill mid-run
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    run_killed_at(5, [cur, "--run-dir", killed])  # steps 0-4 done (checkpoint at 3, eval at 4), then SIGKILL
     ck = killed / "checkpoints"
     assert sorted(p.name for p in ck.iterdir()) == ["step_0000003"]
     assert max(train_losses(killed)) == 5  # rows past the checkpoint were logged before the kill

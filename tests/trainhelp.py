@@ -74,9 +74,9 @@ def tiny_curriculum(tmp_path: Path, **over) -> Path:
 
 
 def env() -> dict:
-    """The test's environment without any torchrun/fault-injection variables, one thread per process."""
+    """The test's environment without any torchrun variables, one thread per process."""
     e = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SHARDLOOM_TEST_HANG_AT_STEP"):
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         e.pop(k, None)
     return e
 
@@ -90,6 +90,31 @@ def run(args, nproc: int = 1, check: bool = True, timeout: int = 240) -> subproc
                        capture_output=True, text=True, timeout=timeout)
     if check:
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+# Fault injection from outside the training loop: the child patches trainer.run.set_lr (called once
+# at the start of every step) to SIGKILL its own process when step KILL_AT begins.
+_KILL_AT = """
+import os, signal, sys
+import trainer.run as run
+set_lr, at = run.set_lr, int(sys.argv[1])
+def kill_at(opt, step, *a, **k):
+    if step == at:
+        print(f"[test] SIGKILL at the start of step {step}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return set_lr(opt, step, *a, **k)
+run.set_lr = kill_at
+sys.exit(run.main(sys.argv[2:]))
+"""
+
+
+def run_killed_at(step: int, args, timeout: int = 240) -> subprocess.CompletedProcess:
+    """`python -m trainer.run ARGS`, SIGKILLed (uncatchable, nothing flushed or cleaned up) as step
+    `step` begins: steps 0..step-1 are done."""
+    r = subprocess.run([sys.executable, "-c", _KILL_AT, str(step), *map(str, args)], cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == -9, (r.returncode, r.stdout[-2000:] + r.stderr[-3000:])
     return r
 
 

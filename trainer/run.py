@@ -354,7 +354,6 @@ def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
     prog = Progress(total_steps, start_step, tps, fpt, peak_flops(device) * world)
     peak = cfg.optim.lr
     config_json = checkpoint_config(cfg, world)
-    hang_at = int(os.environ.get("SHARDLOOM_TEST_HANG_AT_STEP", "-1"))  # fault injection for the resume test
 
     def tokens_by_source() -> dict[str, int]:
         """Tokens drawn per source so far in this stage by all ranks: the loader's cursors (the
@@ -390,9 +389,6 @@ def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
               f"(grad_accum {accum}, world {world}) on {device.type} -> {stage_dir}", flush=True)
     model.train()
     for step in range(start_step, total_steps):
-        if step == hang_at:
-            print(f"[test] hanging at step {step}", flush=True)
-            time.sleep(3600)
         lr = set_lr(opt, step, peak, total_steps, cfg.schedule)
         batches = [loader.batch(step, micro) for micro in range(accum)]
         weights = batches[0][3]["weights"]
