@@ -29,6 +29,18 @@ def ns_reference(G, eps=1e-7):
     return U @ torch.diag(p5(S / (G.norm() + eps))) @ Vh
 
 
+def published_muon_step(p, g, buf, lr, mu, wd, eps=1e-7):
+    """Llama Think's Muon, written from its update rule (fp64, NS by SVD): summed momentum
+    buf = mu*buf + g, Nesterov u = g + mu*buf, O = NS5(u viewed [rows, -1]) after Frobenius
+    normalisation with +eps, p = p*(1 - lr*wd) - lr*sqrt(max(r,c)/min(r,c))*O."""
+    buf = mu * buf + g
+    u = g + mu * buf
+    u2 = u.reshape(u.shape[0], -1).double()
+    r, c = u2.shape
+    O = ns_reference(u2, eps).reshape(u.shape).to(p.dtype)
+    return p * (1 - lr * wd) - lr * math.sqrt(max(r, c) / min(r, c)) * O, buf
+
+
 def loss_of(model, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 64, (2, 16), generator=g)
@@ -125,28 +137,59 @@ def test_muon_step_matches_equations_including_conv_weight():
         grads = {n: getattr(model, n).grad.clone() for n in ref}
         opt.step()
         for n in ref:
-            gr = grads[n]
-            bufs[n] = mu * bufs[n] + (1 - mu) * gr
-            u = (1 - mu) * gr + mu * bufs[n]  # Nesterov
-            u2 = u.reshape(u.shape[0], -1)
-            r, c = u2.shape
-            O = ns_reference(u2).reshape(u.shape)
-            ref[n] = ref[n] * (1 - lr * wd) - lr * math.sqrt(max(r, c) / min(r, c)) * O
+            ref[n], bufs[n] = published_muon_step(ref[n], grads[n], bufs[n], lr, mu, wd)
             assert (getattr(model, n).detach() - ref[n]).abs().max() < 1e-10, (n, step)
     assert not torch.allclose(model.w, init["w"])
 
 
+@pytest.mark.parametrize("shape", [(16, 16), (24, 8), (8, 24), (12, 1, 4)], ids=["square", "tall", "wide", "conv"])
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e3])
+def test_muon_default_is_the_published_rule(shape, scale):
+    """Default Muon (summed momentum, NS in fp32 or wider) against the published rule, several shapes
+    (the [C, 1, K] depthwise conv weight too) and gradient scales; at 1e-6 the EMA form's 20x smaller
+    NS input makes the +eps visible, so an EMA default would fail here."""
+    torch.manual_seed(0)
+    w0 = torch.randn(*shape, dtype=torch.float64)
+    p = nn.Parameter(w0.clone())
+    opt = Muon([p], lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.01)
+    ref, buf = w0.clone(), torch.zeros_like(w0)
+    for step in range(4):
+        g = scale * torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+        p.grad = g.clone()
+        opt.step()
+        ref, buf = published_muon_step(ref, g, buf, 0.02, 0.95, 0.01)
+        assert (p.detach() - ref).abs().max() < 1e-10, step
+    assert (opt.state[p]["momentum_buffer"] - buf).abs().max() <= 1e-12 * scale
+
+
+def test_muon_ema_option_differs_where_eps_matters():
+    """momentum_style="ema" (lerp) stays available; at a 1e-6 gradient scale it moves the weights
+    measurably differently from the published summed form (relative difference > 1e-3)."""
+    w0 = torch.randn(12, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    deltas = {}
+    for style in ("sum", "ema"):
+        p = nn.Parameter(w0.clone())
+        opt = Muon([p], lr=0.02, momentum=0.95, momentum_style=style)
+        for step in range(3):
+            p.grad = 1e-6 * torch.randn(12, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+            opt.step()
+        deltas[style] = p.detach() - w0
+    rel = (deltas["sum"] - deltas["ema"]).norm() / deltas["sum"].norm()
+    assert rel > 1e-3, rel
+    with pytest.raises(ValueError, match="momentum_style"):
+        Muon([nn.Parameter(w0.clone())], momentum_style="lerp")
+
+
 def test_muon_vs_torch_optim_muon():
-    """torch.optim.Muon (2.13): buf = μ·buf + g, u = g + μ·buf (ours differs by a factor 1−μ that NS
-    normalises away), scale √max(1, rows/cols) (equal to ours for tall matrices), NS in bf16 (ours in
-    fp32 on CPU) -> equal up to bf16 rounding."""
+    """torch.optim.Muon (2.13) code: lerp momentum (our momentum_style="ema"), scale √max(1, rows/cols)
+    (equal to ours for tall matrices), NS in bf16 (ours in fp32 on CPU) -> equal up to bf16 rounding."""
     if not hasattr(torch.optim, "Muon"):
         pytest.skip("torch.optim.Muon not in this torch")
     torch.manual_seed(0)
     w0 = torch.randn(64, 32)
     ours_p = nn.Parameter(w0.clone())
     theirs_p = nn.Parameter(w0.clone())
-    ours = Muon([ours_p], lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.01)
+    ours = Muon([ours_p], lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.01, momentum_style="ema")
     theirs = torch.optim.Muon([theirs_p], lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.01)
     for step in range(3):
         g = torch.randn(64, 32, generator=torch.Generator().manual_seed(step))

@@ -62,6 +62,10 @@ class DataSection:
     verify_checksums: bool = False  # sha256 every shard file against its manifest before training
 
 
+MUON_MOMENTUM_STYLES = ("sum", "ema")  # buf = mu*buf + g (Llama Think, the default) | buf = lerp(buf, g, 1-mu)
+MUON_NS_DTYPES = ("fp32", "bf16")  # Newton-Schulz precision; bf16 applies on CUDA only
+
+
 @dataclass
 class MuonSection:
     lr: float | None = None  # None: optim.lr
@@ -69,6 +73,8 @@ class MuonSection:
     nesterov: bool = True
     ns_steps: int = 5
     weight_decay: float | None = None  # None: optim.weight_decay
+    momentum_style: str = "sum"  # MUON_MOMENTUM_STYLES
+    ns_dtype: str = "fp32"  # MUON_NS_DTYPES
     # AdamW settings for the non-matrix params (embedding, norms, gains) when name == muon
     adamw_lr: float | None = None  # None: optim.lr
     adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
@@ -434,6 +440,10 @@ def validate(cfg: Config, world_size: int = 1, where: str = "") -> None:
         err("model.arch", "missing (dense | hybrid)")
     if cfg.optim.name not in ("adamw", "adamw8bit", "muon"):
         err("optim.name", f"expected adamw | adamw8bit | muon, got {cfg.optim.name!r}")
+    if cfg.optim.muon.momentum_style not in MUON_MOMENTUM_STYLES:
+        err("optim.muon.momentum_style", f"expected sum | ema, got {cfg.optim.muon.momentum_style!r}")
+    if cfg.optim.muon.ns_dtype not in MUON_NS_DTYPES:
+        err("optim.muon.ns_dtype", f"expected fp32 | bf16, got {cfg.optim.muon.ns_dtype!r}")
     if cfg.optim.lr <= 0:
         err("optim.lr", f"must be > 0, got {cfg.optim.lr}")
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from .config import OptimSection
+from .config import MUON_MOMENTUM_STYLES, MUON_NS_DTYPES, OptimSection
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +49,27 @@ def zeropower_newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7, 
 class Muon(torch.optim.Optimizer):
     """Muon (momentum + Newton–Schulz orthogonalised update) for matrix parameters.
 
-    Per param p with gradient g (viewed 2-D as [rows, cols]):
-        buf ← μ·buf + (1−μ)·g                      (momentum 0.95)
-        u   ← (1−μ)·g + μ·buf  if nesterov else buf
-        O   ← NS5(u)
+    Per param p with gradient g (viewed 2-D as [rows, cols]), in the default form (Llama Think's):
+        buf ← μ·buf + g                            (summed momentum, μ = 0.95)
+        u   ← g + μ·buf  if nesterov else buf
+        O   ← NS5(u)                               (in fp32)
         p   ← p·(1 − lr·wd) − lr·√(max(r,c)/min(r,c))·O     (decoupled weight decay)
-    The lerp-style momentum (KellerJordan/Muon) differs from torch.optim.Muon's `buf = μbuf + g;
-    u = g + μbuf` only by a factor (1−μ), which the Frobenius normalisation in NS removes.
-    torch.optim.Muon also scales by √max(1, rows/cols) instead of √(max/min) (equal for tall
-    matrices) and runs NS in bf16; we run NS in bf16 on CUDA and fp32 on CPU.
+    momentum_style="ema" is KellerJordan/Muon's form, buf ← lerp(buf, g, 1−μ), u ← lerp(g, buf, μ): the
+    same direction up to a factor (1−μ), but NS then sees an input ~1/(1−μ) = 20x smaller, so the
+    +eps in its Frobenius normalisation matters at small gradient norms. ns_dtype="bf16" runs NS in
+    bf16 on CUDA (fp32 elsewhere). torch.optim.Muon's code (2.13) keeps lerp momentum (its
+    docstring's formula shows the summed form), runs NS in bf16 and scales by √max(1, rows/cols)
+    (equal to ours for tall matrices).
     """
 
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0):
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay)
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0,
+                 momentum_style: str = "sum", ns_dtype: str = "fp32"):
+        if momentum_style not in MUON_MOMENTUM_STYLES:
+            raise ValueError(f"Muon momentum_style must be one of {MUON_MOMENTUM_STYLES}, got {momentum_style!r}")
+        if ns_dtype not in MUON_NS_DTYPES:
+            raise ValueError(f"Muon ns_dtype must be one of {MUON_NS_DTYPES}, got {ns_dtype!r}")
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay,
+                        momentum_style=momentum_style, ns_dtype=ns_dtype)
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -84,11 +92,16 @@ class Muon(torch.optim.Optimizer):
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(g)
                 buf = state["momentum_buffer"]
-                buf.lerp_(g, 1 - mu)
-                u = g.lerp(buf, mu) if group["nesterov"] else buf
+                if group["momentum_style"] == "sum":
+                    buf.mul_(mu).add_(g)
+                    u = g.add(buf, alpha=mu) if group["nesterov"] else buf
+                else:
+                    buf.lerp_(g, 1 - mu)
+                    u = g.lerp(buf, mu) if group["nesterov"] else buf
                 u2 = u.reshape(u.size(0), -1)
                 rows, cols = u2.shape
-                ns_dtype = torch.bfloat16 if p.is_cuda else torch.promote_types(u2.dtype, torch.float32)
+                bf16 = group["ns_dtype"] == "bf16" and p.is_cuda
+                ns_dtype = torch.bfloat16 if bf16 else torch.promote_types(u2.dtype, torch.float32)
                 O = zeropower_newton_schulz(u2, steps=group["ns_steps"], dtype=ns_dtype)
                 scale = math.sqrt(max(rows, cols) / min(rows, cols))
                 if wd:
@@ -193,6 +206,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimSection, device_type: str 
                 Muon(
                     [dict(params=matrices, lr=muon_lr, base_lr=muon_lr, kind="muon")],
                     lr=muon_lr, momentum=m.momentum, nesterov=m.nesterov, ns_steps=m.ns_steps, weight_decay=muon_wd,
+                    momentum_style=m.momentum_style, ns_dtype=m.ns_dtype,
                 )
             )
         if rest:
