@@ -49,10 +49,12 @@ class MetricsLog:
         self.log({"type": "eval", "step": step, "tokens": tokens,
                   "loss": losses, "perplexity": {k: perplexity(v) for k, v in losses.items()}})
 
-    def truncate_after(self, step: int) -> None:
-        """Drop rows logged after `step` (resume from a checkpoint at `step`)."""
+    def truncate_after(self, step: int) -> int:
+        """Drop rows logged after `step` (resume from a checkpoint at `step`, or a restart from step 0
+        over a run that died before its first checkpoint). Returns how many metrics.jsonl rows went."""
+        dropped = 0
         if not self.enabled:
-            return
+            return dropped
         if self.jsonl.exists():
             keep = []
             for line in self.jsonl.read_text().splitlines():
@@ -62,6 +64,8 @@ class MetricsLog:
                     continue
                 if row.get("step", 0) <= step:
                     keep.append(line)
+                else:
+                    dropped += 1
             _atomic_write(self.jsonl, "".join(k + "\n" for k in keep))
         if self.csv.exists():
             with open(self.csv, newline="") as f:
@@ -72,6 +76,7 @@ class MetricsLog:
             with open(tmp, "w", newline="") as f:
                 csv.writer(f).writerows(out)
             os.replace(tmp, self.csv)
+        return dropped
 
     def rows(self) -> list[dict]:
         if not self.jsonl.exists():

@@ -298,6 +298,8 @@ def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
     del meta
 
     resume_from = latest_checkpoint(stage_dir) if resume else None
+    if resume and resume_from is None:
+        say(d, f"[resume] no valid checkpoint in {stage_dir / 'checkpoints'}: starting from step 0")
     if not resume and (stage_dir / "checkpoints").exists() and any((stage_dir / "checkpoints").iterdir()):
         raise ConfigError(f"{stage_dir}: already holds checkpoints; pass --resume to continue or --overwrite to start over")
 
@@ -343,10 +345,12 @@ def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
                 f"a new run from its weights with train.init_from={resume_from}") from None
         start_step = int(st["step"])
         set_rng_state(st["rng"])
-        metrics.truncate_after(start_step)
         say(d, f"[resume] {resume_from} (step {start_step}, {fmt_count(start_step * tps)} tokens)")
     elif init_from is not None and cfg.train.reset_data_cursor:
         loader.reset_data_cursor(0)
+    # rows past start_step belong to a run that died after them: the resumed (or restarted) run logs them again
+    if dropped := metrics.truncate_after(start_step):
+        say(d, f"[metrics] dropped {dropped} rows logged after step {start_step} by an interrupted run")
 
     # loss tokens per step: fixed for unmasked stream data, else counted from the step's masks
     masked = cfg.data.packing == "document" or any(s.has_loss for s in loader.sources)

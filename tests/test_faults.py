@@ -1,0 +1,87 @@
+"""Nothing silent, nothing lost: faults and bad inputs a user can cause, each reproduced here.
+Crashes are injected from the test (a patched hook raises where a kill would land), never by the
+training loop itself; the real SIGKILL case is in test_resume.py. Tiny models, in-process CLIs."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import shutil
+
+import pytest
+import torch
+
+import trainhelp
+import trainer.run as trun
+
+
+class Crash(Exception):
+    """Stands in for a kill: nothing after the injection point runs (no checkpoint, no DONE)."""
+
+
+@contextlib.contextmanager
+def crash_at(step: int):
+    """Raise Crash as training step `step` begins (steps 0..step-1 are done and logged)."""
+    set_lr = trun.set_lr
+
+    def hook(opt, s, *a, **k):
+        if s == step:
+            raise Crash(f"injected at step {s}")
+        return set_lr(opt, s, *a, **k)
+
+    trun.set_lr = hook
+    try:
+        with pytest.raises(Crash):
+            yield
+    finally:
+        trun.set_lr = set_lr
+
+
+def train(args, capsys):
+    rc = trun.main([str(a) for a in args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def eval_steps(run_dir) -> list[int]:
+    with open(run_dir / "eval.csv", newline="") as f:
+        return [int(r["step"]) for r in csv.DictReader(f) if r["source"] == "overall"]
+
+
+@pytest.fixture()
+def cur(tmp_path):
+    # 8 steps, eval every 2, checkpoints at 5 only (and the final one)
+    return trainhelp.tiny_curriculum(tmp_path, eval={"every": 2, "batches": 1}, checkpoint={"every": 5, "keep_last": 3})
+
+
+@pytest.fixture()
+def straight(cur, tmp_path, capsys):
+    run_dir = tmp_path / "straight"
+    assert train([cur, "--run-dir", run_dir], capsys)[0] == 0
+    return run_dir
+
+
+# ------------------------------------------------------------------------ 1. restart from step 0
+
+
+def test_kill_before_the_first_checkpoint_then_resume_drops_the_dead_rows(cur, straight, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    with crash_at(3):
+        trun.main([str(cur), "--run-dir", str(run_dir)])
+    assert max(trainhelp.train_losses(run_dir)) == 3 and eval_steps(run_dir) == [2]
+    rc, out, err = train([cur, "--run-dir", run_dir, "--resume"], capsys)
+    assert rc == 0, err
+    assert "no valid checkpoint" in out and "step 0" in out, out
+    assert trainhelp.train_losses(run_dir) == trainhelp.train_losses(straight)  # 8 rows, not 11
+    assert eval_steps(run_dir) == eval_steps(straight) == [2, 4, 6, 8]
+
+
+def test_deleted_checkpoints_restart_is_said(cur, straight, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    with crash_at(7):
+        trun.main([str(cur), "--run-dir", str(run_dir)])
+    shutil.rmtree(run_dir / "checkpoints")
+    rc, out, err = train([cur, "--run-dir", run_dir, "--resume"], capsys)
+    assert rc == 0 and "no valid checkpoint" in out and "dropped" in out, out
+    assert trainhelp.train_losses(run_dir) == trainhelp.train_losses(straight)
+    assert eval_steps(run_dir) == [2, 4, 6, 8]
