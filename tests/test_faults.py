@@ -85,3 +85,50 @@ def test_deleted_checkpoints_restart_is_said(cur, straight, tmp_path, capsys):
     assert rc == 0 and "no valid checkpoint" in out and "dropped" in out, out
     assert trainhelp.train_losses(run_dir) == trainhelp.train_losses(straight)
     assert eval_steps(run_dir) == [2, 4, 6, 8]
+
+
+# ------------------------------------------------------------------------------ 2. checksums
+
+
+def _weights(ckpt):
+    from safetensors.torch import load_file
+
+    return load_file(ckpt / "model.safetensors")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte"])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_good_one(damage, cur, straight, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight, run_dir)
+    (run_dir / "DONE").unlink()
+    ck = run_dir / "checkpoints"
+    assert json.loads((ck / "step_0000008" / "checksums.json").read_text()).keys() == {
+        "model.safetensors", "config.json", "train_state.pt"}
+    f = ck / "step_0000008" / "model.safetensors"
+    raw = bytearray(f.read_bytes())
+    if damage == "truncated":
+        raw = raw[: len(raw) // 2]
+    else:
+        raw[-7] ^= 0x01  # one bit of one weight: loads fine, different model
+    f.write_bytes(bytes(raw))
+    rc, out, err = train([cur, "--run-dir", run_dir, "--resume"], capsys)
+    assert rc == 0, err
+    assert "skipping" in out and "step_0000008" in out and "sha256" in out, out
+    assert "[resume]" in out and "step_0000005" in out, out
+    # resumed from step 5, so steps 6-8 were recomputed: the same weights as the straight run
+    w, ref = _weights(ck / "step_0000008"), _weights(straight / "checkpoints" / "step_0000008")
+    assert all(torch.equal(w[k], ref[k]) for k in ref)
+    assert trainhelp.train_losses(run_dir) == trainhelp.train_losses(straight)
+    assert eval_steps(run_dir) == [2, 4, 6, 8]
+
+
+def test_every_checkpoint_damaged_restarts_from_zero_and_says_why(cur, straight, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight, run_dir)
+    (run_dir / "DONE").unlink()
+    for p in (run_dir / "checkpoints").iterdir():
+        (p / "train_state.pt").write_bytes((p / "train_state.pt").read_bytes()[:100])
+    rc, out, err = train([cur, "--run-dir", run_dir, "--resume"], capsys)
+    assert rc == 0, err
+    assert out.count("skipping") == 2 and "no valid checkpoint" in out, out
+    assert trainhelp.train_losses(run_dir) == trainhelp.train_losses(straight)

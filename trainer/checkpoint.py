@@ -4,10 +4,13 @@
         model.safetensors   model state dict (a tied weight stored once)
         config.json         the full resolved curriculum stage (model + tokenizer sections included)
         train_state.pt      optimizer, loader, RNG states, step, tokens seen (torch.load(weights_only=True))
+        checksums.json      sha256 of the three files above, taken at save
 
 Everything is written into `step_0000100.tmp/`, fsynced, then renamed: a crash leaves at worst a
-`.tmp` directory, which `latest_checkpoint` ignores. Only plain types and tensors go into
-train_state.pt so it loads with `weights_only=True` (numpy's RNG state is stored as a tensor).
+`.tmp` directory, which `latest_checkpoint` ignores. A file damaged later (truncated, a flipped
+bit) fails its checksum, and `latest_checkpoint` falls back to the newest checkpoint that passes.
+Only plain types and tensors go into train_state.pt so it loads with `weights_only=True` (numpy's
+RNG state is stored as a tensor).
 """
 from __future__ import annotations
 
@@ -16,15 +19,19 @@ import os
 import random
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import save_model
 
+from shards.manifest import sha256_file
+
 STEP_RE = re.compile(r"^step_(\d{7,})$")
 FILES = ("model.safetensors", "config.json", "train_state.pt")  # what --resume needs
 WEIGHT_FILES = ("model.safetensors", "config.json")  # what generation and init_from need
+CHECKSUMS = "checksums.json"  # {file: sha256} of FILES
 
 
 def step_dir(run_dir: str | Path, step: int) -> Path:
@@ -82,7 +89,10 @@ def save_checkpoint(run_dir, step: int, model: torch.nn.Module, train_state: dic
     save_model(model, str(tmp / "model.safetensors"))  # dedups tied tensors
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     torch.save(train_state, tmp / "train_state.pt")
-    for name in FILES:
+    with ThreadPoolExecutor(len(FILES)) as pool:  # hashlib releases the GIL: the files hash in parallel
+        sums = dict(zip(FILES, pool.map(lambda name: sha256_file(tmp / name), FILES)))
+    (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=2, sort_keys=True) + "\n")
+    for name in FILES + (CHECKSUMS,):
         with open(tmp / name, "rb") as f:
             os.fsync(f.fileno())
     _fsync_dir(tmp)
@@ -107,16 +117,44 @@ def list_checkpoints(run_dir, files=FILES) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))
 
 
-def latest_checkpoint(run_dir) -> Path | None:
-    """Newest checkpoint that loads: a dir whose train_state.pt does not unpickle is skipped."""
-    for p in reversed(list_checkpoints(run_dir)):
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at `path` must not be resumed from, or None: a file that fails its sha256
+    in checksums.json, or weights, train state or config that do not load. A checkpoint without
+    checksums.json (saved before they existed) gets only the load checks."""
+    sums_file = path / CHECKSUMS
+    if sums_file.is_file():
         try:
-            torch.load(p / "train_state.pt", map_location="cpu", weights_only=True)
-            json.loads((p / "config.json").read_text())
-        except Exception as e:  # noqa: BLE001 - any damage means "not this one"
-            print(f"[checkpoint] skipping {p}: {type(e).__name__}: {e}", flush=True)
-            continue
-        return p
+            sums = json.loads(sums_file.read_text())
+        except ValueError as e:
+            return f"{CHECKSUMS} unreadable ({e})"
+        for name in FILES:
+            got = sha256_file(path / name)
+            if got != sums.get(name):
+                return f"{name} fails its sha256 check against {CHECKSUMS} ({got[:12]}… != {str(sums.get(name))[:12]}…)"
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path / "model.safetensors"), "pt"):  # header and size: catches a truncation
+            pass
+        torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
+        json.loads((path / "config.json").read_text())
+    except Exception as e:  # noqa: BLE001 - any damage means "not this one"
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    """Newest checkpoint without a `checkpoint_problem`; each one skipped is printed with why."""
+    skipped = []
+    for p in reversed(list_checkpoints(run_dir)):
+        why = checkpoint_problem(p)
+        if why is None:
+            if skipped:
+                print(f"[checkpoint] falling back to {p} (the newer {', '.join(skipped)} failed the checks above)",
+                      flush=True)
+            return p
+        print(f"[checkpoint] skipping {p}: {why}", flush=True)
+        skipped.append(p.name)
     return None
 
 
