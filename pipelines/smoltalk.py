@@ -4,19 +4,10 @@
     python -m pipelines.smoltalk tokenize --input chats.parquet --output out/sft --tokenizer cl100k
     python -m pipelines.smoltalk download --output data/smol-smoltalk         # mirror, then --input it
 
-Each row's `messages` (a list of {role, content}) becomes one document, Axiom's SFT format
-(MODELS.md, read from their code):
-
-    <|im_start|>{role}\\n{content}<|im_end|>\\n     for every user/assistant turn, in order
-
-- special ids from the tokenizer registry (cl100k: <|im_start|> 100264, <|im_end|> 100265);
-  the text between them is encoded as plain text (`{role}\\n{content}` in one call, as a full-string
-  encode with those specials allowed would split it), the "\\n" after <|im_end|> on its own;
-- system turns are dropped (as their code does);
-- loss mask 1 on assistant turns INCLUDING their `<|im_start|>assistant\\n` header, <|im_end|> and the
-  trailing newline (their code counts those too), 0 on everything else;
-- no EOS is appended: ChatML delimits the turns, and the loader's document packing
-  (`packing: document`, one conversation per 1025-token row) pads with EOS that carries no loss.
+Each row's `messages` (a list of {role, content}) becomes one document in ChatML, as `shards.chat`
+defines it (Axiom-Instruct's format: system turns dropped, loss only on assistant turns). No EOS is
+appended: ChatML delimits the turns, and the loader's document packing (`packing: document`, one
+conversation per 1025-token row) pads with EOS that carries no loss.
 
 Shards: DIR/train/NNNNN.ds(+.index/.loss/.metadata), DIR/val/..., DIR/manifest.json (written last),
 train/val by the shared `HashSplit` over the rendered conversation (rows have no stable id).
@@ -33,6 +24,8 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.logging import logger
 
+from shards import chat
+from shards.chat import ROLES
 from shards.format import dtype_for_vocab
 
 from .cli import (Corpus, build_parser, check_args, logging_base, resolve_tokenizer, run_command, stage_download,
@@ -48,13 +41,7 @@ CORPUS = Corpus(
     text_key="messages",
 )
 HUB_GLOB = "train-*.parquet"  # the hub's test-*.parquet stays out; our own hash split makes val
-ROLES = ("system", "user", "assistant")
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-
-
-def render_chatml(messages) -> str:
-    """The text a conversation becomes (system turns dropped): the reference for decode checks."""
-    return "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages if m["role"] != "system")
+render_chatml = chat.render  # the text a conversation becomes: the reference for decode checks
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -125,27 +112,6 @@ def make_chat_reader(path: str, limit: int = -1, messages_key: str = "messages",
 # ------------------------------------------------------------------------------------- tokenizing
 
 
-def encode_conversations(tok, conversations, num_threads: int | None = None):
-    """[(tokens, loss_mask)] per conversation (lists of {role, content}, system turns already gone)."""
-    specials = tok.special_tokens
-    if IM_START not in specials or IM_END not in specials:
-        raise ValueError(f"tokenizer {tok.name} has no {IM_START}/{IM_END} special tokens: ChatML needs them")
-    start, end = specials[IM_START], specials[IM_END]
-    newline = tok.encode("\n")
-    pieces = [f"{m['role']}\n{m['content']}" for conv in conversations for m in conv]
-    encoded = tok.encode_batch(pieces, num_threads=num_threads) if pieces else []
-    out, i = [], 0
-    for conv in conversations:
-        ids, mask = [], []
-        for m in conv:
-            seg = [start, *encoded[i], end, *newline]
-            i += 1
-            ids.extend(seg)
-            mask.extend([1 if m["role"] == "assistant" else 0] * len(seg))
-        out.append((np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.uint8)))
-    return out
-
-
 class ChatTokenizeShards(PipelineStep):
     """Write each conversation as one document of a `.ds` shard with a `.ds.loss` mask, into
     OUTPUT/<split>/<rank:05d>.ds. Counted: <split>_documents, <split>_tokens, loss_tokens,
@@ -174,8 +140,7 @@ class ChatTokenizeShards(PipelineStep):
 
         def flush(batch):
             nonlocal docs, tokens
-            for doc, (ids, mask) in zip(batch, encode_conversations(tok, [d.metadata["messages"] for d in batch],
-                                                                    self.num_threads)):
+            for doc, (ids, mask) in zip(batch, chat.encode(tok, [d.metadata["messages"] for d in batch], self.num_threads)):
                 if len(ids) > self.max_doc_tokens:
                     self.stat_update("skipped_too_long")
                     logger.warning(f"{doc.metadata.get('file_path')} row {doc.metadata.get('row')}: "
@@ -226,14 +191,16 @@ def stage_tokenize(args) -> str:
     from shards.tokenizers import get_tokenizer
 
     tok = get_tokenizer(tok_name, path=tok_path)
-    if IM_START not in tok.special_tokens or IM_END not in tok.special_tokens:
-        raise InputError(f"tokenizer {tok.name}: no {IM_START}/{IM_END} special tokens, ChatML needs them")
+    try:
+        im_start, im_end = chat.chat_ids(tok)
+    except ValueError as e:
+        raise InputError(str(e)) from None
     def step(out_dir, num_threads):
         return ChatTokenizeShards(out_dir, tok_name, tok_path, max_doc_tokens=args.max_doc_tokens,
                                   batch_size=args.batch_size, num_threads=num_threads)
 
     extra = {"corpus": CORPUS.name, "format": "chatml", "tasks": args.tasks, "limit_per_task": args.limit,
-             "im_start": tok.special_tokens[IM_START], "im_end": tok.special_tokens[IM_END],
+             "im_start": im_start, "im_end": im_end,
              "system_turns": "dropped", "no_eos": True,
              "loss_mask": "1 on assistant turns incl. <|im_start|>assistant\\n header, <|im_end|> and trailing \\n"}
     return tokenize_job(args, CORPUS, logging_base(args, CORPUS), reader, [], step, source=source,

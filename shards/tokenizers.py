@@ -374,8 +374,23 @@ def _byte_to_unicode() -> dict[int, str]:
 
 
 def to_hf_tokenizer(tok: Tokenizer):
-    """An HF `tokenizers.Tokenizer` that encodes like `tok` (a tiktoken-backed qwen3/cl100k), for
-    tools that accept only HF tokenizers (datatrove's DocumentTokenizer). Only `tokenizers` is used.
+    """An HF `tokenizers.Tokenizer` that encodes exactly like `tok`, for tools that accept only HF
+    tokenizers (datatrove's DocumentTokenizer, transformers). Only `tokenizers` is used."""
+    from tokenizers import Tokenizer as HFTok
+
+    if isinstance(tok, TiktokenTokenizer):
+        return _tiktoken_to_hf(tok)
+    if isinstance(tok, SentencePieceTokenizer):
+        return _sentencepiece_to_hf(tok)
+    if isinstance(tok, HFTokenizer):
+        hf = HFTok.from_str(tok.tok.to_str())
+        hf.encode_special_tokens = True
+        return hf
+    raise TypeError(f"no HF conversion for {tok.name} ({type(tok).__name__})")
+
+
+def _tiktoken_to_hf(tok: "TiktokenTokenizer"):
+    """qwen3/cl100k as HF byte-level BPE.
 
     Merges are recovered from the ranks: every split of a token into two in-vocab halves is a merge,
     ordered by the rank of the merged token, which is what tiktoken's lowest-rank-first loop does;
@@ -385,8 +400,6 @@ def to_hf_tokenizer(tok: Tokenizer):
     from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
     from tokenizers import Tokenizer as HFTok
 
-    if not isinstance(tok, TiktokenTokenizer):
-        raise TypeError(f"to_hf_tokenizer converts tiktoken-based tokenizers; {tok.name} is {type(tok).__name__}")
     trans = {b: c for b, c in _byte_to_unicode().items()}  # latin-1 code point == byte value
     ranks = tok._ranks
     as_str = {t: t.decode("latin-1").translate(trans) for t in ranks}
@@ -415,6 +428,75 @@ def to_hf_tokenizer(tok: Tokenizer):
     # set it again after `Tokenizer.from_file` where that matters.
     hf.encode_special_tokens = True
     return hf
+
+
+def _sentencepiece_to_hf(tok: "SentencePieceTokenizer"):
+    """A SentencePiece BPE model (Llama 2) as HF BPE with identical ids.
+
+    SentencePiece merges the adjacent pair whose merged piece has the highest score, over the whole
+    normalised string (no pre-split), so the merges here are every split of a piece into two pieces,
+    ordered by the merged piece's score. transformers' own converter orders them by id, which differs
+    where scores are not monotone in the id: Llama 2's whitespace runs ("▁▁", id 259) score -1e9 and
+    merge last, so "  In" is "▁" + "▁In", not "▁▁" + "In". Normalisation is the dummy prefix plus
+    " " -> "▁" (no pre-tokenizer, so a leading space still gets its own prefix), bytes fall back to
+    <0x..> pieces, and decoding undoes all three.
+    """
+    from tokenizers import AddedToken, decoders, models, normalizers
+    from tokenizers import Tokenizer as HFTok
+
+    sp = tok.sp
+    n = sp.get_piece_size()
+    vocab = {sp.id_to_piece(i): i for i in range(n)}
+    plain = {p for p, i in vocab.items() if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))}
+    merges = []
+    for p in plain:
+        i = vocab[p]
+        merges.extend((-sp.get_score(i), i, vocab[p[:k]], vocab[p[k:]], p[:k], p[k:])
+                      for k in range(1, len(p)) if p[:k] in plain and p[k:] in plain)
+    merges.sort()
+    unk = sp.id_to_piece(sp.unk_id()) if sp.unk_id() >= 0 else None
+    hf = HFTok(models.BPE(vocab, [(m[4], m[5]) for m in merges], unk_token=unk, fuse_unk=True, byte_fallback=True))
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                           for t, _ in sorted(tok.special_tokens.items(), key=lambda kv: kv[1])])
+    hf.encode_special_tokens = True
+    return hf
+
+
+def save_hf_tokenizer(tok: Tokenizer, out_dir: str | Path, chat_template: str | None = None,
+                      model_max_length: int | None = None) -> list[Path]:
+    """Write `tok` as transformers loads it: tokenizer.json, tokenizer_config.json and
+    special_tokens_map.json in out_dir. The document convention travels with it: a tokenizer that
+    adds BOS per document gets a post-processor that prepends BOS (transformers' default
+    add_special_tokens=True then matches our pipeline); EOS is the eos_token (generation stops there)
+    and also the pad token when the vocabulary has no pad of its own."""
+    from tokenizers import processors
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf = to_hf_tokenizer(tok)
+    ids_to_token = {i: t for t, i in hf.get_vocab(with_added_tokens=True).items()}
+    bos = ids_to_token.get(tok.bos_id) if tok.bos_id is not None else None
+    if tok.add_bos and bos is not None:
+        hf.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                          special_tokens=[(bos, tok.bos_id)])
+    eos = ids_to_token[tok.eos_id]
+    pad = next((t for t in ("<pad>", "<|pad|>", "[PAD]") if t in tok.special_tokens), eos)
+    unk = next((t for t in ("<unk>", "[UNK]", "<|unk|>") if t in tok.special_tokens), None)
+    specials = {"bos_token": bos, "eos_token": eos, "pad_token": pad, "unk_token": unk}
+    specials = {k: v for k, v in specials.items() if v is not None}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **specials, "add_bos_token": bool(tok.add_bos),
+              "add_eos_token": False, "clean_up_tokenization_spaces": False,
+              "model_max_length": model_max_length or 1_000_000}
+    if chat_template:
+        config["chat_template"] = chat_template
+    files = [out / "tokenizer.json", out / "tokenizer_config.json", out / "special_tokens_map.json"]
+    files[0].write_text(hf.to_str())
+    files[1].write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    files[2].write_text(json.dumps(specials, indent=2, sort_keys=True) + "\n")
+    return files
 
 
 def hf_tokenizer_json(tok: Tokenizer | str, out: str | Path | None = None) -> str:
