@@ -132,3 +132,18 @@ def test_every_checkpoint_damaged_restarts_from_zero_and_says_why(cur, straight,
     assert rc == 0, err
     assert out.count("skipping") == 2 and "no valid checkpoint" in out, out
     assert trainhelp.train_losses(run_dir) == trainhelp.train_losses(straight)
+
+
+# ---------------------------------------------------------------- 3. finished but no DONE marker
+
+
+def test_resume_at_the_last_step_does_not_repeat_the_final_eval(cur, straight, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight, run_dir)
+    (run_dir / "DONE").unlink()  # killed between the final checkpoint and the DONE marker
+    rc, out, err = train([cur, "--run-dir", run_dir, "--resume"], capsys)
+    assert rc == 0, err
+    assert (run_dir / "DONE").exists()
+    assert eval_steps(run_dir) == [2, 4, 6, 8]
+    assert [r["step"] for r in trainhelp.metric_rows(run_dir, "eval")] == [2, 4, 6, 8]
+    assert (run_dir / "metrics.jsonl").read_text() == (straight / "metrics.jsonl").read_text()

@@ -422,9 +422,9 @@ def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
             run_eval(done)
         if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != total_steps:
             checkpoint(done)
-    run_eval(total_steps)
     final = step_dir(stage_dir, total_steps)
-    if not (resume_from is not None and start_step == total_steps):
+    if start_step < total_steps:  # else resumed from the final checkpoint: its eval (logged first) and save are done
+        run_eval(total_steps)
         checkpoint(total_steps)
     if d.main:
         (stage_dir / "DONE").write_text(f"{final}\n")
