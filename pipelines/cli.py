@@ -257,12 +257,16 @@ def _filter_names(args):
 
 
 def resolve_tokenizer(args) -> tuple[str, str | None]:
-    """(name_or_path, path) for shards.tokenizers.get_tokenizer; loads it once to fail early."""
-    from shards.tokenizers import get_tokenizer
+    """(name_or_path, path) for shards.tokenizers.get_tokenizer; loads it once to fail early. A file
+    is given resolved, so the manifest names it from any folder (not relative to this one)."""
+    from shards.tokenizers import REGISTRY, get_tokenizer
 
     name, path = args.tokenizer, args.tokenizer_path
     if path and name != "llama2" and (path.endswith(".json") or Path(path).is_dir()):
         name, path = path, None  # --tokenizer-path tokenizer.json alone means "this file"
+    path = str(Path(path).expanduser().resolve()) if path else None
+    if name not in REGISTRY and Path(name).expanduser().exists():
+        name = str(Path(name).expanduser().resolve())
     try:
         get_tokenizer(name, path=path)
     except (FileNotFoundError, ValueError, RuntimeError) as e:

@@ -147,3 +147,88 @@ def test_resume_at_the_last_step_does_not_repeat_the_final_eval(cur, straight, t
     assert eval_steps(run_dir) == [2, 4, 6, 8]
     assert [r["step"] for r in trainhelp.metric_rows(run_dir, "eval")] == [2, 4, 6, 8]
     assert (run_dir / "metrics.jsonl").read_text() == (straight / "metrics.jsonl").read_text()
+
+
+# ------------------------------------------------------------ 4, 5. the tokenizer against the shards
+
+
+def _tokenized_with(tmp_path, tok_json):
+    """The tiny curriculum whose two sources' manifests name `tok_json`'s vocabulary."""
+    from shards.tokenizers import get_tokenizer
+
+    cur = trainhelp.tiny_curriculum(tmp_path, train={"steps": 1, "seed": 7, "dtype": "fp32"}, eval={"every": 0, "batches": 0})
+    info = get_tokenizer(str(tok_json)).info()
+    for name, seed in (("a", 1), ("b", 2)):
+        trainhelp.make_source(tmp_path / "data" / name, seed, info=info)
+    return cur
+
+
+def test_curriculum_tokenizer_other_than_the_shards_is_refused_before_step_0(tmp_path, capsys):
+    shards_tok = trainhelp.make_tokenizer_json(tmp_path / "tok-a" / "tokenizer.json", "a")
+    other = trainhelp.make_tokenizer_json(tmp_path / "tok-b" / "tokenizer.json", "b")  # same size, other vocabulary
+    cur = _tokenized_with(tmp_path, shards_tok)
+    rc, out, err = train([cur, "--run-dir", tmp_path / "r", "tokenizer.name=bpe", f"tokenizer.path={other}"], capsys)
+    assert rc == 2 and "vocab_hash" in err and "manifest.json" in err and "source 'a'" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+    # the shards' own tokenizer, typed as another relative path, trains
+    rel = shards_tok.relative_to(tmp_path)
+    rc, out, err = train([cur, "--run-dir", tmp_path / "r2", "tokenizer.name=bpe", f"tokenizer.path={tmp_path}/./{rel}"], capsys)
+    assert rc == 0, err
+
+
+def test_unloadable_tokenizer_is_compared_by_name_and_says_so(tmp_path, capsys):
+    cur = trainhelp.tiny_curriculum(tmp_path, train={"steps": 1, "seed": 7, "dtype": "fp32"}, eval={"every": 0, "batches": 0})
+    rc, out, err = train([cur, "--run-dir", tmp_path / "r"], capsys)  # "tiny" is no tokenizer this machine has
+    assert rc == 0 and "by name only" in out, out
+    rc, out, err = train([cur, "--run-dir", tmp_path / "r2", "tokenizer.name=qwen-tiny"], capsys)
+    assert rc == 2 and "qwen-tiny" in err and "'tiny'" in err, err
+
+
+def test_sources_with_one_vocabulary_under_two_names_are_accepted(tmp_path):
+    """Two sources tokenized with the same tokenizer.json typed as two paths: the loader compared
+    names and refused 'vocab_hash X differs from vocab_hash X'."""
+    from shards.manifest import TokenizerInfo
+
+    from trainer.data import DataError, MixtureLoader
+
+    tok = dict(vocab_size=trainhelp.VOCAB, vocab_hash="same-vocabulary", eos_id=0)
+    a = trainhelp.make_source(tmp_path / "a", 1, info=TokenizerInfo(name="data/tok.json", **tok))
+    b = trainhelp.make_source(tmp_path / "b", 2, info=TokenizerInfo(name="/abs/data/tok.json", **tok))
+    sources = [{"name": "a", "path": str(a)}, {"name": "b", "path": str(b)}]
+    schedule = [{"at": 0.0, "weights": {"a": 1, "b": 1}}]
+    MixtureLoader(sources, schedule, seq_len=16, micro_batch=2, seed=0, total_tokens=320)
+    c = trainhelp.make_source(tmp_path / "c", 3, info=TokenizerInfo(name="data/tok.json", **{**tok, "vocab_hash": "other"}))
+    with pytest.raises(DataError, match="vocab_hash"):
+        MixtureLoader([*sources, {"name": "c", "path": str(c)}], schedule, seq_len=16, micro_batch=2, seed=0,
+                      total_tokens=320)
+
+
+def _tokenize(inp, out, *extra):
+    from pipelines.cli import main
+    from pipelines.fineweb import CORPUS
+
+    return main(CORPUS, ["tokenize", "--input", str(inp), "--output", str(out), "--val-fraction", "0", *map(str, extra)])
+
+
+def _jsonl(path, texts, key="text"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"id": f"d{i}", key: t}) + "\n" for i, t in enumerate(texts)))
+    return path
+
+
+def test_manifest_records_a_resolved_tokenizer_path(tmp_path, monkeypatch):
+    """The manifest kept the path as typed ("tok/tokenizer.json", relative to where tokenize ran), so
+    `shards inspect` from another folder could not decode."""
+    from shards.check import inspect_dir
+    from shards.manifest import read_manifest
+
+    trainhelp.make_tokenizer_json(tmp_path / "tok" / "tokenizer.json")
+    _jsonl(tmp_path / "in" / "rows.jsonl", ["w1 w2 w3", "w4 w5"])
+    monkeypatch.chdir(tmp_path)
+    assert _tokenize("in", "out", "--tokenizer", "tok/tokenizer.json") == 0
+    m = read_manifest(tmp_path / "out")
+    assert m.extra["tokenizer_path"] == str(tmp_path / "tok" / "tokenizer.json")
+    monkeypatch.chdir(tmp_path / "in")
+    doc = inspect_dir(tmp_path / "out")["first_document"]
+    assert doc["note"] == "" and doc["text"].startswith("w1"), doc

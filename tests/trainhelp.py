@@ -20,8 +20,23 @@ VOCAB = 64
 TINY_TOKENIZER = TokenizerInfo(name="tiny", vocab_size=VOCAB, vocab_hash="tiny-hash", eos_id=0)
 
 
-def make_source(d: Path, seed: int, docs: int = 60, val_docs: int = 8) -> Path:
-    """Tiny shard dir with learnable structure (arithmetic-progression documents)."""
+def make_tokenizer_json(path: Path, words: str = "w") -> Path:
+    """A real VOCAB-id tokenizer.json (HF `tokenizers` WordLevel: EOS <|endoftext|> 0, then `words`1..63),
+    for tests that load the curriculum's tokenizer; another `words` prefix is another vocabulary."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    vocab = {"<|endoftext|>": 0, **{f"{words}{i}": i for i in range(1, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=f"{words}1"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return path
+
+
+def make_source(d: Path, seed: int, docs: int = 60, val_docs: int = 8, info: TokenizerInfo = TINY_TOKENIZER) -> Path:
+    """Tiny shard dir with learnable structure (arithmetic-progression documents); `info` goes into
+    its manifest (the shards' own metadata keep the name "tiny")."""
     rng = np.random.default_rng(seed)
     for split, n in (("train", docs), ("val", val_docs)):
         with ShardWriter(d / split / "00000", np.dtype("<u2"), "tiny") as w:
@@ -29,7 +44,7 @@ def make_source(d: Path, seed: int, docs: int = 60, val_docs: int = 8) -> Path:
                 start, step, length = rng.integers(1, VOCAB), rng.integers(1, 4), rng.integers(20, 60)
                 doc = (start + step * np.arange(length)) % (VOCAB - 1) + 1
                 w.write(np.append(doc, 0))
-    write_manifest(d, build_manifest(d, TINY_TOKENIZER))
+    write_manifest(d, build_manifest(d, info))
     return d
 
 

@@ -306,12 +306,13 @@ class MixtureLoader:
     def validate(self, scan_ids: bool = False) -> None:
         """Raise DataError when sources disagree on the tokenizer, a weighted source has no windows,
         or the tokenizer's ids may exceed the model's vocabulary. scan_ids=True also reads every
-        shard once and checks its largest id (slow on big data; `python -m shards verify` does it too)."""
+        shard once and checks its largest id (slow on big data; `python -m shards verify` does it too).
+        Tokenizers are compared by vocabulary hash: one vocabulary may be named (or its file typed) two ways."""
         first = self.sources[0]
         t0 = first.reader.manifest.tokenizer
         for src in self.sources[1:]:
             t = src.reader.manifest.tokenizer
-            if (t.name, t.vocab_hash) != (t0.name, t0.vocab_hash):
+            if t.vocab_hash != t0.vocab_hash:
                 raise DataError(
                     f"source '{src.name}' ({src.reader.directory / 'manifest.json'}): tokenizer "
                     f"{t.name} (vocab_hash {t.vocab_hash[:12]}) differs from source '{first.name}': "

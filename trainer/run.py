@@ -192,6 +192,30 @@ def verify_sources(cfg: Config) -> None:
                 raise DataError(f"source '{s.name}' ({s.path}): {f} fails its sha256 check against manifest.json (corrupted shard)")
 
 
+def check_tokenizer(cfg: Config, loader, d: Dist) -> None:
+    """Every source must have been tokenized with the curriculum's tokenizer, compared by vocabulary
+    hash (one vocabulary may be named, or its file typed, two ways). A tokenizer that cannot be
+    loaded here is compared with the manifests by name only, and the log says so."""
+    from trainer.generate import load_tokenizer
+
+    want = cfg.tokenizer.path or cfg.tokenizer.name
+    try:
+        info, why = load_tokenizer(cfg.to_dict()).info(), ""
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        info, why = None, (str(e).splitlines() or [type(e).__name__])[0]
+    for src in loader.sources:
+        t = src.reader.manifest.tokenizer
+        where = f"source '{src.name}' ({src.reader.directory / 'manifest.json'})"
+        if info is not None and t.vocab_hash != info.vocab_hash:
+            raise ConfigError(f"{cfg.source_file}: tokenizer: {want} (vocab_hash {info.vocab_hash[:12]}) is not the "
+                              f"tokenizer of {where}: {t.name} (vocab_hash {t.vocab_hash[:12]})")
+        if info is None and t.name != cfg.tokenizer.name:
+            raise ConfigError(f"{cfg.source_file}: tokenizer: '{cfg.tokenizer.name}' cannot be loaded here to compare "
+                              f"its vocabulary ({why}), and {where} names another: '{t.name}'")
+    if info is None:
+        say(d, f"[tokenizer] {want} cannot be loaded here ({why}): checked against the sources' manifests by name only")
+
+
 def load_eval_sets(cfg: Config, d: Dist):
     from trainer.data import DataError, val_batches
 
@@ -294,6 +318,7 @@ def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
     if cfg.data.verify_checksums:
         verify_sources(cfg)
     loader = make_loader(cfg, d, vocab)  # opens every source, validates dtype/sizes/tokenizer/vocab
+    check_tokenizer(cfg, loader, d)
     eval_sets = load_eval_sets(cfg, d)
     del meta
 
