@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from trainer.generate import (GenerationConfig, banned_ngram_tokens, chatml_prompt, complete, generate, load_checkpoint,
-                              load_tokenizer, main, next_token, prompt_ids, top_k_filter, top_p_filter,
-                              apply_no_repeat_ngram, apply_repetition_penalty)
+from trainer.checkpoint import load_model as load_checkpoint
+from trainer.generate import (GenerationConfig, banned_ngram_tokens, complete, generate, load_tokenizer, main,
+                              next_token, prompt_ids, top_k_filter, top_p_filter, apply_no_repeat_ngram,
+                              apply_repetition_penalty)
 from trainer.models import build_model
 from trainer.models.layers import KVCache
 
@@ -242,7 +243,7 @@ def test_chatml_prompt_uses_special_ids(run_dir):
     _, cfg, _ = load_checkpoint(run_dir)
     tok = load_tokenizer(cfg)
     s, e = tok.special_tokens["<|im_start|>"], tok.special_tokens["<|im_end|>"]
-    ids = chatml_prompt(tok, "hello")
+    ids = prompt_ids(tok, "hello", chat=True)
     assert ids == [s] + tok.encode("user\nhello") + [e] + tok.encode("\n") + [s] + tok.encode("assistant\n")
     assert tok.decode(ids) == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
 
@@ -274,6 +275,6 @@ def test_cli_end_to_end(run_dir, capsys):
                "--top-k", "20", "--top-p", "0.9", "--repetition-penalty", "1.2", "--no-repeat-ngram", "3",
                "--seed", "1"])
     err = capsys.readouterr().err
-    assert rc == 0 and f"prompt {len(chatml_prompt(tok, prompt))} tokens" in err
+    assert rc == 0 and f"prompt {len(prompt_ids(tok, prompt, chat=True))} tokens" in err
     assert main([str(run_dir / "nope"), "--prompt", "x"]) == 2
     assert "no checkpoint" in capsys.readouterr().err

@@ -168,22 +168,14 @@ def prune(run_dir, keep_last: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir, or a run dir (its newest valid checkpoint)."""
-    p = Path(path)
-    if is_valid(p):
-        return p
-    ck = latest_checkpoint(p)
-    if ck is None:
-        raise FileNotFoundError(f"{p}: not a checkpoint directory and holds no valid checkpoints/step_*")
-    return ck
-
-
 def find_weights(path: str | Path) -> Path:
-    """For generation and init_from-style use: a checkpoint dir itself, or the newest step_* under a
-    run dir or its checkpoints/ that holds weights + config (no optimizer state needed; `.tmp` skipped)."""
+    """For generation and init_from-style use: a checkpoint dir itself, an HF model folder (an export,
+    any Llama, Argonne's release), or the newest step_* under a run dir or its checkpoints/ that holds
+    weights + config (no optimizer state needed; `.tmp` skipped)."""
+    from trainer.hf import is_hf_folder
+
     p = Path(path)
-    if (p / "model.safetensors").is_file():
+    if (p / "model.safetensors").is_file() or is_hf_folder(p):
         return p
     found = list_checkpoints(p.parent if p.name == "checkpoints" else p, files=WEIGHT_FILES)
     if found:
@@ -192,25 +184,77 @@ def find_weights(path: str | Path) -> Path:
                             f"or checkpoints/step_*/ holding them)")
 
 
-def load_model_weights(model: torch.nn.Module, ckpt: str | Path, device="cpu") -> None:
-    """Fill `model` from CKPT/model.safetensors: strict about names, except that a tied weight stored
-    once satisfies all its aliases, and DDP/compile prefixes ("module.", "_orig_mod.") are dropped."""
-    from safetensors.torch import load_file
-
-    file = Path(ckpt) / "model.safetensors"
-    try:
-        sd = load_file(str(file), device=str(device))
-    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
-        raise ValueError(f"{file}: unreadable safetensors ({e})") from None
+def _fill(model: torch.nn.Module, sd: dict, where) -> None:
+    """load_state_dict, strict about names, except that a tied weight stored once satisfies all its
+    aliases, and DDP/compile prefixes ("module.", "_orig_mod.") are dropped."""
     for prefix in ("module.", "_orig_mod."):
         sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # a shape mismatch
+        raise ValueError(f"{where}: does not match the model ({str(e).splitlines()[-1].strip()})") from None
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded = {id(params[k]) for k in sd if k in params}
     missing = [k for k in missing if not (k in params and id(params[k]) in loaded)]
     if missing or unexpected:
-        raise ValueError(f"{file}: does not match config.json's model "
+        raise ValueError(f"{where}: does not match the model "
                          f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+
+
+def load_model_weights(model: torch.nn.Module, ckpt: str | Path, device="cpu") -> None:
+    """Fill `model` from a checkpoint dir (CKPT/model.safetensors) or an HF model folder (converted
+    to the model's own layout, e.g. an HF Llama into Axiom's interleaved RoPE; a folder whose model
+    computes something else is refused, naming the fields)."""
+    from safetensors.torch import load_file
+
+    from trainer import hf
+
+    ckpt = Path(ckpt)
+    if hf.is_hf_folder(ckpt):
+        section, sd = hf.read_folder(ckpt)
+        _fill(model, hf.fit_to(sd, section, model), ckpt)
+        return
+    file = ckpt / "model.safetensors"
+    try:
+        sd = load_file(str(file), device=str(device))
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
+        raise ValueError(f"{file}: unreadable safetensors ({e})") from None
+    _fill(model, sd, file)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """The one loader behind generate, chat, export, evaluate and the end-of-run sample.
+
+    PATH is a run dir, its checkpoints/, a checkpoint dir, an HF model folder, or hf://org/name.
+    Returns (model in eval mode, config dict with at least `model` and `tokenizer`, the folder read).
+    The model is built on the meta device (no time spent on a random init), then filled.
+    """
+    from trainer import hf
+    from trainer.models import build_model
+
+    src = find_weights(hf.resolve_hub(str(path)))
+    if hf.is_hf_folder(src):
+        section, sd = hf.read_folder(src)
+        cfg = {"model": section, "tokenizer": hf.tokenizer_section(src), "sample": hf.sample_defaults(src)}
+    else:
+        try:
+            cfg = json.loads((src / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{src / 'config.json'}: unreadable ({e})") from None
+        if not isinstance(cfg, dict) or "model" not in cfg:
+            raise ValueError(f"{src / 'config.json'}: no 'model' section")
+        sd = None
+    model = build_model(cfg["model"], device="meta")
+    model.to_empty(device=device)
+    if any(True for _ in model.buffers()):  # non-persistent buffers are not in the file: recompute them
+        model.init_weights()
+    if sd is None:
+        load_model_weights(model, src, device)
+    else:
+        _fill(model, {k: v.to(device) for k, v in sd.items()}, src)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval(), cfg, src
 
 
 def load_train_state(ckpt: str | Path) -> dict:

@@ -5,7 +5,7 @@
         --top-p 0.85 --repetition-penalty 1.15 --no-repeat-ngram 3          # Axiom-instruct settings
 
 CHECKPOINT is a checkpoint dir (config.json + model.safetensors), a run dir, or its checkpoints/ dir
-(the newest complete step is used). Library use: `generate(model, ids, GenerationConfig(...))`.
+(the newest complete step is used), an HF model folder (an export) or hf://org/name. Library use: `generate(model, ids, GenerationConfig(...))`.
 Logit processing follows the usual order: repetition penalty, no-repeat-ngram ban, temperature,
 top-k, top-p, then sample (or argmax with greedy).
 """
@@ -22,7 +22,10 @@ from typing import Callable
 
 import torch
 
-CHATML_START, CHATML_END = "<|im_start|>", "<|im_end|>"
+from shards.chat import chat_ids
+from shards.chat import prompt as chat_prompt
+from trainer.checkpoint import load_model
+
 
 
 @dataclass
@@ -154,69 +157,44 @@ def generate(model, ids: list[int], cfg: GenerationConfig, *, generator: torch.G
     return out
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """Returns (model, full config dict, checkpoint dir). Built on meta, then filled from safetensors."""
-    from trainer.checkpoint import find_weights, load_model_weights
-    from trainer.models import build_model
-
-    ckpt = find_weights(path)
-    try:
-        cfg = json.loads((ckpt / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{ckpt / 'config.json'}: unreadable ({e})") from None
-    if not isinstance(cfg, dict) or "model" not in cfg:
-        raise ValueError(f"{ckpt / 'config.json'}: no 'model' section")
-    model = build_model(cfg["model"], device="meta")  # no time spent on a random init
-    model.to_empty(device=device)
-    if any(True for _ in model.buffers()):  # non-persistent buffers are not in the file: recompute them
-        model.init_weights()
-    load_model_weights(model, ckpt, device)
-    if dtype is not None:
-        model.to(dtype)
-    return model.eval(), cfg, ckpt
-
-
-def complete(model, tok, prompt: str, cfg: GenerationConfig, chat: bool = False) -> str:
-    """Prompt text in, completion text out (stops at EOS, and at <|im_end|> in chat mode).
-    What the trainer's demo calls to print a sample."""
-    ids = prompt_ids(tok, prompt, chat)
-    stops = set(cfg.stop_ids) | {tok.eos_id}
-    if chat:
-        stops.add(tok.special_tokens[CHATML_END])
-    cfg = dataclasses.replace(cfg, stop_ids=tuple(sorted(stops)))
-    return tok.decode(generate(model, ids, cfg))
+# ----------------------------------------------------------------------------- text in, text out
 
 
 def load_tokenizer(cfg: dict, path_override: str | None = None):
+    """The tokenizer a checkpoint (or HF folder) config names, with its EOS/BOS convention."""
     from shards.tokenizers import get_tokenizer
 
     sec = cfg.get("tokenizer") or {}
     name, path = sec.get("name"), path_override or sec.get("path")
     if not name and not path:
         raise ValueError("config.json: tokenizer.name is missing")
-    return get_tokenizer(name, path=path) if name else get_tokenizer(path)
-
-
-def chatml_prompt(tok, prompt: str) -> list[int]:
-    """`<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n` with the real special ids."""
-    sp = tok.special_tokens
-    if CHATML_START not in sp or CHATML_END not in sp:
-        raise ValueError(f"tokenizer {tok.name} has no {CHATML_START}/{CHATML_END} special tokens; --chat needs ChatML")
-    s, e = sp[CHATML_START], sp[CHATML_END]
-    return [s] + tok.encode(f"user\n{prompt}") + [e] + tok.encode("\n") + [s] + tok.encode("assistant\n")
+    extra = {k: sec[k] for k in ("eos", "bos", "add_bos") if sec.get(k) is not None}
+    return get_tokenizer(name, path=path, **extra) if name else get_tokenizer(path, **extra)
 
 
 def prompt_ids(tok, prompt: str, chat: bool) -> list[int]:
+    """Plain text: [BOS if the tokenizer's documents start with it] + ids. chat: a one-turn ChatML
+    conversation ending in the assistant header (`shards.chat`)."""
     if chat:
-        return chatml_prompt(tok, prompt)
+        return chat_prompt(tok, [{"role": "user", "content": prompt}])
     ids = tok.encode(prompt)
     if tok.add_bos and tok.bos_id is not None:  # trained on [BOS] + document (llama2 convention)
         ids = [tok.bos_id] + ids
     if not ids:  # an empty prompt: start from a document boundary
         ids = [tok.eos_id]
     return ids
+
+
+def stop_ids(tok, chat: bool) -> tuple[int, ...]:
+    """EOS, and <|im_end|> for chat models (the end of an assistant turn)."""
+    return (tok.eos_id, chat_ids(tok)[1]) if chat else (tok.eos_id,)
+
+
+def complete(model, tok, prompt: str, cfg: GenerationConfig, chat: bool = False) -> str:
+    """Prompt text in, completion text out (stops at EOS, and at <|im_end|> in chat mode)."""
+    ids = prompt_ids(tok, prompt, chat)
+    cfg = dataclasses.replace(cfg, stop_ids=tuple(sorted(set(cfg.stop_ids) | set(stop_ids(tok, chat)))))
+    return tok.decode(generate(model, ids, cfg))
 
 
 class _Streamer:
@@ -265,14 +243,13 @@ def main(argv=None) -> int:
                                    repetition_penalty=args.repetition_penalty,
                                    no_repeat_ngram=args.no_repeat_ngram, greedy=args.greedy, seed=args.seed)
         dtype = getattr(torch, args.dtype) if args.dtype else None
-        model, cfg, ckpt = load_checkpoint(args.checkpoint, device=args.device, dtype=dtype)
+        model, cfg, ckpt = load_model(args.checkpoint, device=args.device, dtype=dtype)
         tok = load_tokenizer(cfg, args.tokenizer_path)
         ids = prompt_ids(tok, args.prompt, args.chat)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    stops = [tok.eos_id] + ([tok.special_tokens[CHATML_END]] if args.chat else [])
-    gen_cfg.stop_ids = tuple(stops)
+    gen_cfg.stop_ids = stop_ids(tok, args.chat)
     print(f"[{ckpt}: {model.num_params():,} params, prompt {len(ids)} tokens]", file=sys.stderr)
     if not args.chat:
         sys.stdout.write(args.prompt)
