@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .format import SUFFIXES, open_shard, read_metadata
+from .format import SUFFIXES, max_id, open_shard, read_metadata
 from .manifest import MANIFEST, Manifest, find_shards, read_manifest, sha256_file
 
 CHUNK = 1 << 24  # tokens per chunk when scanning ids (32-64 MiB of shard at a time)
@@ -159,13 +159,6 @@ class VerifyReport:
         return d
 
 
-def _max_id(tokens: np.ndarray, chunk: int = CHUNK) -> int:
-    m = 0
-    for i in range(0, len(tokens), chunk):
-        m = max(m, int(tokens[i : i + chunk].max()))
-    return m
-
-
 def _check_shard(directory: Path, rel: str, stats, manifest: Manifest, rep: VerifyReport, loss_expected: bool) -> None:
     path = directory / rel
     dtype = np.dtype(manifest.dtype)
@@ -227,10 +220,12 @@ def _check_shard(directory: Path, rel: str, stats, manifest: Manifest, rep: Veri
                     rep.add(rel + ".loss", f"{ones} loss tokens, manifest says {stats.loss_tokens}")
     if n:
         tokens = np.memmap(path, dtype=dtype, mode="r", shape=(n,))
-        top = _max_id(tokens)
+        top = max_id(tokens, CHUNK)
         if top >= manifest.tokenizer.vocab_size:
             where = int(np.flatnonzero(tokens >= manifest.tokenizer.vocab_size)[0])
             rep.add(rel, f"token id {top} >= vocab size {manifest.tokenizer.vocab_size} (first at position {where})")
+        if stats is not None and stats.max_id is not None and top != stats.max_id:
+            rep.add(rel, f"largest token id {top}, manifest says max_id {stats.max_id}")
     rep.shards += 1
     rep.documents += len(ends)
     rep.tokens += n

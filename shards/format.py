@@ -29,6 +29,14 @@ def dtype_for_vocab(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 65536 else np.dtype("<u4")
 
 
+def max_id(tokens: np.ndarray, chunk: int = 1 << 24) -> int:
+    """The largest token id, read in chunks (32-64 MiB of a memory-mapped shard at a time); -1 if empty."""
+    m = -1
+    for i in range(0, len(tokens), chunk):
+        m = max(m, int(tokens[i : i + chunk].max()))
+    return m
+
+
 def human_count(n: int) -> str:
     for unit, size in (("T", 10**12), ("B", 10**9), ("M", 10**6), ("K", 10**3)):
         if n >= size:

@@ -40,6 +40,7 @@ class ShardStats:
     documents: int
     tokens: int
     loss_tokens: int | None = None  # tokens with mask 1, when the shard has a .ds.loss
+    max_id: int | None = None  # largest token id (-1 if empty): checked against a model without a scan
 
 
 @dataclass
@@ -136,7 +137,7 @@ def build_manifest(
     """Scan finished shards under DIR/<split>/ and describe them (counts and sha256 per file)."""
     import numpy as np
 
-    from .format import dtype_for_vocab, open_shard
+    from .format import dtype_for_vocab, max_id, open_shard
 
     directory = Path(directory)
     dtype = dtype_for_vocab(tokenizer.vocab_size)
@@ -151,7 +152,8 @@ def build_manifest(
             shard = open_shard(ds)
             rel = ds.relative_to(directory).as_posix()
             loss_tokens = int(np.count_nonzero(shard.loss)) if shard.loss is not None else None
-            stats.shards.append(ShardStats(rel, shard.documents, int(shard.offsets[-1]), loss_tokens))
+            stats.shards.append(ShardStats(rel, shard.documents, int(shard.offsets[-1]), loss_tokens,
+                                           max_id(shard.tokens)))
             stats.documents += shard.documents
             stats.tokens += int(shard.offsets[-1])
             for suffix in ("", ".index", ".loss", ".metadata"):

@@ -232,3 +232,39 @@ def test_manifest_records_a_resolved_tokenizer_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "in")
     doc = inspect_dir(tmp_path / "out")["first_document"]
     assert doc["note"] == "" and doc["text"].startswith("w1"), doc
+
+
+# --------------------------------------------------------------- 6. ids beyond the model's vocabulary
+
+
+def test_shard_with_ids_beyond_the_model_vocabulary_fails_before_step_0(tmp_path, capsys):
+    """The manifest's tokenizer fits the model, but a shard holds id 70 of 64: a bare IndexError
+    inside a training step, naming no shard."""
+    import numpy as np
+
+    from shards.format import ShardWriter
+    from shards.manifest import build_manifest, write_manifest
+
+    cur = trainhelp.tiny_curriculum(tmp_path)
+    a = tmp_path / "data" / "a"
+    with ShardWriter(a / "val" / "00000", np.dtype("<u2"), "tiny") as w:
+        for _ in range(8):
+            w.write(np.r_[np.arange(1, 40), 70, 0])
+    write_manifest(a, build_manifest(a, trainhelp.TINY_TOKENIZER))
+    rc, out, err = train([cur, "--run-dir", tmp_path / "r"], capsys)
+    assert rc == 2 and "val/00000.ds" in err and "70" in err and "64" in err and "source 'a'" in err, err
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_shard_edited_after_its_manifest_is_named_at_the_step(tmp_path, capsys):
+    """Same size, same manifest (checksums off, the default): the ids are checked per batch too."""
+    import numpy as np
+
+    cur = trainhelp.tiny_curriculum(tmp_path)
+    ds = tmp_path / "data" / "b" / "train" / "00000.ds"
+    tokens = np.fromfile(ds, dtype="<u2")
+    tokens[::7] = 65000
+    tokens.tofile(ds)
+    rc, out, err = train([cur, "--run-dir", tmp_path / "r"], capsys)
+    assert rc == 2 and "source 'b'" in err and "65000" in err and "shards verify" in err, err
+    assert len(err.strip().splitlines()) == 1, err

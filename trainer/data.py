@@ -324,6 +324,17 @@ class MixtureLoader:
                 f"{t0.vocab_size} exceeds the model's vocab_size {self.vocab_size}"
             )
         limit = min(self.vocab_size or t0.vocab_size, t0.vocab_size)
+        for src in self.sources:  # cheap: the manifest records each shard's largest id (every split: eval reads val)
+            shards = [st for stats in src.reader.manifest.splits.values() for st in stats.shards]
+            for st in shards:
+                if st.max_id is not None and st.max_id >= limit:
+                    raise DataError(
+                        f"source '{src.name}' ({src.reader.directory}): {st.name} holds token id {st.max_id}, but the "
+                        f"vocabulary has {limit} ids (model {self.vocab_size}, tokenizer {t0.vocab_size}; manifest.json max_id)")
+            if any(st.max_id is None for st in shards):
+                log.warning("source '%s' (%s): manifest.json records no max_id per shard (written by an older "
+                            "version): ids are only checked batch by batch; `python -m shards verify` checks them all",
+                            src.name, src.reader.directory)
         for src in self.sources if scan_ids else ():
             for shard in src.shards:
                 if len(shard.tokens) and int(shard.tokens.max()) >= limit:

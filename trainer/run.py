@@ -137,6 +137,23 @@ def forward_backward(model, batches, step_tokens: int, world: int, device: torch
     return total
 
 
+def check_batch_ids(batches, vocab: int, step: int, cfg: Config) -> None:
+    """An id without an embedding would end the step in a bare IndexError (a device assert on GPU).
+    The manifests' max ids passed before step 0, so a shard changed after its manifest: name it."""
+    for x, y, _, info in batches:
+        top = max(int(x.max()), int(y.max()))
+        if top >= vocab:
+            from trainer.data import DataError
+
+            row = int(((x >= vocab) | (y >= vocab)).any(dim=1).nonzero()[0, 0])
+            name, (epoch, sample) = info["sources"][row], info["samples"][row]
+            path = next(s.path for s in cfg.data.sources if s.name == name)
+            unit = "window" if cfg.data.packing == "stream" else "document"
+            raise DataError(f"step {step + 1}: source '{name}' ({path}) {unit} {sample} (epoch {epoch}) holds token id "
+                            f"{top} >= the model's vocab_size {vocab}, though manifest.json's max ids pass: a shard "
+                            f"changed after its manifest was written (`python -m shards verify {path}` names it)")
+
+
 def checkpoint_config(cfg: Config, world: int) -> dict:
     """The config.json stored with each checkpoint. A relative tokenizer path is made absolute: it was
     relative to where training ran, and `trainer.generate` may be run from anywhere."""
@@ -420,6 +437,7 @@ def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
     for step in range(start_step, total_steps):
         lr = set_lr(opt, step, peak, total_steps, cfg.schedule)
         batches = [loader.batch(step, micro) for micro in range(accum)]
+        check_batch_ids(batches, vocab, step, cfg)
         weights = batches[0][3]["weights"]
         step_tokens = tps
         if masked:  # one all-reduce per step, before any backward pass
