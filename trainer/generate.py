@@ -197,7 +197,7 @@ def complete(model, tok, prompt: str, cfg: GenerationConfig, chat: bool = False)
     return tok.decode(generate(model, ids, cfg))
 
 
-class _Streamer:
+class Streamer:
     """Print text as it is produced; hold back a trailing partial UTF-8 character."""
 
     def __init__(self, tok, stream=sys.stdout):
@@ -253,7 +253,7 @@ def main(argv=None) -> int:
     print(f"[{ckpt}: {model.num_params():,} params, prompt {len(ids)} tokens]", file=sys.stderr)
     if not args.chat:
         sys.stdout.write(args.prompt)
-    streamer = _Streamer(tok)
+    streamer = Streamer(tok)
     t0 = time.perf_counter()
     out = generate(model, ids, gen_cfg, on_token=streamer)
     streamer.finish()

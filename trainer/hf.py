@@ -266,6 +266,8 @@ def read_folder(folder: str | Path) -> tuple[dict, dict]:
     except (OSError, json.JSONDecodeError) as e:
         raise FormatError(f"{file}: unreadable ({e})") from None
     kind = cfg.get("model_type")
+    if kind not in ("shardloom", "llama", "argonne2"):
+        raise FormatError(f"{file}: model_type {kind!r} is not one we read (llama, argonne2, shardloom)")
     sd = read_weights(folder)
     if kind == "shardloom":
         section = {"arch": _need(cfg, "arch", file), **_need(cfg, "shardloom", file)}
@@ -276,7 +278,7 @@ def read_folder(folder: str | Path) -> tuple[dict, dict]:
                 raise FormatError(f"{file}: {key}={cfg[key]!r} is not supported (expected {want!r})")
         section = _dense_from_hf(cfg, file)
         sd = _rename(sd, section["n_layers"], LLAMA_TOP, LLAMA_BLOCK, "model.layers.{i}.", inverse=True)
-    elif kind == "argonne2":
+    else:  # argonne2
         # The released weights were trained with full attention (their window lived only in an unused
         # flash-attn path): no window here, as in our argonne-3.0 preset.
         section = _dense_from_hf(cfg, file, norm_eps=cfg.get("rms_norm_eps", 1e-6),
@@ -284,8 +286,6 @@ def read_folder(folder: str | Path) -> tuple[dict, dict]:
                                  sandwich_norm=bool(cfg.get("sandwich_norm", True)),
                                  logit_softcap=float(cfg["logit_softcap"]) if cfg.get("logit_softcap") else None)
         sd = _rename(sd, section["n_layers"], ARGONNE_TOP, ARGONNE_BLOCK, "blocks.{i}.", inverse=True)
-    else:
-        raise FormatError(f"{file}: model_type {kind!r} is not one we read (llama, argonne2, shardloom)")
     if section["tie_embeddings"]:
         sd.pop("lm_head.weight", None)  # stored by some writers although tied
     return section, sd

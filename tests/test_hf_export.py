@@ -1,0 +1,235 @@
+"""Models out and back in: trainer.export -> transformers (logits, greedy generate), stock Llama for the
+Llama-exact ones, remote code that runs without ShardLoom installed, sharded weights, the import side
+(our exports, Llama, Argonne's own layout, hf://) and export -> import -> export byte stability."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_model
+
+from conftest import real_texts
+from trainer import hf
+from trainer.checkpoint import find_weights, load_model, load_model_weights
+from trainer.export import export, main as export_main
+from trainer.generate import GenerationConfig, generate
+from trainer.models import build_model
+
+transformers = pytest.importorskip("transformers")
+torch.set_num_threads(2)
+
+BASE = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=128)
+ARCHS = {  # name -> (model section without vocab_size, exported as Llama?)
+    "atom-xsa": (dict(arch="dense", **BASE, rope_theta=5000.0, xsa_layers="all", attn_scale=0.2), False),
+    "atom-no-xsa": (dict(arch="dense", **BASE, rope_theta=5000.0), True),
+    "axiom-interleaved": (dict(arch="dense", **BASE, rope_layout="interleaved", init="depth_scaled"), True),
+    "argonne": (dict(arch="dense", **BASE, qk_norm=True, v_norm=True, sandwich_norm=True, logit_softcap=15.0,
+                     norm_eps=1e-6, init="fan_in"), False),
+    "hybrid": (dict(arch="hybrid", preset="hybrid-tiny"), False),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_json(tmp_path_factory) -> Path:
+    """A 384-id byte-level BPE with EOS and the ChatML tokens, trained on Python's docs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(real_texts(150), trainers.BpeTrainer(
+        vocab_size=384, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+def make_run(root: Path, name: str, tokenizer_json: Path, seed: int = 0, chat: bool = False) -> tuple[Path, torch.nn.Module]:
+    """A run dir in the trainer's layout holding one checkpoint of a random model whose norm weights
+    and gains are moved off their init (so a misplaced norm cannot go unnoticed)."""
+    section = {**ARCHS[name][0], "vocab_size": 384}
+    torch.manual_seed(seed)
+    model = build_model(section)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.2)
+    ck = root / name / "checkpoints" / "step_0000003"
+    ck.mkdir(parents=True)
+    save_model(model, str(ck / "model.safetensors"))
+    cfg = {"model": section, "tokenizer": {"name": "tiny-bpe", "path": str(tokenizer_json)},
+           "data": {"sources": [{"name": "docs", "path": "x"}], "packing": "document" if chat else "stream"},
+           "sample": {"prompt": "The", "max_new_tokens": 16, "temperature": 0.7, "top_k": 20}}
+    (ck / "config.json").write_text(json.dumps(cfg))
+    return root / name, model.eval()
+
+
+def greedy_hf(model, prompt: list[int], n: int, eos: int) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=eos,
+                         pad_token_id=eos)[0, len(prompt):].tolist()
+    return out[:-1] if out and out[-1] == eos else out
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_export_loads_in_transformers_with_equal_logits_and_greedy(name, tmp_path, tokenizer_json):
+    run, ours = make_run(tmp_path, name, tokenizer_json)
+    out = tmp_path / "export"
+    assert export_main([str(run), "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    llama = ARCHS[name][1]
+    assert config["model_type"] == ("llama" if llama else "shardloom")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    if llama:  # stock class, no remote code, no modeling files in the folder
+        theirs = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32)
+        assert not list(out.glob("*.py"))
+    else:
+        theirs = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
+        assert type(theirs).__name__ == "ShardLoomForCausalLM"
+    theirs.eval()
+    ids = torch.randint(0, 384, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids), rtol=0, atol=1e-5)
+    tok = AutoTokenizer.from_pretrained(out)
+    prompt = tok("The class statement")["input_ids"]
+    from shards.tokenizers import get_tokenizer
+    assert prompt == get_tokenizer(str(tokenizer_json)).encode("The class statement")
+    eos = tok.eos_token_id
+    assert eos == 0 and json.loads((out / "generation_config.json").read_text())["temperature"] == 0.7
+    mine = generate(ours, prompt, GenerationConfig(max_new_tokens=24, greedy=True, stop_ids=(eos,)))
+    assert greedy_hf(theirs, prompt, 24, eos) == mine and len(mine) > 0
+    card = (out / "README.md").read_text()
+    assert f"{ours.num_params():,} parameters" in card and ("trust_remote_code" in card) != llama
+
+
+def test_remote_code_runs_without_shardloom(tmp_path, tokenizer_json):
+    """The export's modeling code is self-contained: a process that cannot import trainer/ or shards/
+    loads it and computes the same logits."""
+    run, ours = make_run(tmp_path, "hybrid", tokenizer_json)
+    out = tmp_path / "export"
+    export(run, out)
+    ids = torch.randint(0, 384, (1, 30), generator=torch.Generator().manual_seed(2))
+    torch.save(ids, tmp_path / "ids.pt")
+    script = f"""
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("trainer", "shards", "pipelines"):
+            raise ImportError("ShardLoom is not installed here: " + name)
+sys.meta_path.insert(0, Block())
+import torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True, dtype=torch.float32).eval()
+assert not any(k.split(".")[0] in ("trainer", "shards") for k in sys.modules)
+with torch.no_grad():
+    torch.save(m(torch.load({str(tmp_path / 'ids.pt')!r})).logits, {str(tmp_path / 'logits.pt')!r})
+"""
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=240,
+                       env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), ours(ids), rtol=0, atol=1e-5)
+
+
+def test_sharded_export_loads(tmp_path, tokenizer_json):
+    run, ours = make_run(tmp_path, "atom-xsa", tokenizer_json)
+    out = tmp_path / "export"
+    assert export_main([str(run), "--out", str(out), "--max-shard-size", "100KB"]) == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and all((out / f).is_file() for f in files) and not (out / "model.safetensors").exists()
+    from transformers import AutoModelForCausalLM
+    theirs = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    ids = torch.randint(0, 384, (1, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids), rtol=0, atol=1e-5)
+        back, _, _ = load_model(out)  # our own reader takes the sharded folder too
+        torch.testing.assert_close(back(ids), ours(ids), rtol=0, atol=0)
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("name", ["axiom-interleaved", "hybrid"])
+def test_export_import_export_is_byte_stable(name, tmp_path, tokenizer_json):
+    run, ours = make_run(tmp_path, name, tokenizer_json)
+    first, second = tmp_path / "e1", tmp_path / "e2"
+    export(run, first, dtype="bfloat16")
+    export(first, second, dtype="bfloat16")  # import (our loader) then export again
+    assert _files(first) == _files(second)
+    # init_from an export into the curriculum's own model: the interleaved q/k rows come back exactly
+    fresh = build_model(json.loads((run / "checkpoints/step_0000003/config.json").read_text())["model"])
+    export(run, tmp_path / "e32")
+    load_model_weights(fresh, find_weights(tmp_path / "e32"))
+    for (k, a), (_, b) in zip(sorted(ours.state_dict().items()), sorted(fresh.state_dict().items())):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+
+
+def test_init_from_refuses_another_architecture(tmp_path, tokenizer_json):
+    run, _ = make_run(tmp_path, "atom-xsa", tokenizer_json)
+    export(run, tmp_path / "e")
+    other = build_model({**ARCHS["atom-no-xsa"][0], "vocab_size": 384})
+    with pytest.raises(ValueError, match="model.xsa_layers"):
+        load_model_weights(other, tmp_path / "e")
+
+
+def test_llama_and_argonne_layouts_and_hub_path(tmp_path, tokenizer_json, monkeypatch):
+    """Published checkpoints: an HF Llama folder (as Axiom's) and Argonne's own argonne2 layout
+    import into our dense model; hf://org/name goes through the hub download (faked to a local dir)."""
+    run, ours = make_run(tmp_path, "argonne", tokenizer_json)
+    arg = tmp_path / "argonne-release"
+    arg.mkdir()
+    c = ours.config
+    sd = hf._rename(ours.state_dict(), c.n_layers, hf.ARGONNE_TOP, hf.ARGONNE_BLOCK, "blocks.{i}.")
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(arg / "model.safetensors"))
+    (arg / "config.json").write_text(json.dumps({
+        "model_type": "argonne2", "vocab_size": 384, "hidden_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128,
+        "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "qk_norm": True,
+        "v_norm": True, "sandwich_norm": True, "logit_softcap": 15.0, "tie_word_embeddings": True,
+        "local_attention_window": 256, "interleaved_local_attention": True}))
+    from shards.tokenizers import get_tokenizer, save_hf_tokenizer
+    save_hf_tokenizer(get_tokenizer(str(tokenizer_json)), arg)
+    ids = torch.randint(0, 384, (1, 25), generator=torch.Generator().manual_seed(4))
+    calls = []
+
+    def fake_snapshot(repo, revision=None, allow_patterns=None):
+        calls.append((repo, revision))
+        return str(arg)
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    model, cfg, _ = load_model("hf://PursuitOfDataScience/argonne-3.0-base@main")
+    assert calls == [("PursuitOfDataScience/argonne-3.0-base", "main")]
+    assert cfg["model"].get("sliding_window") is None  # the release was trained with full attention
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), ours(ids), rtol=0, atol=1e-6)
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+    ref = LlamaForCausalLM(LlamaConfig(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       max_position_embeddings=128, rope_theta=5000.0, rms_norm_eps=1e-5,
+                                       tie_word_embeddings=True))
+    ref.eval().save_pretrained(tmp_path / "llama")
+    save_hf_tokenizer(get_tokenizer(str(tokenizer_json)), tmp_path / "llama")
+    mine, _, _ = load_model(tmp_path / "llama")
+    with torch.no_grad():
+        torch.testing.assert_close(mine(ids), ref(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_weights_only_checkpoint_and_bad_folders(tmp_path, tokenizer_json):
+    run, ours = make_run(tmp_path, "atom-xsa", tokenizer_json)
+    ck = run / "checkpoints" / "step_0000003"
+    assert find_weights(run) == ck  # no train_state.pt: still a source of weights for init_from
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="model_type 'gpt2'"):
+        load_model(bad)
+    assert export_main([str(bad), "--out", str(tmp_path / "x")]) == 2
