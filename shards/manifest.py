@@ -74,7 +74,7 @@ class Manifest:
     @classmethod
     def from_dict(cls, d: dict, where: str = MANIFEST) -> "Manifest":
         try:
-            return cls(
+            m = cls(
                 tokenizer=TokenizerInfo(**d["tokenizer"]),
                 dtype=d["dtype"],
                 splits={
@@ -88,8 +88,30 @@ class Manifest:
                 extra=dict(d.get("extra", {})),
                 format=d.get("format", FORMAT),
             )
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{where}: not a ShardLoom manifest (bad or missing field: {e})") from None
+        if bad := _mistyped_field(m):
+            raise ValueError(f"{where}: not a ShardLoom manifest (field {bad} has the wrong type or value)")
+        return m
+
+
+def _mistyped_field(m: Manifest) -> str | None:
+    """The first field whose JSON value is not of its type (a hand-edited manifest), or None."""
+
+    def whole(v, optional=False) -> bool:
+        return (v is None and optional) or (isinstance(v, int) and not isinstance(v, bool))
+
+    t = m.tokenizer
+    checks = [("tokenizer.name", isinstance(t.name, str)), ("tokenizer.vocab_size", whole(t.vocab_size) and t.vocab_size > 0),
+              ("tokenizer.vocab_hash", isinstance(t.vocab_hash, str)), ("tokenizer.eos_id", whole(t.eos_id)),
+              ("tokenizer.bos_id", whole(t.bos_id, True)), ("tokenizer.add_bos", isinstance(t.add_bos, bool)),
+              ("dtype", m.dtype in ("uint16", "uint32"))]
+    for split, st in m.splits.items():
+        checks.append((f"splits.{split}", whole(st.documents) and whole(st.tokens)))
+        checks += [(f"splits.{split}.shards.{i}", isinstance(s.name, str) and whole(s.documents) and whole(s.tokens)
+                    and whole(s.loss_tokens, True) and whole(s.max_id, True)) for i, s in enumerate(st.shards)]
+    checks += [(f"files.{rel}", whole(e.bytes) and isinstance(e.sha256, str)) for rel, e in m.files.items()]
+    return next((name for name, ok in checks if not ok), None)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -268,3 +268,35 @@ def test_shard_edited_after_its_manifest_is_named_at_the_step(tmp_path, capsys):
     rc, out, err = train([cur, "--run-dir", tmp_path / "r"], capsys)
     assert rc == 2 and "source 'b'" in err and "65000" in err and "shards verify" in err, err
     assert len(err.strip().splitlines()) == 1, err
+
+
+# ----------------------------------------------------------------- 7. one line, exit 2, not a traceback
+
+
+@pytest.mark.parametrize("edit", ["not json", "splits a list", "unknown dtype", "vocab_size a string", "files null"])
+def test_invalid_manifest_is_one_line(edit, tmp_path, capsys):
+    cur = trainhelp.tiny_curriculum(tmp_path, train={"steps": 1, "seed": 7, "dtype": "fp32"})
+    m = tmp_path / "data" / "a" / "manifest.json"
+    good = json.loads(m.read_text())
+    bad = {"not json": "{oops", "splits a list": {**good, "splits": []}, "unknown dtype": {**good, "dtype": "float99"},
+           "vocab_size a string": {**good, "tokenizer": {**good["tokenizer"], "vocab_size": "64"}},
+           "files null": {**good, "files": None}}[edit]
+    m.write_text(bad if isinstance(bad, str) else json.dumps(bad))
+    for checksums in ("false", "true"):
+        rc, out, err = train([cur, "--run-dir", tmp_path / "r", f"data.verify_checksums={checksums}"], capsys)
+        assert rc == 2 and str(m) in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_failed_s3_fetch_is_one_line(tmp_path, capsys, monkeypatch):
+    import shards.storage
+    from shards.storage import StorageError
+
+    def unreachable(uri, cache_dir, **kw):
+        raise StorageError(f"opening bucket {uri[5:].split('/')[0]}: cannot reach http://127.0.0.1:9 "
+                           "(EndpointConnectionError); rerun to resume")
+
+    monkeypatch.setattr(shards.storage, "fetch_to_cache", unreachable)
+    cur = trainhelp.tiny_curriculum(tmp_path, train={"steps": 1, "seed": 7, "dtype": "fp32"})
+    rc, out, err = train([cur, "--run-dir", tmp_path / "r", "data.sources.0.path=s3://bucket/a"], capsys)
+    assert rc == 2 and "source 'a' (s3://bucket/a)" in err and "cannot reach" in err, err
+    assert len(err.strip().splitlines()) == 1, err

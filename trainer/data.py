@@ -184,9 +184,12 @@ def _stable_hash(*parts) -> int:
 def _open(name: str, path: str, split: str, cache_dir: str | None) -> SplitReader:
     where = f"source '{name}' ({path})"
     if str(path).startswith("s3://"):
-        from shards.storage import fetch_to_cache  # lazy: boto3 only when a source lives in object storage
+        from shards.storage import StorageError, fetch_to_cache  # lazy: boto3 only for object storage
 
-        path = fetch_to_cache(path, cache_dir or Path.home() / ".cache" / "shardloom")
+        try:
+            path = fetch_to_cache(path, cache_dir or Path.home() / ".cache" / "shardloom")
+        except StorageError as e:  # unreachable, denied, missing: one line naming the source
+            raise DataError(f"{where}: {e}") from None
     p = Path(path)
     if not p.is_dir():
         raise DataError(f"{where}: directory not found: {p}")

@@ -202,7 +202,10 @@ def verify_sources(cfg: Config) -> None:
     for s in cfg.data.sources:
         if str(s.path).startswith("s3://"):
             continue  # the s3 cache is verified on download
-        m = read_manifest(s.path)
+        try:
+            m = read_manifest(s.path)
+        except (FileNotFoundError, ValueError) as e:  # names the manifest: one line, no traceback
+            raise DataError(f"source '{s.name}' ({s.path}): {e}") from None
         for rel, entry in m.files.items():
             f = Path(s.path) / rel
             if f.exists() and sha256_file(f) != entry.sha256:
