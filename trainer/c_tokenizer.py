@@ -1,0 +1,128 @@
+"""A shards tokenizer as the C runner's tokenizer section: every id's bytes, score and type.
+
+The runner's encoder (c/run.c) is merge-by-score BPE over these pieces, which reproduces:
+  * tiktoken ranks (qwen3, cl100k): score = -rank; tiktoken merges the adjacent pair whose
+    concatenation has the lowest rank, and takes a whole pre-token that is itself a token.
+  * SentencePiece BPE (llama2): score = the piece's score; SentencePiece merges the pair whose
+    concatenation is the best-scoring piece; unknown characters fall back to byte pieces.
+  * HF byte-level BPE (tokenizer.json, e.g. the demo's): score = -(rank of the merge making the token).
+Pre-tokenizers are the GPT-2, cl100k and Qwen2 regexes, hand-coded in C; docs/c-format.md lists where
+the C encoder is approximate (non-ASCII character classes, normalisation). Anything else is exported
+for decoding only, with encoder kind "none" (the runner then needs ids, `-t`).
+"""
+from __future__ import annotations
+
+import json
+import struct
+import warnings
+
+TOK_MAGIC = b"SLTK"
+KIND = {"none": 0, "sentencepiece": 1, "bytelevel": 2}
+PRETOK = {"none": 0, "gpt2": 1, "cl100k": 2, "qwen2": 3}
+# piece types: normal; special (decoded as its text, never produced by the encoder); byte fallback;
+# hidden (control/unused: decoded as nothing, never produced)
+NORMAL, SPECIAL, BYTE, HIDDEN = 0, 1, 2, 3
+FLAG_ADD_BOS, FLAG_DUMMY_PREFIX, FLAG_WHOLE_FIRST, FLAG_PREFIX_SPACE = 1, 2, 4, 8
+
+
+def _section(kind, pretok, bos, eos, flags, pieces) -> bytes:
+    """pieces: list of (bytes, score, type) indexed by id."""
+    max_len = max((len(b) for b, _, _ in pieces), default=0)
+    head = TOK_MAGIC + struct.pack("<IIIiiII", len(pieces), KIND[kind], PRETOK[pretok],
+                                   -1 if bos is None else bos, -1 if eos is None else eos, flags, max_len)
+    return head + b"".join(struct.pack("<fII", score, typ, len(b)) + b for b, score, typ in pieces)
+
+
+def _tiktoken(tok) -> bytes:
+    from shards.tokenizers import CL100K_PATTERN, QWEN_PATTERN
+
+    pieces = [(b"", 0.0, HIDDEN)] * tok.vocab_size
+    for b, rank in tok._ranks.items():
+        pieces[rank] = (b, -float(rank), NORMAL)
+    for s, i in tok.special_tokens.items():
+        pieces[i] = (s.encode(), 0.0, SPECIAL)
+    pretok = {QWEN_PATTERN: "qwen2", CL100K_PATTERN: "cl100k"}.get(tok.pattern)
+    if pretok is None:
+        warnings.warn(f"tokenizer {tok.name}: its pre-split regex has no C version; exported for decoding only")
+    return _section("bytelevel" if pretok else "none", pretok or "none", tok.bos_id, tok.eos_id,
+                    FLAG_WHOLE_FIRST, pieces)
+
+
+def _sentencepiece(tok) -> bytes:
+    sp = tok.sp
+    pieces = []
+    for i in range(tok.vocab_size):
+        p = sp.id_to_piece(i)
+        if sp.is_byte(i):  # "<0x0A>" stands for the raw byte
+            pieces.append((bytes([int(p[3:5], 16)]), sp.get_score(i), BYTE))
+        elif sp.is_unknown(i):
+            pieces.append((" \u2047 ".encode(), 0.0, SPECIAL))  # what SentencePiece decodes <unk> to
+        elif sp.is_control(i) or sp.is_unused(i):
+            pieces.append((p.encode(), 0.0, HIDDEN))
+        else:
+            pieces.append((p.replace("\u2581", " ").encode(), sp.get_score(i), NORMAL))
+    dummy = sp.encode("a", out_type=str)[0].startswith("\u2581")  # add_dummy_prefix, read off its behaviour
+    flags = (FLAG_ADD_BOS if tok.add_bos else 0) | (FLAG_DUMMY_PREFIX if dummy else 0)
+    return _section("sentencepiece", "none", tok.bos_id, tok.eos_id, flags, pieces)
+
+
+def _hf_pretok(spec: dict | None) -> tuple[str | None, int]:
+    """(pre-tokenizer name, flags) for a ByteLevel setup the C encoder knows; (None, 0) otherwise."""
+    from shards.tokenizers import CL100K_PATTERN, QWEN_PATTERN
+
+    if spec is None:
+        return None, 0
+    if spec.get("type") == "ByteLevel" and spec.get("use_regex", True):
+        return "gpt2", FLAG_PREFIX_SPACE if spec.get("add_prefix_space") else 0
+    if spec.get("type") == "Sequence":  # Split(regex) + ByteLevel(use_regex=False), as to_hf_tokenizer writes
+        parts = spec.get("pretokenizers", [])
+        if len(parts) == 2 and parts[0].get("type") == "Split" and parts[1].get("type") == "ByteLevel" \
+                and not parts[1].get("use_regex", True) and not parts[1].get("add_prefix_space"):
+            regex = parts[0].get("pattern", {}).get("Regex")
+            known = {QWEN_PATTERN: "qwen2", CL100K_PATTERN.replace("{1,3}+", "{1,3}"): "cl100k"}
+            return known.get(regex), 0
+    return None, 0
+
+
+def _hf(tok) -> bytes:
+    from shards.tokenizers import _byte_to_unicode
+
+    spec = json.loads(tok.tok.to_str())
+    model = spec.get("model", {})
+    pretok, flags = _hf_pretok(spec.get("pre_tokenizer")) if model.get("type") == "BPE" else (None, 0)
+    unbyte = {ch: b for b, ch in _byte_to_unicode().items()}
+    vocab = tok.tok.get_vocab(with_added_tokens=True)
+    rank = {}
+    for r, m in enumerate(model.get("merges", [])):
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        rank.setdefault(a + b, r)
+    specials = {t["content"] for t in spec.get("added_tokens", [])}
+    pieces = [(b"", 0.0, HIDDEN)] * tok.vocab_size
+    for s, i in vocab.items():
+        if s in specials:
+            pieces[i] = (s.encode(), 0.0, SPECIAL)
+        elif pretok and all(ch in unbyte for ch in s):  # a token no merge makes ranks last
+            pieces[i] = (bytes(unbyte[ch] for ch in s), -float(rank.get(s, len(rank))), NORMAL)
+        else:
+            pieces[i] = (s.encode("utf-8", "surrogatepass"), 0.0, NORMAL)
+    if pretok is None:
+        warnings.warn(f"tokenizer {tok.name}: not a byte-level BPE the C encoder knows; exported for decoding only")
+    if model.get("ignore_merges"):
+        flags |= FLAG_WHOLE_FIRST
+    flags |= FLAG_ADD_BOS if tok.add_bos else 0
+    return _section("bytelevel" if pretok else "none", pretok or "none", tok.bos_id, tok.eos_id, flags, pieces)
+
+
+def tokenizer_section(tok) -> bytes:
+    """The tokenizer section of model.bin for `tok` (None: an empty section, ids only)."""
+    from shards.tokenizers import HFTokenizer, SentencePieceTokenizer, TiktokenTokenizer
+
+    if tok is None:
+        return _section("none", "none", None, None, 0, [])
+    if isinstance(tok, TiktokenTokenizer):
+        return _tiktoken(tok)
+    if isinstance(tok, SentencePieceTokenizer):
+        return _sentencepiece(tok)
+    if isinstance(tok, HFTokenizer):
+        return _hf(tok)
+    raise ValueError(f"export_c: tokenizer {tok!r} is of an unknown kind")
