@@ -7,7 +7,7 @@ DEMO_DIR ?= out/demo
 export TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS :=
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench clean c
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,6 +37,13 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.model
 	$(BIN)/python -m bench.loader
 	$(BIN)/python -m bench.train
+
+# The single-file C runner (c/run.c, docs/c-format.md): libm only, OpenMP threads when cc has them.
+C_FLAGS ?= -O3 -march=native -std=c99 -Wall
+c: c/run
+
+c/run: c/run.c
+	$(CC) $(C_FLAGS) -fopenmp -o $@ $< -lm 2>/dev/null || $(CC) $(C_FLAGS) -Wno-unknown-pragmas -o $@ $< -lm
 
 clean:
 	rm -rf out runs
