@@ -300,3 +300,56 @@ def test_failed_s3_fetch_is_one_line(tmp_path, capsys, monkeypatch):
     rc, out, err = train([cur, "--run-dir", tmp_path / "r", "data.sources.0.path=s3://bucket/a"], capsys)
     assert rc == 2 and "source 'a' (s3://bucket/a)" in err and "cannot reach" in err, err
     assert len(err.strip().splitlines()) == 1, err
+
+
+# ----------------------------------------------------------------------------- 9. decided and said
+
+
+def test_seq_len_beyond_the_model_context_is_refused(tmp_path, capsys):
+    cur = trainhelp.tiny_curriculum(tmp_path)  # model.max_seq_len 32
+    for extra in ([], ["--dry-run"]):
+        rc, out, err = train([cur, "--run-dir", tmp_path / "r", "batch.seq_len=64", *extra], capsys)
+        assert rc == 2 and "batch.seq_len" in err and "64" in err and "model.max_seq_len" in err and "32" in err, err
+
+
+@pytest.fixture()
+def unfinished(tmp_path, capsys):
+    """A 4-step run with checkpoints at 2 and 4, the final one gone: --resume continues from step 2."""
+    cur = trainhelp.tiny_curriculum(tmp_path, train={"steps": 4, "seed": 7, "dtype": "fp32"},
+                                    eval={"every": 0, "batches": 0}, checkpoint={"every": 2, "keep_last": 3})
+    run_dir = tmp_path / "run"
+    assert train([cur, "--run-dir", run_dir], capsys)[0] == 0
+    shutil.rmtree(run_dir / "checkpoints" / "step_0000004")
+    (run_dir / "DONE").unlink()
+    return cur, run_dir
+
+
+def test_lr_changed_on_resume_is_applied_and_said(unfinished, capsys):
+    """optim.lr=... on --resume was accepted silently, and the restored optimizer kept the old base lr
+    (the log showed the new one)."""
+    cur, run_dir = unfinished
+    rc, out, err = train([cur, "--run-dir", run_dir, "--resume", "optim.lr=5e-3"], capsys)
+    assert rc == 0, err
+    assert "optim.lr 0.01 -> 0.005" in out, out
+    st = torch.load(run_dir / "checkpoints" / "step_0000004" / "train_state.pt", weights_only=True)
+    assert {g["base_lr"] for g in st["optimizer"]["param_groups"]} == {5e-3}
+    lrs = {r["step"]: r["lr"] for r in trainhelp.metric_rows(run_dir)}
+    assert lrs[3] == pytest.approx(5e-3) and lrs[4] < lrs[3] and lrs[2] == pytest.approx(1e-2)  # peak 1e-2, then 5e-3
+
+
+def test_optimizer_change_on_resume_is_one_line(unfinished, capsys):
+    cur, run_dir = unfinished
+    rc, out, err = train([cur, "--run-dir", run_dir, "--resume", "optim.name=muon"], capsys)
+    assert rc == 2 and "optim.name" in err and "adamw" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_world_size_refusal_names_tokens_per_step(unfinished, capsys, monkeypatch):
+    cur, run_dir = unfinished
+    monkeypatch.setenv("WORLD_SIZE", "2")  # rank 0 of 2, without a process group: refused before any collective
+    monkeypatch.setattr(trun.Dist, "init", lambda self, device_type: None)
+    rc, out, err = train([cur, "--run-dir", run_dir, "--resume"], capsys)
+    assert rc == 2 and "world size 1" in err and "batch.tokens_per_step=128" in err, err
+    # the advice works: the same rows per step at world size 2 (grad_accum 1)
+    rc, out, err = train([cur, "--run-dir", run_dir, "--resume", "batch.tokens_per_step=128", "batch.grad_accum=null"],
+                         capsys)
+    assert rc == 0 and "[resume]" in out, err

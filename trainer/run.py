@@ -91,9 +91,13 @@ def build_meta_model(cfg: Config):
     from trainer.models import build_model
 
     try:
-        return build_model(model_section(cfg), device="meta")
+        model = build_model(model_section(cfg), device="meta")
     except ValueError as e:
         raise ConfigError(f"{cfg.source_file}: {e}") from None
+    if cfg.batch.seq_len > model.config.max_seq_len:  # positions past the model's context: refused, not extrapolated
+        raise ConfigError(f"{cfg.source_file}: batch.seq_len: {cfg.batch.seq_len} is longer than the model's context "
+                          f"(model.max_seq_len {model.config.max_seq_len}); raise model.max_seq_len to train longer windows")
+    return model
 
 
 def compute_loss(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -321,6 +325,51 @@ def print_summary(s: dict, cfg: Config) -> None:
         print("    " + f"{p['at']:7.3f}" + "  " + "  ".join(f"{p['weights'].get(n, 0.0):{width}.3f}" for n in names))
 
 
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'section.key old -> new' for every value that differs between two checkpoint config dicts."""
+    out = []
+    for k in sorted(set(old) | set(new) - {"source_file"}):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k} {json.dumps(a)} -> {json.dumps(b)}")
+    return out
+
+
+def restore(ckpt: Path, cfg: Config, world: int, model, opt, loader, device, d: Dist) -> int:
+    """Load a checkpoint for --resume; returns its step. What would change the batches (steps, schedule,
+    batch, world size) or cannot carry over (another optimizer, another model shape) is refused in one
+    line; any other change (optim.lr, schedule, ...) is applied from this step on, and printed."""
+    st = load_train_state(ckpt)
+    saved = json.loads((ckpt / "config.json").read_text())
+    changes = config_changes(saved, checkpoint_config(cfg, world))
+    if saved.get("optim", {}).get("name") != cfg.optim.name:
+        raise ConfigError(f"{ckpt}: cannot resume with optim.name {cfg.optim.name}: the run's optimizer state is "
+                          f"{saved.get('optim', {}).get('name')}'s; start a new run with train.init_from={ckpt}")
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    try:
+        load_model_weights(model, ckpt, device=device)
+        opt.load_state_dict(st["optimizer"])
+        loader.load_state_dict(st["loader"])
+    except ValueError as e:  # changed steps/schedule/batch/world size: the batches would differ
+        hint = ""
+        if st.get("world_size") != world:
+            tps = st["loader"]["rows_per_step"] * st["loader"]["seq_len"]
+            hint = (f"; to resume at world size {world}, keep the tokens per step: batch.tokens_per_step={tps} "
+                    f"batch.grad_accum=null (grad_accum then follows the world size)")
+        raise ConfigError(
+            f"{ckpt}: cannot resume with these settings: {e}. Resume with the settings the run started with "
+            f"(train.steps {st.get('total_steps')}, world size {st.get('world_size')}){hint}, or start a new run "
+            f"from its weights with train.init_from={ckpt}") from None
+    if changes:  # the saved param groups carry the old lr/betas/decay: the settings given now win
+        for g, f in zip(opt.param_groups, fresh):
+            g.update(f)
+        say(d, f"[resume] changed since {ckpt.name}, applied from step {int(st['step'])} on: {', '.join(changes)}")
+    set_rng_state(st["rng"])
+    return int(st["step"])
+
+
 # ---------------------------------------------------------------- one stage
 
 
@@ -378,18 +427,7 @@ def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
     metrics = MetricsLog(stage_dir, enabled=d.main)
     start_step = 0
     if resume_from is not None:
-        st = load_train_state(resume_from)
-        load_model_weights(raw_model, resume_from, device=device)
-        opt.load_state_dict(st["optimizer"])
-        try:
-            loader.load_state_dict(st["loader"])
-        except ValueError as e:  # changed steps/schedule/batch/world size: the batches would differ
-            raise ConfigError(
-                f"{resume_from}: cannot resume with these settings: {e}. Resume with the settings the run "
-                f"started with (train.steps {st.get('total_steps')}, world size {st.get('world_size')}), or start "
-                f"a new run from its weights with train.init_from={resume_from}") from None
-        start_step = int(st["step"])
-        set_rng_state(st["rng"])
+        start_step = restore(resume_from, cfg, world, raw_model, opt, loader, device, d)
         say(d, f"[resume] {resume_from} (step {start_step}, {fmt_count(start_step * tps)} tokens)")
     elif init_from is not None and cfg.train.reset_data_cursor:
         loader.reset_data_cursor(0)
