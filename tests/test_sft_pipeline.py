@@ -112,6 +112,35 @@ def test_tokens_equal_chatml_rendering_and_masks_cover_assistant_turns(sft_out, 
     assert len(seen) == len(convs)
 
 
+def test_chat_and_the_exported_template_render_the_trained_ids(sft_out, tmp_path):
+    """What chat prompts with and what an export's chat_template tokenizes to are the ids the SFT
+    shards hold: per conversation, the shard document up to its last assistant turn, then the
+    assistant header."""
+    from transformers import AutoTokenizer
+
+    from shards import chat
+    from shards.tokenizers import get_tokenizer, save_hf_tokenizer
+
+    convs, out = sft_out
+    tok = get_tokenizer("cl100k")
+    save_hf_tokenizer(tok, tmp_path / "tok", chat_template=chat.CHAT_TEMPLATE)
+    hf = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    by_text = {render_chatml(c): c for c in convs}
+    shard = open_split(out, "train").shards[0]
+    header = [IM_START] + tok.encode("assistant\n")
+    for i in range(min(shard.documents, 12)):
+        ids = shard.document(i).tolist()
+        conv = [m for m in by_text[tok.decode(ids)] if m["role"] != "system"]
+        last = conv[-1]["content"]  # the final assistant answer, as the shard holds it
+        answer = [IM_START] + tok.encode(f"assistant\n{last}") + [IM_END] + tok.encode("\n")
+        assert ids[-len(answer):] == answer
+        prompt = ids[: len(ids) - len(answer)] + header
+        assert chat.prompt(tok, conv[:-1]) == prompt
+        assert hf.apply_chat_template(conv[:-1], add_generation_prompt=True, tokenize=True,
+                                      return_dict=False) == prompt
+        assert hf.apply_chat_template(conv, tokenize=True, return_dict=False) == ids
+
+
 def test_bad_rows_are_counted_skips_named(tmp_path, capfd):
     good = conversations()[:5]
     path = tmp_path / "chats.jsonl"
