@@ -184,16 +184,17 @@ def export_c(model, cfg: dict, tok, out_path, dtype: str = "fp32") -> Path:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m trainer.export_c",
                                  description="Export a checkpoint to c/run.c's model.bin (docs/c-format.md).")
-    ap.add_argument("checkpoint", help="checkpoint dir, run dir, or run_dir/checkpoints")
+    ap.add_argument("checkpoint", help="run dir, checkpoint dir or HF folder")
     ap.add_argument("--out", required=True, help="output file, e.g. model.bin")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="matrices as fp32 or bf16")
     ap.add_argument("--tokenizer-path", default=None, help="override the tokenizer file from config.json")
     ap.add_argument("--no-tokenizer", action="store_true", help="write no pieces (the runner then takes ids only)")
     args = ap.parse_args(argv)
-    from trainer.generate import load_checkpoint, load_tokenizer
+    from trainer.checkpoint import load_model
+    from trainer.generate import load_tokenizer
 
     try:
-        model, cfg, ckpt = load_checkpoint(args.checkpoint)
+        model, cfg, ckpt = load_model(args.checkpoint)
         tok = None if args.no_tokenizer else load_tokenizer(cfg, args.tokenizer_path)
         out = export_c(model, cfg, tok, args.out, args.dtype)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
