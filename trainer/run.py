@@ -1,6 +1,6 @@
 """Train a model from a curriculum.
 
-    python -m trainer.run curricula/atom.yaml [section.key=value ...] [--dry-run] [--json]
+    python -m trainer.run curricula/atom.yaml [section.key=value ...] [--dry-run [--json] [--skip-data]]
                           [--resume] [--run-dir DIR] [--overwrite]
     torchrun --nproc_per_node=N -m trainer.run curricula/atom.yaml ...     (gloo on CPU, NCCL on GPU;
     multi-node through torchrun's --nnodes/--node_rank/--rdzv_endpoint)
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -29,11 +30,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .checkpoint import (STEP_RE, latest_checkpoint, load_model_weights, load_train_state, resolve_checkpoint,
+from .checkpoint import (STEP_RE, find_weights, latest_checkpoint, load_model_weights, load_train_state,
                          rng_state, save_checkpoint, set_rng_state, step_dir)
 from .config import Config, ConfigError, load_curriculum
+from .hf import resolve_hub
 from .metrics import MetricsLog, Progress, fmt_count, peak_flops, plot
 from .optim import build_optimizer
+from .prefetch import Prefetcher
 from .schedule import set_lr
 
 # ---------------------------------------------------------------- distributed
@@ -373,7 +376,8 @@ def restore(ckpt: Path, cfg: Config, world: int, model, opt, loader, device, d: 
 # ---------------------------------------------------------------- one stage
 
 
-def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: Path | None) -> Path:
+def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: Path | None,
+                sample: bool = False) -> Path:
     device = pick_device(cfg, d)
     d.init(device.type)
     world = d.world
@@ -403,7 +407,10 @@ def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
 
     model = build_model(model_section(cfg), device=device)
     if init_from is not None and resume_from is None:
-        load_model_weights(model, init_from, device=device)
+        try:
+            load_model_weights(model, init_from, device=device)
+        except ValueError as e:  # another architecture, an unreadable file: name it before step 0
+            raise ConfigError(f"{cfg.source_file}: train.init_from: {e}") from None
         say(d, f"[init] model weights from {init_from} (fresh optimizer"
                f"{', data cursor reset' if cfg.train.reset_data_cursor else ''})")
     opt = build_optimizer(model, cfg.optim, device.type)
@@ -475,9 +482,10 @@ def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
         print(f"[train] {cfg.name or Path(cfg.source_file).stem}: {total_steps} steps x {tps:,} tokens "
               f"(grad_accum {accum}, world {world}) on {device.type} -> {stage_dir}", flush=True)
     model.train()
+    prefetch = Prefetcher(loader, start_step, total_steps, pin_memory=device.type == "cuda")  # builds the next step's batches during this one
     for step in range(start_step, total_steps):
         lr = set_lr(opt, step, peak, total_steps, cfg.schedule)
-        batches = [loader.batch(step, micro) for micro in range(accum)]
+        batches = [prefetch.batch(step, micro) for micro in range(accum)]
         check_batch_ids(batches, vocab, step, cfg)
         weights = batches[0][3]["weights"]
         step_tokens = tps
@@ -506,12 +514,15 @@ def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
             run_eval(done)
         if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != total_steps:
             checkpoint(done)
+    prefetch.close()
     final = step_dir(stage_dir, total_steps)
     if start_step < total_steps:  # else resumed from the final checkpoint: its eval (logged first) and save are done
         run_eval(total_steps)
         checkpoint(total_steps)
     if d.main:
         (stage_dir / "DONE").write_text(f"{final}\n")
+        if sample:
+            sample_generation(cfg, raw_model)
     d.barrier()
     return final
 
@@ -544,27 +555,22 @@ def check_sample_tokenizer(cfg: Config) -> None:
         raise ConfigError(f"{cfg.source_file}: tokenizer: {e} (the sample.prompt at the end of the run needs it)") from None
 
 
-def sample_generation(cfg: Config, ckpt: Path) -> None:
-    """Print a short sample from the final checkpoint with M1's generator."""
+def sample_generation(cfg: Config, model) -> None:
+    """Print a short sample from the trained model, where it is (the training device), with the one
+    generation engine (trainer.generate)."""
     if not cfg.sample.prompt:
         return
-    from trainer.generate import GenerationConfig, generate
-    from trainer.generate import load_tokenizer
-    from trainer.models import build_model
+    from trainer.generate import GenerationConfig, generate, load_tokenizer, stop_ids
 
     tok = load_tokenizer(cfg.to_dict())
-    model = build_model(model_section(cfg), device="cpu")
-    load_model_weights(model, ckpt)
-    model.eval()
     ids = encode_with_specials(tok, cfg.sample.prompt)
     if getattr(tok, "add_bos", False) and tok.bos_id is not None:
         ids = [tok.bos_id] + ids
-    stops = [tok.eos_id] + [tok.special_tokens[t] for t in ("<|im_end|>",) if t in cfg.sample.prompt
-                            and t in getattr(tok, "special_tokens", {})]
+    chat = "<|im_start|>" in cfg.sample.prompt and "<|im_end|>" in getattr(tok, "special_tokens", {})
     gen = GenerationConfig(max_new_tokens=cfg.sample.max_new_tokens, temperature=cfg.sample.temperature,
-                           top_k=cfg.sample.top_k or None, stop_ids=tuple(stops), seed=cfg.train.seed)
+                           top_k=cfg.sample.top_k or None, stop_ids=stop_ids(tok, chat), seed=cfg.train.seed)
     new = generate(model, ids, gen)
-    print(f"[sample] {ckpt}:\n{cfg.sample.prompt}{tok.decode(list(new))}", flush=True)
+    print(f"[sample]\n{cfg.sample.prompt}{tok.decode(list(new))}", flush=True)
 
 
 # ---------------------------------------------------------------- main
@@ -576,6 +582,8 @@ def parse_args(argv):
     ap.add_argument("overrides", nargs="*", help="section.key=value")
     ap.add_argument("--dry-run", action="store_true", help="validate, build on the meta device, print a summary")
     ap.add_argument("--json", action="store_true", help="with --dry-run: last stdout line is a JSON summary")
+    ap.add_argument("--skip-data", action="store_true",
+                    help="with --dry-run: no data budget (sources not opened; for a curriculum whose shards are not built)")
     ap.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
     ap.add_argument("--run-dir", default=None, help="default: runs/<curriculum name>")
     ap.add_argument("--overwrite", action="store_true", help="delete an existing run dir first")
@@ -588,12 +596,19 @@ def main(argv=None) -> int:
     try:
         stages = load_curriculum(args.curriculum, args.overrides, world_size=d.world)
         if args.dry_run:
-            sums = []
+            from .budget import curriculum_budget, print_budget, stage_budget
+
+            sums, budgets = [], []
             for cfg in stages:
                 s = summary(cfg, d.world)
                 sums.append(s)
                 if d.main:
                     print_summary(s, cfg)
+                if not args.skip_data:  # a missing or empty source stops here (DataError, one line)
+                    budgets.append(stage_budget(cfg, d.world))
+                    s["sources"] = [dataclasses.asdict(b) for b in budgets[-1]]
+                    if d.main:
+                        print_budget(budgets[-1])
             if args.json and d.main:
                 first = sums[0]
                 out = {k: first[k] for k in ("parameters", "tokens_per_step", "grad_accum", "world_size",
@@ -602,6 +617,8 @@ def main(argv=None) -> int:
                 out["steps"] = sum(s["steps"] for s in sums)
                 out["tokens"] = sum(s["tokens"] for s in sums)
                 out["stages"] = sums
+                if budgets:  # the whole curriculum: a shard dir read in several stages sums up
+                    out["sources"] = [dataclasses.asdict(b) for b in curriculum_budget(budgets)]
                 print(json.dumps(out))
             return 0
         check_sample_tokenizer(stages[-1])  # a bad tokenizer.path must not surface only after training
@@ -615,7 +632,7 @@ def main(argv=None) -> int:
                 shutil.rmtree(run_dir)
             d.barrier()
         prev_final: Path | None = None
-        final = None
+        resumed_done: Path | None = None
         for i, cfg in enumerate(stages):
             stage_dir = run_dir if len(stages) == 1 else run_dir / f"{i}-{cfg.name}"
             init = cfg.train.init_from
@@ -624,8 +641,8 @@ def main(argv=None) -> int:
                 if prev_final is None:
                     raise ConfigError(f"{cfg.source_file}: train.init_from: '@previous' in the first stage")
                 init_path = prev_final
-            elif init:
-                init_path = resolve_checkpoint(init)
+            elif init:  # a run, a checkpoint (weights suffice), an HF folder or hf://org/name
+                init_path = find_weights(resolve_hub(init))
             if args.resume and (stage_dir / "DONE").exists():
                 prev_final = Path((stage_dir / "DONE").read_text().strip())
                 done = STEP_RE.match(prev_final.name)
@@ -636,12 +653,13 @@ def main(argv=None) -> int:
                         f"and mixture schedules span the whole run); to train further, start a new run with "
                         f"train.init_from={prev_final}")
                 say(d, f"[stage] {cfg.name or i}: already done ({prev_final})")
-                final = prev_final
+                resumed_done = prev_final if i == len(stages) - 1 else None
                 continue
-            final = train_stage(cfg, stage_dir, d, args.resume, init_path)
-            prev_final = final
-        if d.main and final is not None:
-            sample_generation(stages[-1], final)
+            prev_final = train_stage(cfg, stage_dir, d, args.resume, init_path, sample=i == len(stages) - 1)
+        if d.main and resumed_done is not None:  # the last stage had finished: sample its checkpoint
+            from .checkpoint import load_model
+
+            sample_generation(stages[-1], load_model(resumed_done, device=pick_device(stages[-1], d))[0])
         return 0
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
