@@ -353,3 +353,42 @@ def test_world_size_refusal_names_tokens_per_step(unfinished, capsys, monkeypatc
     rc, out, err = train([cur, "--run-dir", run_dir, "--resume", "batch.tokens_per_step=128", "batch.grad_accum=null"],
                          capsys)
     assert rc == 0 and "[resume]" in out, err
+
+
+# -------------------------------------------------------------------------- 8. bounded open files
+
+
+def test_a_mixture_of_more_shards_than_open_files_allowed_trains(tmp_path):
+    """One file descriptor per shard map was held open: 80 shards failed under `ulimit -n 64`
+    (a mixture of ~1,000 shard files under the usual 1024). Reproduced with a lowered soft limit."""
+    import os
+    import resource
+
+    import numpy as np
+
+    from shards.format import ShardWriter
+    from shards.manifest import build_manifest, write_manifest
+    from trainer.data import MixtureLoader
+
+    d = tmp_path / "many"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 80), ("val", 1)):
+        for j in range(n):
+            with ShardWriter(d / split / f"{j:05d}", np.dtype("<u2"), "tiny", with_loss=True) as w:
+                doc = rng.integers(1, trainhelp.VOCAB, 70)
+                w.write(doc, loss_mask=np.ones(70))
+    write_manifest(d, build_manifest(d, trainhelp.TINY_TOKENIZER))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 40, hard))  # room for 40 more, not 160 maps
+    try:
+        loader = MixtureLoader([{"name": "many", "path": str(d)}], [{"at": 0.0, "weights": {"many": 1}}],
+                               seq_len=16, micro_batch=64, seed=0, total_tokens=16 * 64 * 8, vocab_size=trainhelp.VOCAB)
+        seen = set()
+        for step in range(8):  # 512 of the 320 windows: every shard read
+            x, y, mask, info = loader.batch(step)
+            seen.update(s for _, s in info["samples"])
+        assert len(os.listdir("/proc/self/fd")) <= in_use + 8
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert len(seen) == 320 and int(x.max()) < trainhelp.VOCAB and mask is not None
