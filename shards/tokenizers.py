@@ -97,8 +97,8 @@ class Tokenizer:
     def decode(self, ids) -> str:
         raise NotImplementedError
 
-    def _vocab_items(self):
-        """Yields bytes that define the vocabulary, in id order (hashed by `vocab_hash`)."""
+    def _id_tokens(self):
+        """(id, is_special, token bytes) for every id the vocabulary defines (hashed by `vocab_hash`)."""
         raise NotImplementedError
 
     def encode_document(self, text: str) -> list[int]:
@@ -112,10 +112,12 @@ class Tokenizer:
 
     @functools.cached_property
     def vocab_hash(self) -> str:
+        """sha256 of the token mapping: each id, whether it is special, and the bytes it stands for.
+        It does not depend on how the tokenizer was given (qwen3 by name and the same vocabulary as a
+        tokenizer.json hash equal), so shards whose ids mean the same can be mixed."""
         h = hashlib.sha256()
-        for item in self._vocab_items():
-            h.update(item)
-        h.update(json.dumps(sorted(self.special_tokens.items()), ensure_ascii=True).encode())
+        for i, special, data in sorted(self._id_tokens()):
+            h.update(b"%d %s %s\n" % (i, b"s" if special else b"t", base64.b64encode(data)))
         return h.hexdigest()
 
     def info(self) -> TokenizerInfo:
@@ -187,10 +189,11 @@ class TiktokenTokenizer(Tokenizer):
     def decode(self, ids) -> str:
         return self.enc.decode([int(i) for i in ids], errors="replace")
 
-    def _vocab_items(self):
-        # Canonical `.tiktoken` lines in rank order: the same vocabulary hashes the same from any file.
-        for tok, rank in sorted(self._ranks.items(), key=lambda kv: kv[1]):
-            yield base64.b64encode(tok) + b" %d\n" % rank
+    def _id_tokens(self):
+        for tok, rank in self._ranks.items():
+            yield rank, False, tok
+        for text, i in self.special_tokens.items():
+            yield i, True, text.encode()
 
 
 def _package_file(package: str, relpath: str, hint: str) -> Path:
@@ -255,13 +258,10 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids) -> str:
         return self.sp.decode([int(i) for i in ids])
 
-    def _vocab_items(self):
+    def _id_tokens(self):
+        # Pieces as SentencePiece spells them ("▁the", "<0x41>"), as its HF conversion keeps them.
         for i in range(self.vocab_size):
-            yield b"%s %r %d\n" % (self.sp.id_to_piece(i).encode(), self.sp.get_score(i), self._type(i))
-
-    def _type(self, i) -> int:
-        sp = self.sp
-        return 1 * sp.is_control(i) + 2 * sp.is_unknown(i) + 4 * sp.is_byte(i) + 8 * sp.is_unused(i)
+            yield i, bool(self.sp.is_control(i) or self.sp.is_unknown(i)), self.sp.id_to_piece(i).encode()
 
 
 def fetch_llama2_model() -> Path:
@@ -351,10 +351,22 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
-    def _vocab_items(self):
-        vocab = self.tok.get_vocab(with_added_tokens=True)
-        for tok, i in sorted(vocab.items(), key=lambda kv: kv[1]):
-            yield b"%s %d\n" % (tok.encode("utf-8", "surrogatepass"), i)
+    def _id_tokens(self):
+        added = self.tok.get_added_tokens_decoder()
+        to_byte = {c: b for b, c in _byte_to_unicode().items()} if self._byte_level() else None
+        for tok, i in self.tok.get_vocab(with_added_tokens=True).items():
+            if i in added:  # added tokens match raw text: their content is what they stand for
+                yield i, bool(added[i].special), added[i].content.encode("utf-8", "surrogatepass")
+            elif to_byte is not None and all(c in to_byte for c in tok):
+                yield i, False, bytes(to_byte[c] for c in tok)  # GPT-2's printable stand-ins -> bytes
+            else:
+                yield i, False, tok.encode("utf-8", "surrogatepass")
+
+    def _byte_level(self) -> bool:
+        """Whether model tokens are byte-level strings (GPT-2's byte -> printable-char table)."""
+        dec = json.loads(self.tok.to_str()).get("decoder") or {}
+        parts = dec.get("decoders", [dec]) if dec.get("type") == "Sequence" else [dec]
+        return any(d.get("type") == "ByteLevel" for d in parts)
 
 
 # ------------------------------------------------------------- tiktoken -> HF tokenizers (for datatrove)
@@ -522,6 +534,13 @@ REGISTRY = {
 def list_tokenizers() -> dict[str, str]:
     """Registered names -> one-line description. Any tokenizer.json / .model path also works."""
     return dict(REGISTRY)
+
+
+def resolved_name(name_or_path: str) -> str:
+    """A registered name as it is; an existing tokenizer file or folder as its absolute path, so a
+    manifest that records it is readable from any folder."""
+    p = Path(name_or_path).expanduser()
+    return str(p.resolve()) if name_or_path not in REGISTRY and p.exists() else name_or_path
 
 
 def _existing(path) -> Path:

@@ -206,6 +206,7 @@ def test_to_hf_tokenizer_matches_tiktoken(qwen3, cl100k, docs, tmp_path):
     assert isinstance(loaded, HFTokenizer) and loaded.name == str(path)
     assert (loaded.eos_id, loaded.bos_id, loaded.add_bos) == (151643, None, False)
     assert loaded.vocab_size == 151_669
+    assert loaded.vocab_hash == qwen3.vocab_hash  # the token mapping, however the tokenizer was given
     assert loaded.encode_batch(texts) == qwen3.encode_batch(texts)  # incl. NFC and specials-as-text
     assert loaded.encode_document("Hello world") == [9707, 1879, 151643]
     assert loaded.decode(loaded.encode("café 😀")) == "café 😀"
