@@ -29,6 +29,9 @@
 #define N_INTS 24
 #define N_FLOATS 8
 #define MAX_DIM (1 << 24)
+#ifndef PAR_MIN /* multiply-adds below which a loop is not worth waking threads for */
+#define PAR_MIN (1 << 15)
+#endif
 
 enum { FAM_DENSE = 1, FAM_HYBRID = 2 };
 enum { MIX_ATTN = 0, MIX_LINEAR = 1, MIX_CSA = 2, MIX_FULL = 3 };
@@ -443,7 +446,7 @@ static void alloc_state(const Model *m, State *s, int len) {
 /* out[n_out] = W[n_out, n_in] @ x: PyTorch's [out, in] row-major weight layout. */
 static void matmul(float *out, const float *x, const float *w, int n_in, int n_out) {
     int i;
-#pragma omp parallel for private(i)
+#pragma omp parallel for private(i) if ((size_t)n_out * n_in >= PAR_MIN)
     for (i = 0; i < n_out; i++) {
         const float *row = w + (size_t)i * n_in;
         float a[8] = {0, 0, 0, 0, 0, 0, 0, 0}, tail = 0.0f;
@@ -537,7 +540,7 @@ static void dense_attention(const Model *m, State *s, int l, int pos) {
     memcpy(s->kc[l] + (size_t)pos * kv, s->k, kv * sizeof(float));
     memcpy(s->vc[l] + (size_t)pos * kv, s->v, kv * sizeof(float));
     int t0 = win > 0 && pos - win + 1 > 0 ? pos - win + 1 : 0, h;
-#pragma omp parallel for private(h)
+#pragma omp parallel for private(h) if ((size_t)H * (pos - t0 + 1) * hd >= PAR_MIN)
     for (h = 0; h < H; h++) {
         float *y = s->ctx + (size_t)h * hd;
         attend(y, s->q + (size_t)h * hd, s->kc[l], s->vc[l], kv, (size_t)(h / grp) * hd, t0, pos, hd,
@@ -600,7 +603,7 @@ static void gated_attention(const Model *m, State *s, int l, int pos) {
         t0 = pos - c->csa_window + 1 > 0 ? pos - c->csa_window + 1 : 0;
         matmul(s->blend, s->xb, L->blend_gate, c->dim, H * hd);
     }
-#pragma omp parallel for private(h)
+#pragma omp parallel for private(h) if ((size_t)H * (pos - t0 + 1 + n_blocks) * hd >= PAR_MIN)
     for (h = 0; h < H; h++) {
         float *y = s->ctx + (size_t)h * hd, *sc = s->scores + (size_t)h * s->len;
         const float *q = s->q + (size_t)h * hd, *gate = s->qg + (size_t)h * 2 * hd + hd;
@@ -638,7 +641,7 @@ static void gated_deltanet(const Model *m, State *s, int l) {
     matmul(s->dn_z, s->xb, L->in_z, c->dim, inner);
     matmul(s->dn_ab, s->xb, L->in_b, c->dim, H);
     matmul(s->dn_ab + H, s->xb, L->in_a, c->dim, H);
-#pragma omp parallel for private(h)
+#pragma omp parallel for private(h) if ((size_t)H * D * D >= PAR_MIN)
     for (h = 0; h < H; h++) {
         float *q = qkv + (size_t)h * D, *k = qkv + inner + (size_t)h * D, *v = qkv + 2 * inner + (size_t)h * D;
         float *S = s->ssm[l] + (size_t)h * D * D, *u = s->dn_u + (size_t)h * D, *o = s->dn_o + (size_t)h * D;

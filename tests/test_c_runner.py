@@ -87,6 +87,22 @@ def test_logits_match_pytorch_at_every_position(runner, tmp_path, name):
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4)
 
 
+def test_threads_give_the_same_logits(runner, tmp_path):
+    """An OpenMP build that threads every loop (PAR_MIN=1), on 2 threads: no races between heads/rows."""
+    exe = tmp_path / "run_omp"
+    r = subprocess.run(["cc", "-O2", "-std=c99", "-fopenmp", "-DPAR_MIN=1", "-o", str(exe), str(REPO / "c" / "run.c"),
+                        "-lm"], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cc has no OpenMP: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ''}")
+    m = random_model(MODELS["hybrid"], std=0.15)
+    path = export_c(m, {}, None, tmp_path / "model.bin")
+    ids = sequence(m.config.vocab_size, 80)
+    one = c_logits(runner, path, ids, tmp_path / "one.f32")
+    run(exe, path, "-t", ",".join(map(str, ids)), "-m", "logits", "-o", tmp_path / "two.f32", "-j", 2)
+    two = np.fromfile(tmp_path / "two.f32", dtype=np.float32).reshape(len(ids), -1)
+    np.testing.assert_allclose(two, one, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["hybrid", "dense-xsa"])
 def test_greedy_continuation_matches_generate(runner, tmp_path, name):
     m = random_model(MODELS[name])
