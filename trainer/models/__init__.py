@@ -17,7 +17,7 @@ from trainer.models.layers import KVCache  # noqa: F401  (re-exported for genera
 
 ARCHS = {
     "dense": ("trainer.models.dense", "DenseConfig", "DenseLM"),
-    # M2's hybrid Llama Think, imported lazily so the dense path works without it.
+    # Llama Think, imported lazily so the dense path works without it.
     "hybrid": ("trainer.models.hybrid", "HybridConfig", "HybridLM"),
 }
 

@@ -1,4 +1,4 @@
-"""The two softmax-attention mixers of Llama Think (MODELS.md, "Llama Think 95.7M").
+"""The two softmax-attention mixers of Llama Think (docs/models.md, "Llama Think 95.7M").
 
 GatedAttention ("full" layers): `wq` gives, per head, a query (first head_dim) and an output gate (last
 head_dim); k, v with fewer heads (GQA); (1+w) RMSNorm on q and k; partial rotate-half RoPE; causal SDPA;

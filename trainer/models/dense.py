@@ -1,4 +1,4 @@
-"""One dense decoder-only transformer covering Atom, Axiom and Argonne (see ../shared/MODELS.md).
+"""One dense decoder-only transformer covering Atom, Axiom and Argonne (facts: docs/models.md).
 
 Every difference between those models is a config option named for what it does, so a new dense
 model is a new config (or preset), not a new file.
@@ -95,11 +95,11 @@ class DenseConfig:
         return self._layer_in(self.xsa_layers, i)
 
 
-# Presets for the seed models (MODELS.md). build_model({"arch": "dense", "preset": "atom", ...overrides}).
+# Presets for the seed models (docs/models.md). build_model({"arch": "dense", "preset": "atom", ...overrides}).
 PRESETS: dict[str, dict] = {
     # Atom: no public source. Card: RoPE theta 5000 but not its layout -> rotate-half (our choice).
     # Norm eps and init are not published either: eps 1e-5 and GPT-2-style init are our choices.
-    # XSA layers are not published: all layers (MODELS.md default).
+    # XSA layers are not published: all layers (our default).
     "atom": dict(vocab_size=4096, d_model=192, n_layers=7, n_heads=3, n_kv_heads=1, head_dim=64,
                  ffn_dim=480, max_seq_len=512, rope_theta=5000.0, rope_layout="half", norm_eps=1e-5,
                  xsa_layers="all", tie_embeddings=True, init="gpt2"),

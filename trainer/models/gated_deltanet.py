@@ -1,4 +1,4 @@
-"""Gated DeltaNet: the linear-attention mixer of Llama Think (MODELS.md, "Llama Think 95.7M").
+"""Gated DeltaNet: the linear-attention mixer of Llama Think (docs/models.md, "Llama Think 95.7M").
 
 Per head, with a state S of shape [d_k, d_v] that maps keys to values:
 

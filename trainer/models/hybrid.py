@@ -1,6 +1,6 @@
 """Llama Think: a hybrid decoder of Gated DeltaNet, compressed sparse and gated full attention layers.
 
-Facts from ../shared/MODELS.md ("Llama Think 95.7M", verified in the authors' llama2.c fork). The
+Facts: docs/models.md ("Llama Think 95.7M", read in the authors' llama2.c fork). The
 defaults of HybridConfig ARE that model (95,715,408 parameters), so `build_model({"arch": "hybrid"})`
 builds it. A small model for tests and benchmarks is the preset "hybrid-tiny", or any override, e.g.
 
