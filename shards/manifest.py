@@ -155,8 +155,10 @@ def build_manifest(
     filters: list[str] | None = None,
     seeds: dict | None = None,
     extra: dict | None = None,
+    shards: dict[str, list[Path]] | None = None,
 ) -> Manifest:
-    """Scan finished shards under DIR/<split>/ and describe them (counts and sha256 per file)."""
+    """Scan finished shards under DIR/<split>/ (or the `shards` listed per split, anywhere under DIR)
+    and describe them (counts and sha256 per file)."""
     import numpy as np
 
     from .format import dtype_for_vocab, max_id, open_shard
@@ -167,7 +169,7 @@ def build_manifest(
     files: dict[str, FileEntry] = {}
     for split in splits:
         stats = SplitStats()
-        for ds in find_shards(directory, split):
+        for ds in (shards[split] if shards is not None else find_shards(directory, split)):
             meta = read_metadata(ds)
             if meta.dtype != dtype:
                 raise ValueError(f"{ds}: written as {meta.dtype.name}, but {tokenizer.name} needs {dtype.name}")
