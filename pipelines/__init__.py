@@ -8,5 +8,7 @@ Reusable steps (any datatrove pipeline):
   pipelines.filters   FineWeb's chain offline (local fastText LID, URL, Gopher, C4, FineWeb quality),
                       MinHash dedup stages
 Command line (shared by every corpus): pipelines.cli.main(Corpus(...)); corpora: pipelines.fineweb,
-pipelines.fineweb_edu. Embedded demo: python -m pipelines.demo --output out/demo.
+pipelines.fineweb_edu, pipelines.ultra_fineweb, pipelines.finemath, pipelines.cosmopedia,
+pipelines.ultradata_math, pipelines.smoltalk (docs/data.md). Tokenizer: python -m pipelines.train_tokenizer.
+Embedded demo: python -m pipelines.demo --output out/demo.
 """

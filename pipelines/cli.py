@@ -1,8 +1,10 @@
 """The command line every corpus module shares: download, filter, dedup, split, tokenize, run.
 
-A corpus is a `Corpus` (hub repo, subset, column names); `pipelines/fineweb.py` is three lines over
-`main`. Stages are datatrove pipelines run by datatrove's own executors (local / slurm / ray);
-completion markers in the logging dir make a rerun skip finished tasks, and a rerun of an
+A corpus is a `Corpus` (hub repo, subset, column names, filter chain, score columns);
+`pipelines/fineweb.py` is three lines over `main`. `--subset` picks another hub folder of the same
+corpus; `--min-score` / `--min-int-score` threshold the corpus's own score columns in every stage that
+reads rows, counted like the filters. Stages are datatrove pipelines run by datatrove's own executors
+(local / slurm / ray); completion markers in the logging dir make a rerun skip finished tasks, and a rerun of an
 unfinished task rewrites its shards from scratch (`TokenizeShards` removes its stale files first),
 so an interrupted run, rerun, equals an uninterrupted one. Keep `--tasks` fixed between reruns:
 the logging dir records the settings and refuses a rerun with different ones.
@@ -23,17 +25,19 @@ import hashlib
 import json
 import sys
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from shards.storage import storage_options as s3_storage_options
 
+from .filters import WEB_CHAIN
 from .readers import InputError, make_reader
 from shards.tokenizers import default_threads
 
 from .steps import HashSplit, TokenizeShards, WriteManifest
 
 STAGES = ("download", "filter", "dedup", "split", "tokenize", "run")
+SCORE_FLAGS = {"min_score": "score", "min_int_score": "int_score"}  # argparse dest -> the column it thresholds
 
 
 @dataclass
@@ -44,6 +48,8 @@ class Corpus:
     description: str = ""
     text_key: str = "text"
     id_key: str = "id"
+    chain: tuple[str, ...] = WEB_CHAIN  # pipelines.filters chain names: what `filter` / --filter apply
+    scores: tuple[str, ...] = ()  # numeric score columns that --min-score / --min-int-score may threshold
 
     @property
     def hub_input(self) -> str:
@@ -65,6 +71,8 @@ def build_parser(corpus: Corpus) -> argparse.ArgumentParser:
     io.add_argument("--input", help="local parquet/jsonl/jsonl.gz/jsonl.zst file or folder, or s3:// URI "
                                     f"(default: {corpus.hub_input})")
     io.add_argument("--output", default=f"out/{corpus.name}", help="output folder or s3:// URI")
+    io.add_argument("--subset", help=f"hub folder read when --input is not given, and mirrored by download, e.g. "
+                                     f"data/CC-MAIN-2025-21 (default: {corpus.hub_subset})")
     io.add_argument("--limit", type=int, default=-1, help="documents to read per task (datatrove semantics); -1 all")
     io.add_argument("--text-key", default=corpus.text_key)
     io.add_argument("--id-key", default=corpus.id_key)
@@ -87,6 +95,10 @@ def build_parser(corpus: Corpus) -> argparse.ArgumentParser:
     fl = p.add_argument_group("filter / dedup")
     fl.add_argument("--language-threshold", type=float, default=0.65)
     fl.add_argument("--languages", default="en", help="comma list of fastText labels (en, fr, ...); 'any' keeps all")
+    for flag, column in SCORE_FLAGS.items():
+        fl.add_argument(f"--{flag.replace('_', '-')}", type=float, default=None, metavar="X",
+                        help=f"keep rows whose {column} >= X (counted; every stage that reads rows)"
+                             + (f"; {corpus.name}'s score columns: {', '.join(corpus.scores)}" if corpus.scores else ""))
     fl.add_argument("--dedup", action="store_true", help="run: add MinHash dedup between filter and tokenize")
     fl.add_argument("--max-files", type=int, default=None, help="download: mirror only the first N parquet files")
     ex = p.add_argument_group("execution (datatrove executors)")
@@ -236,37 +248,74 @@ def print_stats(title: str, logging_dir: str, out=None) -> list[tuple[str, dict]
 
 def _reader(args, corpus, path=None):
     path = path or args.input or corpus.hub_input
-    return make_reader(path, limit=args.limit, text_key=args.text_key, id_key=args.id_key,
-                       invalid_utf8=args.invalid_utf8, storage_options=storage_options(args))
+    reader = make_reader(path, limit=args.limit, text_key=args.text_key, id_key=args.id_key,
+                         invalid_utf8=args.invalid_utf8, storage_options=storage_options(args))
+    check_text_column(reader, args.text_key)
+    return reader
+
+
+def check_text_column(reader, text_key: str) -> None:
+    """A local parquet input whose first file lacks the text column is a wrong --text-key (most
+    corpora call it `text`, Ultra-FineWeb and UltraData-Math `content`): one line, before any executor,
+    instead of every row counted as skipped_no_text."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    from .readers import CountingParquetReader
+
+    if not isinstance(reader, CountingParquetReader) or not isinstance(reader.data_folder.fs, LocalFileSystem):
+        return
+    import pyarrow.parquet as pq
+
+    files = reader.data_folder.list_files(glob_pattern=reader.glob_pattern)
+    if files:
+        first = reader.data_folder.resolve_paths(files[0])
+        names = pq.read_schema(first).names
+        if text_key not in names:
+            raise InputError(f"input {first}: no '{text_key}' column (columns: {', '.join(names[:12])}); "
+                             "pass --text-key COLUMN")
 
 
 def _langs(args):
     return None if args.languages.strip() == "any" else tuple(x.strip() for x in args.languages.split(","))
 
 
-def _filters(args, output):
-    from .filters import fineweb_filters
-
-    return fineweb_filters(output, args.language_threshold, _langs(args), storage_options(args) or None)
+def _scores(args) -> dict[str, float]:
+    return {col: getattr(args, flag) for flag, col in SCORE_FLAGS.items() if getattr(args, flag, None) is not None}
 
 
-def _filter_names(args):
-    from .filters import filter_names
+def _filters(args, corpus, output, chain: bool = True):
+    """The score thresholds given, then the corpus's chain (when `chain`)."""
+    from .filters import build_filters
 
-    return filter_names(args.language_threshold, _langs(args))
+    return build_filters(corpus.chain if chain else (), output, args.language_threshold, _langs(args),
+                         storage_options(args) or None, scores=_scores(args))
+
+
+def _filter_names(args, corpus, chain: bool = True):
+    from .filters import chain_names
+
+    return chain_names(corpus.chain if chain else (), args.language_threshold, _langs(args), scores=_scores(args))
+
+
+def corpus_for(args, corpus: Corpus) -> Corpus:
+    """The corpus as the flags select it (--subset), after checking the score flags fit it."""
+    for flag, column in SCORE_FLAGS.items():
+        if getattr(args, flag, None) is not None and column not in corpus.scores:
+            have = ", ".join(corpus.scores) or "none"
+            raise InputError(f"--{flag.replace('_', '-')}: {corpus.name} has no '{column}' column (its score columns: {have})")
+    return replace(corpus, hub_subset=args.subset.strip("/")) if getattr(args, "subset", None) else corpus
 
 
 def resolve_tokenizer(args) -> tuple[str, str | None]:
     """(name_or_path, path) for shards.tokenizers.get_tokenizer; loads it once to fail early. A file
     is given resolved, so the manifest names it from any folder (not relative to this one)."""
-    from shards.tokenizers import REGISTRY, get_tokenizer
+    from shards.tokenizers import get_tokenizer, resolved_name
 
     name, path = args.tokenizer, args.tokenizer_path
     if path and name != "llama2" and (path.endswith(".json") or Path(path).is_dir()):
         name, path = path, None  # --tokenizer-path tokenizer.json alone means "this file"
     path = str(Path(path).expanduser().resolve()) if path else None
-    if name not in REGISTRY and Path(name).expanduser().exists():
-        name = str(Path(name).expanduser().resolve())
+    name = resolved_name(name)
     try:
         get_tokenizer(name, path=path)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
@@ -303,9 +352,9 @@ def stage_filter(args, corpus, input_path, output, logs) -> str:
 
     reader = _reader(args, corpus, input_path)
     check_run_settings(logs, dict(stage="filter", input=input_path or corpus.hub_input, tasks=args.tasks,
-                                  limit=args.limit, filters=_filter_names(args)))
+                                  limit=args.limit, filters=_filter_names(args, corpus)))
     kept = folder(output, storage_options(args) or None, "kept")
-    pipeline = [reader, *_filters(args, output), JsonlWriter(kept, output_filename="${rank}.jsonl.gz")]
+    pipeline = [reader, *_filters(args, corpus, output), JsonlWriter(kept, output_filename="${rank}.jsonl.gz")]
     make_executor(args, pipeline, logs, job_name=f"{corpus.name}-filter").run()
     if args.executor == "local":
         print_stats(f"filter: {input_path or corpus.hub_input} -> {output}", logs)
@@ -337,8 +386,8 @@ def stage_split(args, corpus, input_path, output, logs) -> str:
     reader = _reader(args, corpus, input_path)
     check_run_settings(logs, dict(stage="split", input=input_path or corpus.hub_input, tasks=args.tasks,
                                   limit=args.limit, val_fraction=args.val_fraction, seed=args.split_seed,
-                                  key=args.split_key, filters=_filter_names(args) if args.filter else []))
-    pipeline = [reader, *(_filters(args, output) if args.filter else []),
+                                  key=args.split_key, filters=_filter_names(args, corpus, args.filter)))
+    pipeline = [reader, *_filters(args, corpus, output, args.filter),
                 HashSplit(args.val_fraction, args.split_seed, args.split_key),
                 JsonlWriter(folder(output, storage_options(args) or None), output_filename="${split}/${rank}.jsonl.gz")]
     make_executor(args, pipeline, logs, job_name=f"{corpus.name}-split").run()
@@ -350,7 +399,7 @@ def stage_split(args, corpus, input_path, output, logs) -> str:
 def stage_tokenize(args, corpus, input_path, output, logs, filters: list[str] | None = None) -> str:
     reader = _reader(args, corpus, input_path)  # input errors surface here, before any executor
     tok_name, tok_path = resolve_tokenizer(args)
-    applied = list(filters or []) + (_filter_names(args) if args.filter else [])
+    applied = list(filters or []) + _filter_names(args, corpus, args.filter)
 
     def step(out_dir, num_threads):
         return TokenizeShards(out_dir, tok_name, tok_path, max_doc_tokens=args.max_doc_tokens,
@@ -362,7 +411,7 @@ def stage_tokenize(args, corpus, input_path, output, logs, filters: list[str] | 
                            "auto key = id, or text when the id is missing/position-based",
              "max_doc_tokens": args.max_doc_tokens, "too_long": args.too_long, "invalid_utf8": args.invalid_utf8,
              "limit_per_task": args.limit}
-    return tokenize_job(args, corpus, logs, reader, _filters(args, output) if args.filter else [], step,
+    return tokenize_job(args, corpus, logs, reader, _filters(args, corpus, output, args.filter), step,
                         source=input_path or corpus.hub_input, output=output, filters=applied, extra=extra,
                         settings=dict(stage="tokenize", too_long=args.too_long, invalid_utf8=args.invalid_utf8,
                                       filters=applied))
@@ -441,6 +490,7 @@ def run_command(run, *args) -> int:
 
 
 def run_stage(args, corpus: Corpus) -> None:
+    corpus = corpus_for(args, corpus)
     logs = logging_base(args, corpus)
     check_args(args)
     if args.stage == "download":
@@ -464,10 +514,15 @@ def run_stage(args, corpus: Corpus) -> None:
         if args.dedup:
             path = stage_dedup(args, corpus, path, sub(args.output, "dedup"), sub(logs, "dedup"))
         limit, args.limit = args.limit, -1  # the limit applied when reading the raw input
-        filters = _filter_names(args) + (["datatrove.MinhashDedup(4 stages)"] if args.dedup else [])
+        filters = _filter_names(args, corpus) + (["datatrove.MinhashDedup(4 stages)"] if args.dedup else [])
         args.filter = False
+        thresholds = {flag: getattr(args, flag) for flag in SCORE_FLAGS}  # applied by the filter stage
+        for flag in SCORE_FLAGS:
+            setattr(args, flag, None)
         stage_tokenize(args, corpus, path, sub(args.output, "shards"), logs, filters=filters)
         args.limit = limit
+        for flag, value in thresholds.items():
+            setattr(args, flag, value)
 
 
 def main(corpus: Corpus, argv=None) -> int:

@@ -1,4 +1,5 @@
-"""FineWeb's filter chain from datatrove, wired to run offline, plus MinHash dedup as 4 stages.
+"""FineWeb's filter chain from datatrove, wired to run offline, per-corpus chains and score
+thresholds built from its pieces, plus MinHash dedup as 4 stages.
 
 Offline fixes (../shared/DATA.md):
 - `LanguageFilter` would download lid.176.bin: `LocalFT176LID` points datatrove's own FT176LID at
@@ -11,6 +12,7 @@ Every filter gets an exclusion writer (`<out>/removed/<filter>/`) and datatrove'
 """
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS", "")  # before tldextract loads
@@ -23,6 +25,7 @@ from datatrove.pipeline.filters import (  # noqa: E402
     LanguageFilter,
     URLFilter,
 )
+from datatrove.pipeline.filters.base_filter import BaseFilter  # noqa: E402
 from datatrove.pipeline.writers import JsonlWriter  # noqa: E402
 from datatrove.utils.lid import FT176LID  # noqa: E402
 
@@ -58,10 +61,24 @@ class LocalURLFilter(URLFilter):
     traceback. There is no URL to judge, and the content filters after it still apply."""
 
     def filter(self, document):
-        if not document.metadata.get("url"):
+        url = document.metadata.get("url") or meta_url(document.metadata)
+        if not url:
             self.stat_update("no_url")
             return True
+        document.metadata["url"] = url
         return super().filter(document)
+
+
+def meta_url(metadata: dict) -> str | None:
+    """The url inside a `meta` column (Ultra-FineWeb v1.4, UltraData-Math: a JSON string or a dict)."""
+    meta = metadata.get("meta")
+    if isinstance(meta, str):
+        try:
+            meta = json.loads(meta)
+        except ValueError:
+            return None
+    url = meta.get("url") if isinstance(meta, dict) else None
+    return url if isinstance(url, str) and url else None
 
 
 class LocalLanguageFilter(LanguageFilter):
@@ -85,32 +102,76 @@ def removed_writer(output, name: str, storage_options: dict | None = None) -> Js
     return JsonlWriter(folder(output, storage_options, "removed", name), output_filename="${rank}.jsonl.gz")
 
 
-# name, builder: the FineWeb order (URL first: cheapest; LID before the English-only heuristics).
+class ScoreFilter(BaseFilter):
+    """Keep documents whose `column` (a corpus's own classifier score: fineweb-edu's int_score,
+    finemath's score) is >= minimum. Counted like datatrove's filters: dropped_below_<column>, and
+    dropped_no_<column> for a row without a numeric value (a corpus that lacks the column)."""
+
+    name = "📊 Score threshold"
+
+    def __init__(self, column: str, minimum: float, exclusion_writer=None):
+        super().__init__(exclusion_writer)
+        self.column, self.minimum = column, float(minimum)
+        self.name = f"📊 {column} >= {minimum:g}"
+
+    def filter(self, document):
+        value = document.metadata.get(self.column)
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                value = None
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False, f"no_{self.column}"
+        return True if value >= self.minimum else (False, f"below_{self.column}")
+
+
+# The filter chains a corpus can name (its `Corpus.chain`), in FineWeb's order: URL first (cheapest),
+# LID before the English-only heuristics.
+WEB_CHAIN = ("url", "language", "gopher_repetition", "gopher_quality", "c4_quality", "fineweb_quality")
+# Math pages: the prose heuristics misfire on formulas (C4 drops any page holding "{", i.e. all
+# LaTeX; Gopher's symbol-to-word and alphabetic-word ratios count equations as junk).
+MATH_CHAIN = ("url", "language")
+# Synthetic text (cosmopedia): no URL, one language, and no web boilerplate to remove.
+NO_CHAIN = ()
+
+
+def build_filters(chain, output, language_threshold: float = 0.65, languages=(ENGLISH,),
+                  storage_options: dict | None = None, scores: dict[str, float] | None = None) -> list:
+    """Score thresholds ({column: minimum}) first, then the named chain, each with an exclusion
+    writer (OUT/removed/<name>/), ready to put between a reader and a writer."""
+    w = lambda name: removed_writer(output, name, storage_options)  # noqa: E731
+    make = {
+        "url": lambda: LocalURLFilter(exclusion_writer=w("url")),
+        "language": lambda: LocalLanguageFilter(languages, language_threshold, exclusion_writer=w("language")),
+        "gopher_repetition": lambda: GopherRepetitionFilter(exclusion_writer=w("gopher_repetition")),
+        "gopher_quality": lambda: GopherQualityFilter(exclusion_writer=w("gopher_quality")),
+        "c4_quality": lambda: C4QualityFilter(filter_no_terminal_punct=False, exclusion_writer=w("c4_quality")),
+        "fineweb_quality": lambda: FineWebQualityFilter(exclusion_writer=w("fineweb_quality")),
+    }
+    steps = [ScoreFilter(c, m, exclusion_writer=w(c)) for c, m in (scores or {}).items()]
+    return steps + [make[name]() for name in chain]
+
+
+def chain_names(chain, language_threshold: float = 0.65, languages=(ENGLISH,),
+                scores: dict[str, float] | None = None) -> list[str]:
+    """`build_filters` as recorded in a manifest's `filters` list."""
+    langs = ",".join(languages) if languages else "any"
+    names = {
+        "url": "datatrove.URLFilter",
+        "language": f"datatrove.LanguageFilter(ft176 lid.176.ftz, {langs}, score>={language_threshold})",
+        "gopher_repetition": "datatrove.GopherRepetitionFilter",
+        "gopher_quality": "datatrove.GopherQualityFilter",
+        "c4_quality": "datatrove.C4QualityFilter(filter_no_terminal_punct=False)",
+        "fineweb_quality": "datatrove.FineWebQualityFilter",
+    }
+    return [f"score: {c} >= {m:g}" for c, m in (scores or {}).items()] + [names[n] for n in chain]
+
+
 def fineweb_filters(output, language_threshold: float = 0.65, languages=(ENGLISH,),
                     storage_options: dict | None = None) -> list:
-    """The chain with one exclusion writer each, ready to put between a reader and a writer."""
-    w = lambda name: removed_writer(output, name, storage_options)  # noqa: E731
-    return [
-        LocalURLFilter(exclusion_writer=w("url")),
-        LocalLanguageFilter(languages, language_threshold, exclusion_writer=w("language")),
-        GopherRepetitionFilter(exclusion_writer=w("gopher_repetition")),
-        GopherQualityFilter(exclusion_writer=w("gopher_quality")),
-        C4QualityFilter(filter_no_terminal_punct=False, exclusion_writer=w("c4_quality")),
-        FineWebQualityFilter(exclusion_writer=w("fineweb_quality")),
-    ]
-
-
-def filter_names(language_threshold: float = 0.65, languages=(ENGLISH,)) -> list[str]:
-    """The chain as recorded in a manifest's `filters` list."""
-    langs = ",".join(languages) if languages else "any"
-    return [
-        "datatrove.URLFilter",
-        f"datatrove.LanguageFilter(ft176 lid.176.ftz, {langs}, score>={language_threshold})",
-        "datatrove.GopherRepetitionFilter",
-        "datatrove.GopherQualityFilter",
-        "datatrove.C4QualityFilter(filter_no_terminal_punct=False)",
-        "datatrove.FineWebQualityFilter",
-    ]
+    """FineWeb's whole chain (`WEB_CHAIN`)."""
+    return build_filters(WEB_CHAIN, output, language_threshold, languages, storage_options)
 
 
 # ------------------------------------------------------------------------------------ MinHash dedup

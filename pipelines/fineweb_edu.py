@@ -2,7 +2,7 @@
 
 The same stages and flags as `pipelines.fineweb`; a new corpus is one `Corpus` like this one.
 fineweb-edu is already filtered by FineWeb's chain and its edu classifier, so `tokenize` is the
-usual stage; `filter` still works.
+usual stage (`tokenize --min-int-score 3` keeps the classifier's 3+ rows); `filter` still works.
 """
 from .cli import Corpus, main
 
@@ -11,6 +11,7 @@ CORPUS = Corpus(
     hub_repo="HuggingFaceFW/fineweb-edu",
     hub_subset="sample/10BT",
     description="fineweb-edu (FineWeb schema + score, int_score)",
+    scores=("score", "int_score"),
 )
 
 if __name__ == "__main__":

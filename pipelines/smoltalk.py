@@ -28,8 +28,8 @@ from shards import chat
 from shards.chat import ROLES
 from shards.format import dtype_for_vocab
 
-from .cli import (Corpus, build_parser, check_args, logging_base, resolve_tokenizer, run_command, stage_download,
-                  storage_options, tokenize_job)
+from .cli import (Corpus, build_parser, check_args, corpus_for, logging_base, resolve_tokenizer, run_command,
+                  stage_download, storage_options, tokenize_job)
 from .readers import CountingJsonlReader, CountingParquetReader, InputError, check_hub_input, resolve_input
 from .steps import POSITION_ID_FLAG, clean_rank_outputs, split_writers
 
@@ -183,9 +183,9 @@ class ChatTokenizeShards(PipelineStep):
 # ------------------------------------------------------------------------------------------ stages
 
 
-def stage_tokenize(args) -> str:
-    source = args.input or f"{CORPUS.hub_input}/{HUB_GLOB}"
-    reader = make_chat_reader(args.input or CORPUS.hub_input, args.limit, args.text_key, args.id_key,
+def stage_tokenize(args, corpus: Corpus = CORPUS) -> str:
+    source = args.input or f"{corpus.hub_input}/{HUB_GLOB}"
+    reader = make_chat_reader(args.input or corpus.hub_input, args.limit, args.text_key, args.id_key,
                               storage_options(args))
     tok_name, tok_path = resolve_tokenizer(args)
     from shards.tokenizers import get_tokenizer
@@ -199,21 +199,22 @@ def stage_tokenize(args) -> str:
         return ChatTokenizeShards(out_dir, tok_name, tok_path, max_doc_tokens=args.max_doc_tokens,
                                   batch_size=args.batch_size, num_threads=num_threads)
 
-    extra = {"corpus": CORPUS.name, "format": "chatml", "tasks": args.tasks, "limit_per_task": args.limit,
+    extra = {"corpus": corpus.name, "format": "chatml", "tasks": args.tasks, "limit_per_task": args.limit,
              "im_start": im_start, "im_end": im_end,
              "system_turns": "dropped", "no_eos": True,
              "loss_mask": "1 on assistant turns incl. <|im_start|>assistant\\n header, <|im_end|> and trailing \\n"}
-    return tokenize_job(args, CORPUS, logging_base(args, CORPUS), reader, [], step, source=source,
+    return tokenize_job(args, corpus, logging_base(args, corpus), reader, [], step, source=source,
                         output=args.output, filters=["chatml-row-checks"], extra=extra,
                         settings=dict(stage="sft-tokenize", batch_size=args.batch_size))
 
 
 def run_stage(args) -> None:
     check_args(args)
+    corpus = corpus_for(args, CORPUS)  # --subset
     if args.stage == "download":
-        stage_download(args, CORPUS)
+        stage_download(args, corpus)
     elif args.stage == "tokenize":
-        stage_tokenize(args)
+        stage_tokenize(args, corpus)
     else:
         raise InputError(f"stage {args.stage!r} does not apply to chat data (use download or tokenize)")
 
