@@ -7,6 +7,7 @@ Writes, under OUTPUT:
   corpus/topics/*.jsonl.gz       pydoc_data.topics (the language reference sections)
   corpus/docstrings/*.jsonl.gz   docstrings of stdlib modules, classes and functions
   tokenizer.json                 byte-level BPE, 4,096 ids incl. <pad> <s> </s> <unk> <|endoftext|>
+                                 (pipelines.train_tokenizer; + tokenizer_config.json, special_tokens_map.json)
                                  (Atom's tokenizer shape: its card's 3,412,800 params need vocab 4096)
   shards/topics, shards/docstrings   train/ + val/ + manifest.json each (two sources for a mixture)
   filter-sample/                 the FineWeb filter chain on a few documents (kept/removed counts)
@@ -29,6 +30,8 @@ import time
 import warnings
 from pathlib import Path
 
+from .train_tokenizer import VOCAB_SIZE, train
+
 # Modules whose docstrings make the corpus: the whole standard library (fixed per Python version)
 # minus modules with import side effects or private/duplicate implementations, plus submodules.
 SKIP_MODULES = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "lib2to3", "ensurepip",
@@ -45,8 +48,6 @@ def doc_modules() -> list[str]:
     return sorted(names | set(EXTRA_MODULES))
 
 
-VOCAB_SIZE = 4096
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|endoftext|>"]  # ids 0..4
 DATE = "2024-01-01T00:00:00Z"  # fixed: the corpus must be byte-identical run to run
 MIN_DOCSTRING_CHARS = 100
 
@@ -141,22 +142,9 @@ def iter_texts(files):
 
 
 def train_bpe(files, path: Path, vocab_size: int = VOCAB_SIZE) -> Path:
-    """Byte-level BPE with `tokenizers` (GPT-2 style pre-tokenizer, byte fallback alphabet)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=2,
-    )
-    tok.train_from_iterator(iter_texts(files), trainer=trainer)
-    if tok.get_vocab_size() != vocab_size:
-        raise RuntimeError(f"BPE training gave {tok.get_vocab_size()} ids, wanted {vocab_size} (corpus too small?)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_if_changed(path, tok.to_str(pretty=True).encode())
-    return path
+    """Atom's tokenizer shape trained on the corpus files: `pipelines.train_tokenizer.train`, written
+    beside `path` (OUT/tokenizer.json, with its transformers configs)."""
+    return train(iter_texts(files), Path(path).parent, vocab_size)
 
 
 def _digest(paths) -> str:
@@ -177,8 +165,11 @@ def run(output: str | Path, tasks: int = 2, val_fraction: float = 0.05, filter_s
     tok_path = train_bpe([f for fs in files.values() for f in fs], out / "tokenizer.json")
     t_bpe = time.perf_counter() - t0 - t_corpus
 
-    # Inputs changed (another Python, another corpus) -> the old shards and markers are stale.
-    digest = _digest([tok_path] + [f for fs in files.values() for f in fs])
+    # Inputs changed (another Python, another corpus, another vocabulary hash) -> the old shards and
+    # markers are stale.
+    from shards.tokenizers import HFTokenizer
+
+    digest = _digest([tok_path] + [f for fs in files.values() for f in fs]) + HFTokenizer(tok_path).vocab_hash
     stamp = out / "shards" / "inputs.sha256"
     if stamp.exists() and stamp.read_text() != digest:
         shutil.rmtree(out / "shards")
