@@ -112,7 +112,7 @@ def test_dry_run_json_every_curriculum(name, capsys, monkeypatch):
     path = ROOT / "curricula" / name
     assert path.exists(), path
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert main([str(path), "--dry-run", "--json"]) == 0
+    assert main([str(path), "--dry-run", "--json", "--skip-data"]) == 0  # shards not built here
     lines = capsys.readouterr().out.strip().splitlines()
     out = json.loads(lines[-1])
     assert out["parameters"] == CARDS[name] and isinstance(out["parameters"], int)
@@ -123,7 +123,7 @@ def test_dry_run_json_every_curriculum(name, capsys, monkeypatch):
 def test_dry_run_cli_json_last_line():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("WORLD_SIZE", None)
-    r = subprocess.run([sys.executable, "-m", "trainer.run", "curricula/axiom-380m.yaml", "--dry-run", "--json"],
+    r = subprocess.run([sys.executable, "-m", "trainer.run", "curricula/axiom-380m.yaml", "--dry-run", "--json", "--skip-data"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -144,7 +144,7 @@ def test_multi_stage_dry_run_json_counts_all_stages(capsys, monkeypatch):
     from trainer.run import main
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert main([str(ROOT / "curricula" / "argonne-3.0.yaml"), "--dry-run", "--json"]) == 0
+    assert main([str(ROOT / "curricula" / "argonne-3.0.yaml"), "--dry-run", "--json", "--skip-data"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     s1, s2 = out["stages"]
     assert (s1["stage"], s2["stage"]) == ("pretrain", "continued")
