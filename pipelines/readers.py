@@ -5,11 +5,17 @@ datatrove's own readers skip a row without text after a single anonymous warning
 a JSONL file at the first invalid UTF-8 byte (losing the rest of the file). Ours read JSONL as bytes
 line by line, so a bad line costs only itself, and every skip is a stat plus a log line naming the
 file and row (for the first few).
+
+A local file that breaks part-way (a truncated .jsonl.gz, a parquet data page that does not decode)
+keeps the rows read before the damage (a parquet file also its other row groups) and is a counted
+skip (`skipped_unreadable`, and `skipped_unreadable_rows` where the file says how many it holds) with
+one line naming the file and row. A remote one fails its task instead, with the same line: a rerun retries a network error.
 """
 from __future__ import annotations
 
-import io
 import json
+import lzma
+import zlib
 from pathlib import Path
 
 import orjson
@@ -29,6 +35,26 @@ class InputError(Exception):
     """Bad input path: the CLI prints it and exits with status 2 before starting any executor."""
 
 
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What a damaged file raises while being read or decompressed (by codec and by pyarrow)."""
+    import pyarrow as pa
+    import zstandard
+
+    return (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError, zstandard.ZstdError, pa.ArrowException)
+
+
+def _lines(f, chunk: int = 1 << 20):
+    """The lines of a binary stream, every complete line decoded before a read error delivered first
+    (a buffered readline reads a chunk ahead, and an error in that read loses all its lines)."""
+    read = getattr(f, "read1", None) or f.read
+    tail = b""
+    while block := read(chunk):
+        *lines, tail = (tail + block).split(b"\n")
+        yield from lines
+    if tail:
+        yield tail
+
+
 class _CountingMixin:
     """Shared row checks. `self._logged` bounds the log lines; stats count every case."""
 
@@ -40,6 +66,21 @@ class _CountingMixin:
         if n < MAX_LOGGED:
             self._logged = n + 1
             logger.warning(f"{filepath} row {row}: {why} ({label})")
+
+    def _unreadable(self, filepath: str, row: int, e: BaseException, what: str = "the rest of the file",
+                    lost_rows: int | None = None) -> None:
+        """A file that broke at `row`: a counted, named skip of `what` (local), or a failed task (remote)."""
+        why = " ".join(str(e).split())[:300]
+        msg = f"{filepath}: unreadable at row {row} ({type(e).__name__}: {why})"
+        from fsspec.implementations.local import LocalFileSystem
+
+        if not isinstance(self.data_folder.fs, LocalFileSystem):
+            raise RuntimeError(msg + "; the task fails so that a rerun retries it") from None
+        self.stat_update("skipped_unreadable")
+        if lost_rows:
+            self.stat_update("skipped_unreadable_rows", value=lost_rows)
+        logger.warning(f"{msg}: rows read before it are kept, {what} is skipped "
+                       f"(skipped_unreadable{'' if lost_rows is None else f', {lost_rows} rows lost'})")
 
     def _row_to_document(self, data, filepath: str, row: int):
         if not isinstance(data, dict):
@@ -79,19 +120,17 @@ class CountingJsonlReader(_CountingMixin, JsonlReader):
         self.invalid_utf8 = invalid_utf8
 
     def read_file(self, filepath: str):
-        row = 0
+        row = 0  # lines read whole so far: where a damaged file broke
         try:
             with self.data_folder.open(filepath, "rb", compression=self.compression) as f:
-                # zstd's reader has no readline: a buffered wrapper gives line iteration for every codec
-                for row, raw in enumerate(io.BufferedReader(f, 1 << 20)):
+                for raw in _lines(f):
                     with self.track_time():
                         document = self._parse_line(raw, filepath, row) if raw.strip() else None
+                    row += 1
                     if document is not None:
                         yield document
-        except (OSError, EOFError, ValueError) as e:
-            # A corrupt or truncated file: fail the task loudly (it stays unfinished and is retried
-            # on rerun) rather than silently keep the rows read so far.
-            raise RuntimeError(f"{filepath}: unreadable after row {row} ({type(e).__name__}: {e})") from None
+        except _read_errors() as e:
+            self._unreadable(filepath, row, e)
 
     def _parse_line(self, raw: bytes, filepath: str, row: int):
         try:
@@ -128,17 +167,26 @@ class CountingParquetReader(_CountingMixin, ParquetReader):
     def read_file(self, filepath: str):
         import pyarrow.parquet as pq
 
-        with self.data_folder.open(filepath, "rb") as f:
-            with pq.ParquetFile(f) as pqf:
+        try:
+            with self.data_folder.open(filepath, "rb") as f, pq.ParquetFile(f) as pqf:
                 if self.text_key not in pqf.schema_arrow.names:
                     self._note("skipped_no_text_file", filepath, 0,
                                f"no '{self.text_key}' column (columns: {pqf.schema_arrow.names[:8]})")
                     self.stat_update("skipped_no_text", value=pqf.metadata.num_rows)
                     return
-                columns = None if self.read_metadata else [c for c in (self.text_key, self.id_key)
-                                                           if c in pqf.schema_arrow.names]
-                row = 0
-                for batch in pqf.iter_batches(batch_size=self.batch_size, columns=columns):
+                yield from self._read_row_groups(pqf, filepath)
+        except _read_errors() as e:  # the footer itself (a remote file is not checked up front)
+            self._unreadable(filepath, 0, e, "the whole file")
+
+    def _read_row_groups(self, pqf, filepath: str):
+        """Row group by row group, so a damaged page costs only its own row group."""
+        columns = None if self.read_metadata else [c for c in (self.text_key, self.id_key)
+                                                   if c in pqf.schema_arrow.names]
+        first = 0  # the row group's first row in the file
+        for rg in range(pqf.num_row_groups):
+            n, row = pqf.metadata.row_group(rg).num_rows, first
+            try:
+                for batch in pqf.iter_batches(batch_size=self.batch_size, row_groups=[rg], columns=columns):
                     documents = []
                     with self.track_time("batch"):
                         for data in batch.to_pylist():
@@ -147,6 +195,9 @@ class CountingParquetReader(_CountingMixin, ParquetReader):
                             if doc is not None:
                                 documents.append(doc)
                     yield from documents
+            except _read_errors() as e:
+                self._unreadable(filepath, row, e, f"the rest of row group {rg}", lost_rows=first + n - row)
+            first += n
 
 
 # ------------------------------------------------------------------------------------- input paths
@@ -220,6 +271,10 @@ def resolve_input(path: str, storage_options: dict | None = None) -> tuple[objec
         raise InputError(f"input file {unreadable[0]} is not readable")
     if all(f.stat().st_size == 0 for f in files):
         raise InputError(f"input folder {p}: every data file is empty")
+    empty = [f for f in files if _fmt(f.name) == "parquet" and f.stat().st_size == 0]
+    if empty:  # an empty .jsonl is zero rows; an empty .parquet is no parquet file at all
+        raise InputError(f"input file {empty[0]} is empty (0 bytes, not a parquet file): remove or replace it"
+                         + (f" ({len(empty) - 1} more empty .parquet files)" if len(empty) > 1 else ""))
     for f in files:
         _check_decompresses(f)
     fmt = fmts.pop()

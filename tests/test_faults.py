@@ -392,3 +392,86 @@ def test_a_mixture_of_more_shards_than_open_files_allowed_trains(tmp_path):
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert len(seen) == 320 and int(x.max()) < trainhelp.VOCAB and mask is not None
+
+
+# ===================================================================================== pipelines
+
+
+def _stats(out) -> dict:
+    from pipelines.cli import read_stats
+
+    merged = {}
+    for _name, s in read_stats(str(out / "logs" / "tokenize")):
+        for k, v in s.items():
+            merged[k] = merged.get(k, 0) + v
+    return merged
+
+
+def _texts(n, seed=0):
+    import random
+
+    r = random.Random(seed)  # incompressible enough that a cut .gz loses only its tail
+    return [" ".join(f"w{r.randrange(1, 64)}" for _ in range(40)) for _ in range(n)]
+
+
+@pytest.fixture()
+def tok_json(tmp_path):
+    return trainhelp.make_tokenizer_json(tmp_path / "tok" / "tokenizer.json")
+
+
+# --------------------------------------------------------------------- 10. damaged input files
+
+
+def test_parquet_with_a_damaged_page_is_a_counted_named_skip(tmp_path, tok_json, capfd):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    texts = _texts(150)
+    pq.write_table(pa.table({"id": [f"g{i}" for i in range(150)], "text": texts}), inp / "good.parquet")
+    bad = inp / "bad.parquet"
+    pq.write_table(pa.table({"id": [f"b{i}" for i in range(150)], "text": texts}), bad, row_group_size=50,
+                   compression="snappy")
+    off = pq.ParquetFile(bad).metadata.row_group(1).column(1).data_page_offset
+    raw = bytearray(bad.read_bytes())
+    raw[off : off + 40] = b"\xff" * 40  # row group 1's text page header; the footer is intact
+    bad.write_bytes(bytes(raw))
+    capfd.readouterr()
+    assert _tokenize(inp, tmp_path / "out", "--tokenizer", tok_json) == 0
+    err = capfd.readouterr().err
+    assert "bad.parquet" in err and "unreadable at row" in err and "Traceback" not in err, err[-3000:]
+    s = _stats(tmp_path / "out")
+    assert s["skipped_unreadable"] == 1 and s["skipped_unreadable_rows"] == 50 == 300 - s["train_documents"]
+    # every good row, and bad.parquet's row groups 0 and 2: only the damaged one is lost
+
+
+def test_empty_parquet_beside_good_files_exits_2_before_any_executor(tmp_path, tok_json, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    pq.write_table(pa.table({"text": _texts(10)}), inp / "a.parquet")
+    (inp / "b.parquet").write_bytes(b"")
+    assert _tokenize(inp, tmp_path / "out", "--tokenizer", tok_json) == 2
+    err = capsys.readouterr().err
+    assert str(inp / "b.parquet") in err and "empty" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_jsonl_gz_keeps_and_counts_its_readable_rows(tmp_path, tok_json, capfd):
+    import gzip
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    with gzip.open(inp / "cut.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"id": f"c{i}", "text": t}) + "\n" for i, t in enumerate(_texts(100)))
+    raw = (inp / "cut.jsonl.gz").read_bytes()
+    (inp / "cut.jsonl.gz").write_bytes(raw[: len(raw) * 9 // 10])
+    capfd.readouterr()
+    assert _tokenize(inp, tmp_path / "out", "--tokenizer", tok_json) == 0
+    err = capfd.readouterr().err
+    s = _stats(tmp_path / "out")
+    assert s["skipped_unreadable"] == 1 and 80 <= s["train_documents"] < 100, s
+    assert f"cut.jsonl.gz: unreadable at row {s['train_documents']}" in err, err[-3000:]
