@@ -36,8 +36,7 @@ ARCHS = {
     "axiom-small": {"arch": "dense", "preset": "axiom-380m", "vocab_size": 8192, "d_model": 512,
                     "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "ffn_dim": 1408},
     "argonne-small": {"arch": "dense", "preset": "argonne-3.0", "vocab_size": 8192, "d_model": 512,
-                      "n_layers": 4, "n_heads": 3, "n_kv_heads": 1, "head_dim": 128, "ffn_dim": 1365,
-                      "attn_scale": 128 ** -0.5},
+                      "n_layers": 4, "n_heads": 3, "n_kv_heads": 1, "head_dim": 128, "ffn_dim": 1365},
     "llama-think-small": {"arch": "hybrid", "preset": "llama-think-95m", "vocab_size": 8192, "n_layers": 4},
 }
 VS_LLAMA = {

@@ -41,6 +41,8 @@ def jitter_norms(model):
                                              ("argonne-3.0", 2_882_162_688)])
 def test_exact_param_counts_on_meta(preset, expected):
     assert count_params({"arch": "dense", "preset": preset}) == expected
+    if preset == "argonne-3.0":  # SDPA's default scale at head_dim 256, as Argonne's source runs it
+        assert build_model({"arch": "dense", "preset": preset}, device="meta").blocks[0].attn.scale == 1 / 16
     with torch.device("meta"):
         m = build_model({"arch": "dense", "preset": preset})
     assert all(p.device.type == "meta" for p in m.parameters())
@@ -273,7 +275,7 @@ def _gemma3_from(model: DenseLM):
                           num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
                           num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
                           hidden_activation="silu", rms_norm_eps=c.norm_eps,
-                          query_pre_attn_scalar=round(c.attn_scale ** -2),
+                          query_pre_attn_scalar=round((c.attn_scale or c.head_dim ** -0.5) ** -2),
                           final_logit_softcapping=c.logit_softcap, attn_logit_softcapping=None,
                           sliding_window=c.sliding_window or 4096, layer_types=types,
                           rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": c.rope_theta},
@@ -314,7 +316,7 @@ def _gemma3_from(model: DenseLM):
 def test_argonne_shape_matches_gemma3(window):
     m = tiny("argonne-3.0", n_layers=3, sliding_window=window)
     jitter_norms(m)
-    assert m.config.attn_scale == 1 / 16 and m.config.logit_softcap == 15.0
+    assert m.blocks[0].attn.scale == 16 ** -0.5 and m.config.logit_softcap == 15.0  # follows head_dim
     hf = _gemma3_from(m)
     ids = torch.randint(0, 97, (2, 16))
     with torch.no_grad():

@@ -37,7 +37,8 @@ class DenseConfig:
     v_norm: bool = False               # same on v (before GQA expansion; v never gets RoPE)
     sandwich_norm: bool = False        # also norm each sublayer's output before the residual add
     attn_scale: float | None = None    # SDPA scale; None -> head_dim ** -0.5
-    sliding_window: int | None = None  # keys visible per query incl. itself; None = full causal
+    sliding_window: int | None = None  # keys visible per query, itself included (flash-attn's
+    #                                    window_size=(w, w) is w+1 here); None = full causal
     window_layers: list[int] | str = "all"   # where the window applies: "all" | "odd" | "even" | [i, ...]
     xsa_layers: list[int] | str | None = None  # Exclusive Self Attention layers: None | "all" | [i, ...]
     logit_softcap: float | None = None  # logits <- c * tanh(logits / c)
@@ -109,12 +110,14 @@ PRESETS: dict[str, dict] = {
                        norm_eps=1e-5, tie_embeddings=True, init="depth_scaled"),
     # Argonne 3.0: the source configures a 256-token window on odd layers, but the released weights
     # were trained with full causal attention everywhere (the window only existed in an unused
-    # flash-attn path), so the faithful default is no window. Set sliding_window=256,
-    # window_layers="odd" to get what the config file describes.
+    # flash-attn path), so the faithful default is no window. What the config file describes is
+    # sliding_window=257, window_layers="odd": flash-attn's window_size=(256, 256) lets a query see
+    # itself and the 256 keys before it, and our window counts the query too. The attention scale is
+    # SDPA's default head_dim**-0.5 (1/16 at head_dim 256), so it follows any head_dim override.
     "argonne-3.0": dict(vocab_size=151669, d_model=3072, n_layers=24, n_heads=12, n_kv_heads=4,
                         head_dim=256, ffn_dim=8192, max_seq_len=1024, rope_theta=1e6, rope_layout="half",
                         norm_eps=1e-6, norm_fp32=True, qk_norm=True, v_norm=True, sandwich_norm=True,
-                        attn_scale=1.0 / 16, sliding_window=None, window_layers="odd", logit_softcap=15.0,
+                        sliding_window=None, window_layers="odd", logit_softcap=15.0,
                         tie_embeddings=True, init="fan_in"),
 }
 
