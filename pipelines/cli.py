@@ -34,6 +34,8 @@ from .filters import WEB_CHAIN
 from .readers import InputError, make_reader
 from shards.tokenizers import default_threads
 
+from shards.manifest import find_shards
+
 from .steps import HashSplit, TokenizeShards, WriteManifest
 
 STAGES = ("download", "filter", "dedup", "split", "tokenize", "run")
@@ -447,13 +449,28 @@ def tokenize_job(args, corpus, logs, reader, middle: list, make_step, *, source:
     tokenize = make_executor(args, pipeline, sub(logs, "tokenize"), job_name=f"{corpus.name}-tokenize")
     if args.executor == "local":
         tokenize.run()  # raises if a task failed: then no manifest, the output stays "incomplete"
+        stats = print_stats(f"tokenize: {source} -> {output}", sub(logs, "tokenize"))
+        if not any(find_shards(local_out, split) for split in ("train", "val")):  # a shard opens on its first document
+            raise InputError(f"tokenize {source}: 0 documents out ({why_no_documents(stats)}); no manifest written")
         deque(manifest_step.run(None, 0, 1), maxlen=0)
-        print_stats(f"tokenize: {source} -> {output}", sub(logs, "tokenize"))
         print_manifest_summary(local_out)
     else:  # a dependent 1-task job writes the manifest once every tokenize task has finished
         make_executor(args, [manifest_step], sub(logs, "manifest"), tasks=1, depends=tokenize,
                       skip_completed=False, job_name=f"{corpus.name}-manifest").run()
     return output
+
+
+def why_no_documents(stats: list[tuple[str, dict]]) -> str:
+    """The counted skips and drops that took every row, from a stage's merged stats."""
+    gone = {}
+    for _name, s in stats:
+        for k, v in s.items():
+            if k.startswith(("skipped_", "dropped_")):
+                gone[k] = gone.get(k, 0) + v
+    if gone:
+        return "every row was skipped or dropped: " + ", ".join(f"{k}={v:,}" for k, v in sorted(gone.items()))
+    files = stats[0][1].get("input_files", 0) if stats else 0
+    return f"0 rows read from {files} input file(s)"
 
 
 def print_manifest_summary(directory, out=None) -> None:

@@ -88,7 +88,9 @@ class _CountingMixin:
             return None
         text = data.get(self.text_key)
         if text is None:
-            self._note("skipped_no_text", filepath, row, f"no '{self.text_key}' field (keys: {sorted(data)[:8]})")
+            why = f"'{self.text_key}' is null" if self.text_key in data else \
+                f"no '{self.text_key}' field (keys: {sorted(data)[:8]})"
+            self._note("skipped_no_text", filepath, row, why)
             return None
         if not isinstance(text, str):
             self._note("skipped_no_text", filepath, row, f"'{self.text_key}' is {type(text).__name__}, not text")

@@ -383,4 +383,7 @@ def write_shard_manifest(output_dir, tokenizer, tokenizer_path=None, splits=("tr
     tok = get_tokenizer(tokenizer, path=tokenizer_path)
     manifest = build_manifest(out, tok.info(), splits=tuple(splits), source=source, filters=filters,
                               seeds=seeds, extra=extra)
+    if not any(st.documents for st in manifest.splits.values()):  # a "complete" empty dataset would verify
+        raise RuntimeError(f"{out}: 0 documents in every split (every input row was skipped: see the tokenize "
+                           "stage's stats); no manifest written")
     return write_manifest(out, manifest)

@@ -475,3 +475,43 @@ def test_truncated_jsonl_gz_keeps_and_counts_its_readable_rows(tmp_path, tok_jso
     s = _stats(tmp_path / "out")
     assert s["skipped_unreadable"] == 1 and 80 <= s["train_documents"] < 100, s
     assert f"cut.jsonl.gz: unreadable at row {s['train_documents']}" in err, err[-3000:]
+
+
+# ------------------------------------------------ 11, 13. every row skipped; a null text says null
+
+
+@pytest.mark.parametrize("case", ["no text column", "numeric text", "null text", "no rows"])
+def test_zero_documents_out_is_an_error_naming_why(case, tmp_path, tok_json, capfd):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    if case == "no text column":
+        pq.write_table(pa.table({"id": ["a", "b"], "content": ["x y", "z"]}), inp / "a.parquet")
+    elif case == "no rows":
+        (inp / "a.jsonl").write_text("\n\n")
+    else:
+        _jsonl(inp / "a.jsonl", [42, 7] if case == "numeric text" else [None, None])
+    capfd.readouterr()
+    assert _tokenize(inp, tmp_path / "out", "--tokenizer", tok_json) == 2
+    err = capfd.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error:") and str(inp) in last, err[-3000:]
+    assert "0 documents" in last or case == "no text column", last  # that one is refused up front, by its columns
+    want = {"no text column": "no 'text' column", "numeric text": "skipped_no_text=2",
+            "null text": "skipped_no_text=2", "no rows": "0 rows"}[case]
+    assert want in last, last
+    if case == "null text":
+        assert "a.jsonl row 0: 'text' is null" in err, err[-3000:]
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_manifest_step_refuses_zero_documents(tmp_path, tok_json):
+    """The manifest job of a Slurm/Ray run (or a pipeline of one's own) wrote a "complete" empty dataset."""
+    from pipelines.steps import write_shard_manifest
+
+    (tmp_path / "out" / "train").mkdir(parents=True)
+    with pytest.raises(RuntimeError, match="0 documents"):
+        write_shard_manifest(tmp_path / "out", str(tok_json))
+    assert not (tmp_path / "out" / "manifest.json").exists()
