@@ -22,20 +22,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from trainer.models.layers import KVCache, RMSNorm, apply_rope, causal_mask, rope_cos_sin
-
-
-def sdpa(q, k, v, scale: float, mask=None, is_causal: bool = False):
-    """SDPA on [B, H, T, D] with GQA. Flash takes grouped heads natively; with an explicit mask on CUDA
-    we repeat the (few) kv heads instead, so the masked memory-efficient kernel stays eligible."""
-    gqa = q.shape[1] != k.shape[1]
-    if gqa and mask is not None and q.is_cuda:
-        rep = q.shape[1] // k.shape[1]
-        k, v, gqa = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), False
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
-                                          enable_gqa=gqa)
+from trainer.models.layers import KVCache, RMSNorm, apply_rope, causal_attention, masked_attention, rope_cos_sin
 
 
 class GatedAttention(nn.Module):
@@ -71,19 +59,9 @@ class GatedAttention(nn.Module):
         return self.wo(y.reshape(B, T, self.n_heads * self.hd))
 
     def attend(self, q, k, v, window: int | None = None):
-        """Causal (optionally windowed) SDPA; q [B,T,H,D] are the last T of k's positions. -> [B,T,H,D]."""
-        T, t_k = q.shape[1], k.shape[1]
-        if window is not None and t_k > T + window - 1:
-            k, v = k[:, t_k - (T + window - 1):], v[:, t_k - (T + window - 1):]  # keys no query can see
-            t_k = k.shape[1]
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if T == 1 and (window is None or t_k <= window):  # one new token sees every kept key
-            y = sdpa(q, k, v, self.scale)
-        elif T == t_k and (window is None or T <= window):  # plain causal: fused kernels on GPU
-            y = sdpa(q, k, v, self.scale, is_causal=True)
-        else:
-            y = sdpa(q, k, v, self.scale, mask=causal_mask(T, t_k, q.device, window))
-        return y.transpose(1, 2)
+        """Causal (optionally windowed) attention in this module's [B,T,H,D] layout."""
+        t = lambda x: x.transpose(1, 2)  # noqa: E731
+        return t(causal_attention(t(q), t(k), t(v), self.scale, window))
 
     def forward(self, x, cos, sin, cache: KVCache | None = None):
         q, gate, _, k, v = self.project(x, cos, sin)
@@ -102,21 +80,23 @@ class CompressedSparseAttention(GatedAttention):
         self.compress_v = nn.Linear(kv_dim, kv_dim, bias=False)
         self.blend_gate = nn.Linear(dim, n_heads * head_dim, bias=False)
 
-    def compressed(self, q, k_pre, v, pos0: int):
-        """Attention over completed block summaries. q [B,T,H,D] at positions pos0..pos0+T-1;
-        k_pre, v [B,t_k,Hkv,D] for positions 0..t_k-1. -> [B,T,H,D]."""
-        B, T = q.shape[:2]
-        n_blocks = k_pre.shape[1] // self.block
+    def summaries(self, k_pre, v, first: int, n: int):
+        """Keys (RoPE'd at each block's centre) and values [B, n, Hkv, D] of blocks first..first+n-1,
+        from the normed pre-RoPE keys and the values of their positions."""
+        B, kv = k_pre.shape[0], self.n_kv * self.hd
+        s, e = first * self.block, (first + n) * self.block
+        bk = self.compress_k(k_pre[:, s:e].reshape(B, n, self.block, kv).mean(2)).view(B, n, self.n_kv, self.hd)
+        bv = self.compress_v(v[:, s:e].reshape(B, n, self.block, kv).mean(2)).view(B, n, self.n_kv, self.hd)
+        centre = torch.arange(first, first + n, device=k_pre.device) * self.block + self.block // 2
+        cos, sin = rope_cos_sin(centre, self.rope_dims, self.rope_theta)
+        return apply_rope(bk, cos, sin, "half", self.rope_dims), bv
+
+    def compressed(self, q, bk, bv, pos0: int):
+        """Attention over completed block summaries bk, bv [B, n_blocks, Hkv, D]; q [B,T,H,D] at
+        positions pos0..pos0+T-1. -> [B,T,H,D]."""
+        T, n_blocks = q.shape[1], bk.shape[1]
         if n_blocks == 0:
             return q.new_zeros(q.shape)
-        L, kv = n_blocks * self.block, self.n_kv * self.hd
-        bk = self.compress_k(k_pre[:, :L].reshape(B, n_blocks, self.block, kv).mean(2))
-        bv = self.compress_v(v[:, :L].reshape(B, n_blocks, self.block, kv).mean(2))
-        bk = bk.view(B, n_blocks, self.n_kv, self.hd)
-        bv = bv.view(B, n_blocks, self.n_kv, self.hd)
-        centre = torch.arange(n_blocks, device=q.device) * self.block + self.block // 2
-        cos, sin = rope_cos_sin(centre, self.rope_dims, self.rope_theta)
-        bk = apply_rope(bk, cos, sin, "half", self.rope_dims)
         qpos = torch.arange(pos0, pos0 + T, device=q.device)
         ends = (torch.arange(n_blocks, device=q.device) + 1) * self.block
         mask = qpos[:, None] >= ends[None, :]  # [T, n_blocks]: block complete before query i
@@ -124,23 +104,39 @@ class CompressedSparseAttention(GatedAttention):
         # A row with no visible block would softmax over nothing (NaN, and NaN gradients). Let it see
         # block 0 instead, then zero the row: finite forward and backward, and exactly 0 output.
         mask = mask | ((~sees_any)[:, None] & (torch.arange(n_blocks, device=q.device) == 0)[None, :])
-        y = sdpa(q.transpose(1, 2), bk.transpose(1, 2), bv.transpose(1, 2), self.scale, mask=mask)
-        y = y.transpose(1, 2)
-        return y * sees_any[None, :, None, None].to(y.dtype)
+        y = masked_attention(q.transpose(1, 2), bk.transpose(1, 2), bv.transpose(1, 2), self.scale, mask=mask)
+        return y.transpose(1, 2) * sees_any[None, :, None, None].to(y.dtype)
+
+    def cached_summaries(self, st: dict, k_pre, v, max_len: int):
+        """Decoding: block summaries live in the cache, and only blocks completed by this call are
+        built, so a new token costs the same whatever the context length."""
+        done, total = st.get("blocks", 0), k_pre.shape[1] // self.block
+        if total > done:
+            bk, bv = self.summaries(k_pre, v, done, total - done)
+            if "bk" not in st:
+                n = max_len // self.block
+                st["bk"], st["bv"] = bk.new_empty((bk.shape[0], n, *bk.shape[2:])), bv.new_empty((bv.shape[0], n, *bv.shape[2:]))
+            st["bk"][:, done:total], st["bv"][:, done:total] = bk, bv
+            st["blocks"] = total
+        if total == 0:
+            return k_pre[:, :0], v[:, :0]
+        return st["bk"][:, :total], st["bv"][:, :total]
 
     def forward(self, x, cos, sin, cache: KVCache | None = None):
         B, T, _ = x.shape
         q, gate, k_pre, k, v = self.project(x, cos, sin)
-        pos0 = 0
-        if cache is not None:
+        if cache is None:
+            pos0, n_blocks = 0, T // self.block
+            bk, bv = self.summaries(k_pre, v, 0, n_blocks)
+        else:
             pos0 = cache.pos
             k, v = cache.update_kv(self.layer, k, v)  # checks max_len first
             st = cache.layers[self.layer]
             if "k_pre" not in st:
                 st["k_pre"] = k_pre.new_empty((B, cache.max_len, self.n_kv, self.hd))
             st["k_pre"][:, pos0:pos0 + T] = k_pre
-            k_pre = st["k_pre"][:, :pos0 + T]
+            bk, bv = self.cached_summaries(st, st["k_pre"][:, :pos0 + T], v, cache.max_len)
         local = self.attend(q, k, v, self.window)
-        comp = self.compressed(q, k_pre, v, pos0)
+        comp = self.compressed(q, bk, bv, pos0)
         blend = torch.sigmoid(self.blend_gate(x)).view(B, T, self.n_heads, self.hd)
         return self.finish(blend * comp + (1 - blend) * local, gate)

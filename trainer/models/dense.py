@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainer.models.layers import (CausalLM, KVCache, RMSNorm, SwiGLU, apply_rope, causal_mask, rope_cos_sin,
+from trainer.models.layers import (CausalLM, KVCache, RMSNorm, SwiGLU, apply_rope, causal_attention, rope_cos_sin,
                                    rope_full)
 
 INIT_SCHEMES = ("gpt2", "depth_scaled", "fan_in")
@@ -158,18 +158,7 @@ class Attention(nn.Module):
         if cache is not None:  # the cache stores [B, T, Hkv, D]
             k, v = cache.update_kv(self.layer, k.transpose(1, 2), v.transpose(1, 2))
             k, v = k.transpose(1, 2), v.transpose(1, 2)
-        t_k = k.shape[2]
-        gqa = self.n_kv != self.n_heads
-        if self.window is not None and t_k > 1:
-            mask = causal_mask(T, t_k, x.device, self.window)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
-        elif T == t_k:  # no past: the fused causal kernels (flash / mem-efficient on GPU)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
-        elif T == 1:    # one new token sees every cached key
-            y = F.scaled_dot_product_attention(q, k, v, scale=self.scale, enable_gqa=gqa)
-        else:           # a chunk after a prefix: causal aligned bottom-right
-            mask = causal_mask(T, t_k, x.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
+        y = causal_attention(q, k, v, self.scale, self.window)
         if self.xsa:
             y = self._exclusive(y, v_self)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))

@@ -180,6 +180,40 @@ def causal_mask(t_q: int, t_k: int, device, window: int | None = None) -> torch.
     return m
 
 
+# ---------------------------------------------------------------------------------------- attention
+
+
+def masked_attention(q, k, v, scale: float, mask=None, is_causal: bool = False):
+    """SDPA on [B, H, T, D] with GQA (k, v may have fewer heads). Without a mask GQA is native; with an
+    explicit mask on CUDA the (few) kv heads are repeated, so the masked memory-efficient kernel stays
+    eligible."""
+    gqa = q.shape[1] != k.shape[1]
+    if gqa and mask is not None and q.is_cuda:
+        rep = q.shape[1] // k.shape[1]
+        k, v, gqa = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                          enable_gqa=gqa)
+
+
+def causal_attention(q, k, v, scale: float, window: int | None = None):
+    """The one causal-attention dispatcher: q [B, H, T, D] are the last T of k's t_k positions (a
+    cache may hold a past); `window` = keys visible per query, itself included (None: all before it).
+
+    Keys no query can see are cut off first; then the cheapest exact form: a single new token over
+    every kept key (no mask), plain causal over a whole sequence (flash / memory-efficient kernels on
+    GPU), else an explicit [T, t_k] mask.
+    """
+    T, t_k = q.shape[2], k.shape[2]
+    if window is not None and t_k > T + window - 1:
+        k, v = k[:, :, t_k - (T + window - 1):], v[:, :, t_k - (T + window - 1):]
+        t_k = k.shape[2]
+    if T == 1 and (window is None or t_k <= window):
+        return masked_attention(q, k, v, scale)
+    if T == t_k and (window is None or T <= window):
+        return masked_attention(q, k, v, scale, is_causal=True)
+    return masked_attention(q, k, v, scale, mask=causal_mask(T, t_k, q.device, window))
+
+
 # ---------------------------------------------------------------------------------------- LM trunk
 
 class CausalLM(nn.Module):
