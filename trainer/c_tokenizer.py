@@ -37,10 +37,8 @@ def _tiktoken(tok) -> bytes:
     from shards.tokenizers import CL100K_PATTERN, QWEN_PATTERN
 
     pieces = [(b"", 0.0, HIDDEN)] * tok.vocab_size
-    for b, rank in tok._ranks.items():
-        pieces[rank] = (b, -float(rank), NORMAL)
-    for s, i in tok.special_tokens.items():
-        pieces[i] = (s.encode(), 0.0, SPECIAL)
+    for i, special, data in tok._id_tokens():  # a tiktoken id is its rank
+        pieces[i] = (data, 0.0, SPECIAL) if special else (data, -float(i), NORMAL)
     pretok = {QWEN_PATTERN: "qwen2", CL100K_PATTERN: "cl100k"}.get(tok.pattern)
     if pretok is None:
         warnings.warn(f"tokenizer {tok.name}: its pre-split regex has no C version; exported for decoding only")
@@ -85,26 +83,19 @@ def _hf_pretok(spec: dict | None) -> tuple[str | None, int]:
 
 
 def _hf(tok) -> bytes:
-    from shards.tokenizers import _byte_to_unicode
-
     spec = json.loads(tok.tok.to_str())
     model = spec.get("model", {})
     pretok, flags = _hf_pretok(spec.get("pre_tokenizer")) if model.get("type") == "BPE" else (None, 0)
-    unbyte = {ch: b for b, ch in _byte_to_unicode().items()}
-    vocab = tok.tok.get_vocab(with_added_tokens=True)
     rank = {}
     for r, m in enumerate(model.get("merges", [])):
         a, b = m.split(" ", 1) if isinstance(m, str) else m
         rank.setdefault(a + b, r)
-    specials = {t["content"] for t in spec.get("added_tokens", [])}
+    added = {t["id"] for t in spec.get("added_tokens", [])}  # HF matches these in raw text, not by merging
+    as_str = {i: s for s, i in tok.tok.get_vocab(with_added_tokens=True).items()}
     pieces = [(b"", 0.0, HIDDEN)] * tok.vocab_size
-    for s, i in vocab.items():
-        if s in specials:
-            pieces[i] = (s.encode(), 0.0, SPECIAL)
-        elif pretok and all(ch in unbyte for ch in s):  # a token no merge makes ranks last
-            pieces[i] = (bytes(unbyte[ch] for ch in s), -float(rank.get(s, len(rank))), NORMAL)
-        else:
-            pieces[i] = (s.encode("utf-8", "surrogatepass"), 0.0, NORMAL)
+    for i, _special, data in tok._id_tokens():  # byte-level stand-ins already mapped back to bytes
+        # a token no merge makes ranks last
+        pieces[i] = (data, 0.0, SPECIAL) if i in added else (data, -float(rank.get(as_str[i], len(rank))), NORMAL)
     if pretok is None:
         warnings.warn(f"tokenizer {tok.name}: not a byte-level BPE the C encoder knows; exported for decoding only")
     if model.get("ignore_merges"):
