@@ -140,6 +140,25 @@ def test_model_section_error_names_file_and_field(tmp_path, capsys):
     assert str(p) in err and "model.n_layer" in err and "n_layers" in err, err
 
 
+def test_model_section_is_typed_and_checked_at_load(tmp_path):
+    """YAML 1.1 reads `1e4` as a string: the model section is typed by its family's dataclass like
+    every other section (it reached the first forward as '1e4'), and a bad shape fails at load."""
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({**BASE, "model": {}}).replace("model: {}", "model: {arch: dense, vocab_size: 64, "
+                 "d_model: 32, n_layers: 2, n_heads: 2, ffn_dim: 64, rope_theta: 1e4, window_layers: odd}"))
+    m = load_curriculum(p)[0].model
+    assert m["rope_theta"] == 10000.0 and isinstance(m["rope_theta"], float) and m["window_layers"] == "odd"
+    bad = write(tmp_path, {**BASE, "model": {**BASE["model"], "n_kv_heads": 3}}, "bad.yaml")
+    with pytest.raises(ConfigError, match=r"bad.yaml: model: n_heads=2 must be a multiple of n_kv_heads=3"):
+        load_curriculum(bad)
+    with pytest.raises(ConfigError, match=r"model.d_model: expected an integer"):
+        load_curriculum(write(tmp_path, {**BASE, "model": {**BASE["model"], "d_model": "wide"}}, "w.yaml"))
+    clash = {**BASE, "model": {**BASE["model"], "activation_checkpointing": False},
+             "train": {**BASE["train"], "activation_checkpointing": True}}
+    with pytest.raises(ConfigError, match="train.activation_checkpointing.*set one"):
+        load_curriculum(write(tmp_path, clash, "clash.yaml"))
+
+
 def test_multi_stage_dry_run_json_counts_all_stages(capsys, monkeypatch):
     from trainer.run import main
 

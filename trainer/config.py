@@ -1,6 +1,7 @@
 """Curricula: one YAML per model, loaded into small typed dataclasses.
 
-A curriculum holds the architecture (`model:`, passed as-is to `trainer.models.build_model`), the
+A curriculum holds the architecture (`model:`, typed by the config dataclass its `arch` picks and
+checked by building that config at load, then given to `trainer.models.build_model`), the
 tokenizer, the data sources with a mixture schedule, optimizer, LR schedule, batch, train, eval and
 checkpoint sections. An optional `stages:` list runs the same curriculum several times in a row,
 each stage overriding some sections (Argonne: pretrain, then continued pretraining from its final
@@ -242,7 +243,12 @@ def _convert(value, tp, where: str, file: str):
         if isinstance(value, str) and value.strip().lower() in ("none", "null", "~") and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(value, inner[0], where, file)
+        for alt in inner[:-1]:  # `list[int] | str`: the first alternative the value converts to
+            try:
+                return _convert(value, alt, where, file)
+            except ConfigError:
+                pass
+        return _convert(value, inner[-1], where, file)
     if tp is Any:
         return value
     if dataclasses.is_dataclass(tp):
@@ -295,6 +301,28 @@ def _convert(value, tp, where: str, file: str):
     return value
 
 
+def _typed_model(raw, file: str) -> dict:
+    """The `model:` section typed by its family's config dataclass (`arch` picks it) and checked by
+    building that config, so `rope_theta: 1e4` is a float and a bad shape fails here, naming the field."""
+    from trainer.models import make_config, model_fields
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: model: expected a mapping, got {raw!r}")
+    out = copy.deepcopy(raw)
+    if "arch" not in out:
+        return out  # validate() names the missing arch
+    try:
+        hints = model_fields(out["arch"])
+        for key, value in out.items():
+            if key in hints:
+                out[key] = _convert(value, hints[key], f"model.{key}", file)
+        make_config(out)
+    except ValueError as e:  # ConfigError included: one message naming the file and field
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith(f"{file}:") else f"{file}: {msg}") from None
+    return out
+
+
 def _build(cls, raw: dict, where: str, file: str):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -306,9 +334,7 @@ def _build(cls, raw: dict, where: str, file: str):
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(names)})"
             raise ConfigError(f"{file}: {path}: unknown key{hint}")
         if cls is Config and key == "model":
-            if not isinstance(value, dict):
-                raise ConfigError(f"{file}: model: expected a mapping, got {value!r}")
-            kwargs[key] = copy.deepcopy(value)
+            kwargs[key] = _typed_model(value, file)
             continue
         kwargs[key] = _convert(value, hints[key], path, file)
     return cls(**kwargs)
@@ -438,6 +464,9 @@ def validate(cfg: Config, world_size: int = 1, where: str = "") -> None:
         err("model", "missing model section")
     if "arch" not in cfg.model:
         err("model.arch", "missing (dense | hybrid)")
+    if "activation_checkpointing" in cfg.model and cfg.train.activation_checkpointing \
+            and not cfg.model["activation_checkpointing"]:
+        err("train.activation_checkpointing", "is true but model.activation_checkpointing is false: set one")
     if cfg.optim.name not in ("adamw", "adamw8bit", "muon"):
         err("optim.name", f"expected adamw | adamw8bit | muon, got {cfg.optim.name!r}")
     if cfg.optim.muon.momentum_style not in MUON_MOMENTUM_STYLES:

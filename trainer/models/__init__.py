@@ -32,6 +32,14 @@ def _family(arch):
     return mod, getattr(mod, cfg_name), getattr(mod, cls_name)
 
 
+def model_fields(arch) -> dict:
+    """Field name -> type of the config dataclass `arch` selects (for typing a curriculum's values)."""
+    import typing
+
+    _, cfg_cls, _ = _family(arch)
+    return {k: v for k, v in typing.get_type_hints(cfg_cls).items() if k in {f.name for f in dataclasses.fields(cfg_cls)}}
+
+
 def make_config(cfg: dict):
     """Validate a `model:` section and return (config dataclass instance, model class)."""
     if not isinstance(cfg, dict):
@@ -80,4 +88,4 @@ def count_params(cfg: dict) -> int:
     return build_model(cfg, device="meta").num_params()
 
 
-__all__ = ["build_model", "count_params", "make_config", "KVCache"]
+__all__ = ["build_model", "count_params", "make_config", "model_fields", "KVCache"]
