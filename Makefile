@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.model
 	$(BIN)/python -m bench.loader
 	$(BIN)/python -m bench.train
+	$(BIN)/python -m bench.c_runner
 
 # The single-file C runner (c/run.c, docs/c-format.md): libm only, OpenMP threads when cc has them.
 C_FLAGS ?= -O3 -march=native -std=c99 -Wall
