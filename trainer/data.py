@@ -6,6 +6,8 @@ Contract (consumed by trainer/run.py):
                            split="train", cache_dir=None, *, grad_accum=1, packing="stream",
                            vocab_size=None)
     x, y, loss_mask, info = loader.batch(step, micro_step)
+    loader.prepare(step, micro_step)   the same batch without moving the saved position (prefetching,
+                                       trainer/prefetch.py); loader.mark_served(step, micro_step) moves it
     loader.state_dict() / loader.load_state_dict(sd) / loader.reset_data_cursor(step)
     loader.weights_at(tokens_seen) -> {source: weight};  loader.validate()
     val_batches(source_path, seq_len, batch_size, n_batches, split="val") -> [(x, y, loss_mask), ...]
@@ -37,6 +39,7 @@ How a batch is chosen (why it is exact, disjoint and independent of worker count
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 import math
@@ -113,9 +116,13 @@ class Schedule:
         self.seq_len = seq_len
         seg = np.diff(self.x)[:, None] * (self.w[1:] + self.w[:-1]) / 2
         self.cum = np.concatenate([np.zeros((1, len(names))), np.cumsum(seg, axis=0)])  # E at each point
+        dx = np.diff(self.x)[:, None]
+        slope = np.where(dx > 0, np.diff(self.w, axis=0) / np.where(dx > 0, dx, 1.0), 0.0)
+        self.slope = np.concatenate([slope, np.zeros((1, len(names)))])  # per segment; flat after the last point
+        self._xs = self.x.tolist()
 
     def weights(self, rows: float) -> np.ndarray:
-        i = int(np.clip(np.searchsorted(self.x, rows, side="right") - 1, 0, len(self.x) - 1))
+        i = min(max(bisect.bisect_right(self._xs, rows) - 1, 0), len(self._xs) - 1)
         if i == len(self.x) - 1:
             return self.w[i].copy()
         t = (rows - self.x[i]) / (self.x[i + 1] - self.x[i])
@@ -125,12 +132,9 @@ class Schedule:
         """E[b, s]: expected number of rows of source s among the first b rows (b may be fractional)."""
         b = np.asarray(rows, dtype=np.float64)
         last = len(self.x) - 1
-        i = np.clip(np.searchsorted(self.x, b, side="right") - 1, 0, last)
+        i = np.minimum(np.maximum(np.searchsorted(self.x, b, side="right") - 1, 0), last)
         t = (b - self.x[i])[:, None]
-        j = np.minimum(i + 1, last)
-        dx = (self.x[j] - self.x[i])[:, None]
-        slope = np.where(dx > 0, (self.w[j] - self.w[i]) / np.where(dx > 0, dx, 1.0), 0.0)
-        return self.cum[i] + self.w[i] * t + slope * t * t / 2
+        return self.cum[i] + self.w[i] * t + self.slope[i] * t * t / 2
 
 
 # ---------------------------------------------------------------- permutation
@@ -147,31 +151,49 @@ def _mix(z: np.ndarray) -> np.ndarray:  # splitmix64 finaliser
     return z ^ (z >> np.uint64(31))
 
 
+_M64 = 2**64 - 1
+
+
+def feistel_params(n: int, key: int) -> tuple[int, ...]:
+    """(half bits, half mask, 4 round keys) of the keyed Feistel network `permute` uses for [0, n)."""
+    bits = max(2, int(n - 1).bit_length())
+    bits += bits % 2
+    return (bits // 2, (1 << (bits // 2)) - 1,
+            *((key * 0x9E3779B97F4A7C15 + r * 0xD1B54A32D192ED03) & _M64 for r in range(4)))
+
+
+def _feistel(x: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """params: uint64 [6] (one network) or [6, len(x)] (one per element)."""
+    half, mask = params[0], params[1]
+    left, right = x >> half, x & mask
+    for r in range(2, 6):
+        left, right = right, left ^ (_mix((right + params[r]) * _GOLD) & mask)
+    return (left << half) | right
+
+
+def permute_many(idx: np.ndarray, n, params: np.ndarray) -> np.ndarray:
+    """`permute` of each idx[i] with its own range n[i] and network params[:, i] (columns from
+    `feistel_params`): rows of several sources and epochs in one vectorised pass, the same values
+    one call each gives."""
+    idx = np.asarray(idx, dtype=np.uint64)
+    n = np.asarray(n, dtype=np.uint64)
+    per_row = params.ndim == 2
+    with np.errstate(over="ignore"):
+        out = _feistel(idx, params)
+        todo = np.flatnonzero(out >= n)  # cycle-walk the values that landed outside [0, n)
+        while len(todo):
+            out[todo] = _feistel(out[todo], params[:, todo] if per_row else params)
+            todo = todo[out[todo] >= (n[todo] if n.ndim else n)]
+    return out
+
+
 def permute(idx: np.ndarray, n: int, key: int) -> np.ndarray:
     """A keyed bijection of [0, n) evaluated at idx: 4-round Feistel on the next even power of two,
     cycle-walking back into range. Random access in O(1) memory, whatever n."""
     idx = np.asarray(idx, dtype=np.uint64)
     if n <= 1:
         return np.zeros_like(idx)
-    bits = max(2, int(n - 1).bit_length())
-    bits += bits % 2
-    half = np.uint64(bits // 2)
-    mask = np.uint64((1 << (bits // 2)) - 1)
-    keys = [np.uint64((key * 0x9E3779B97F4A7C15 + r * 0xD1B54A32D192ED03) & (2**64 - 1)) for r in range(4)]
-
-    def feistel(x):
-        left, right = x >> half, x & mask
-        for k in keys:
-            left, right = right, left ^ (_mix((right + k) * _GOLD) & mask)
-        return (left << half) | right
-
-    with np.errstate(over="ignore"):
-        out = feistel(idx)
-        bad = out >= n
-        while bad.any():
-            out[bad] = feistel(out[bad])
-            bad = out >= n
-    return out
+    return permute_many(idx, n, np.array(feistel_params(n, key), dtype=np.uint64))
 
 
 def _stable_hash(*parts) -> int:
@@ -227,31 +249,60 @@ class _Source:
         self.L = L
         self.seq_len = seq_len
         self.has_loss = reader.has_loss_mask
+        if packing == "stream":  # each shard as a [windows, L] strided view: a window is one row copy
+            self.windows = [_windows(s.tokens, c, L, seq_len) for s, c in zip(self.shards, counts)]
+            # a shard without masks reads as all ones (a zero-stride view: no memory)
+            self.loss_windows = [_windows(np.ones(1, np.uint8) if s.loss is None else s.loss, c, L,
+                                          0 if s.loss is None else seq_len) for s, c in zip(self.shards, counts)]
 
     def gather(self, samples: np.ndarray, eos: int):
-        """Rows [n, L] of token ids (int64) and masks [n, L] (bool, True = counts) for sample ids."""
+        """Rows [n, L] of token ids and masks [n, L] (bool, True = counts) for sample ids. Stream rows
+        keep the shard's dtype (callers widen them once, into their own buffers) and have no mask
+        (None) unless the split stores loss masks; document rows are int64 with a mask."""
         n = len(samples)
+        if self.packing == "stream":
+            toks = take_windows(self.windows, self.cum[:-1], samples)
+            return toks, take_windows(self.loss_windows, self.cum[:-1], samples) != 0 if self.has_loss else None
         toks = np.empty((n, self.L), dtype=np.int64)
-        mask = np.ones((n, self.L), dtype=bool)
+        mask = np.empty((n, self.L), dtype=bool)
         shard_of = np.searchsorted(self.cum, samples, side="right") - 1
         ar = np.arange(self.L)
-        for j in np.unique(shard_of):
-            rows = np.nonzero(shard_of == j)[0]
+        for j in np.unique(shard_of).tolist():
+            rows = np.flatnonzero(shard_of == j)
             shard = self.shards[j]
             local = samples[rows] - self.cum[j]
-            if self.packing == "stream":
-                idx = (local * self.seq_len)[:, None] + ar
-                toks[rows] = shard.tokens[idx]
-                if shard.loss is not None:
-                    mask[rows] = shard.loss[idx] != 0
-            else:
-                start, end = shard.offsets[local], shard.offsets[local + 1]
-                idx = np.minimum(start[:, None] + ar, (end - 1)[:, None])
-                valid = ar < (end - start)[:, None]
-                toks[rows] = np.where(valid, shard.tokens[idx], eos)
-                m = valid if shard.loss is None else valid & (shard.loss[idx] != 0)
-                mask[rows] = m
+            start, end = shard.offsets[local], shard.offsets[local + 1]
+            idx = np.minimum(start[:, None] + ar, (end - 1)[:, None])
+            valid = ar < (end - start)[:, None]
+            toks[rows] = np.where(valid, shard.tokens[idx], eos)
+            mask[rows] = valid if shard.loss is None else valid & (shard.loss[idx] != 0)
         return toks, mask
+
+
+def _windows(a: np.ndarray, count: int, L: int, stride: int) -> np.ndarray:
+    """Read-only [count, L] view of `a` whose row i starts at i*stride (rows overlap by L - stride)."""
+    a = a.view(np.ndarray)  # a memmap's fancy indexing costs more than a plain array's
+    return np.lib.stride_tricks.as_strided(a, shape=(count, L), strides=(stride * a.itemsize, a.itemsize * (stride > 0)),
+                                           writeable=False)
+
+
+def take_windows(views: list[np.ndarray], starts: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Rows `views[j][ids[i] - starts[j]]`, j the view holding global window ids[i] (views[j] holds
+    windows starts[j] .. starts[j+1]-1): one row copy per window, one fancy index per view touched."""
+    # fancy indexing, not np.take: take would first copy the whole (overlapping) strided view
+    if len(views) == 1:
+        return views[0][ids - starts[0]]
+    j = np.searchsorted(starts, ids, side="right") - 1
+    order = np.argsort(j, kind="stable")
+    js = j[order]
+    local = ids[order] - starts[js]
+    bounds = [0, *(np.flatnonzero(js[1:] != js[:-1]) + 1).tolist(), len(ids)]
+    rows = np.empty((len(ids), views[0].shape[1]), dtype=views[0].dtype)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):  # rows sorted by view, then back into order
+        rows[lo:hi] = views[js[lo]][local[lo:hi]]
+    out = np.empty_like(rows)
+    out[order] = rows
+    return out
 
 
 # ---------------------------------------------------------------- the loader
@@ -301,6 +352,15 @@ class MixtureLoader:
         self.step_offset = 0
         self._epochs_logged = {n: 0 for n in names}
         self._last = None  # (step, micro_step) of the last batch served, for state_dict
+        self._sizes = np.array([src.n for src in self.sources], dtype=np.int64)
+        self._has_loss = np.array([src.has_loss for src in self.sources])
+        if packing == "stream":  # every source's shards as one list: global window id = base[source] + sample
+            self._base = np.concatenate([[0], np.cumsum(self._sizes)[:-1]]).astype(np.int64)
+            self._starts = np.concatenate([b + src.cum[:-1] for b, src in zip(self._base, self.sources)])
+            self._views = [w for src in self.sources for w in src.windows]
+            self._loss_views = [w for src in self.sources for w in src.loss_windows]
+        self._plan_cache = None  # ((step_offset, step), plan) of the latest step: its micro-steps share it
+        self._networks: dict[tuple[int, int], tuple[int, ...]] = {}  # (source, epoch) -> feistel_params
         self.validate()
         tok = self.sources[0].reader.manifest.tokenizer
         self.eos_id = int(tok.eos_id)
@@ -395,49 +455,90 @@ class MixtureLoader:
 
     def batch(self, step: int, micro_step: int = 0):
         """(x [B,T] int64, y [B,T] int64, loss_mask [B,T] bool or None, info) for this rank."""
-        g0 = self._row_index(step, micro_step)
-        src, k, _ = self._rows(g0, self.micro_batch)
-        B, T = self.micro_batch, self.seq_len
-        rows = np.empty((B, T + 1), dtype=np.int64)
-        mask = np.ones((B, T + 1), dtype=bool)
-        tokens_per_source = {}
-        epochs = {}
-        sample_of = np.empty(B, dtype=np.int64)
-        epoch_of = np.empty(B, dtype=np.int64)
-        for s in np.unique(src):
-            source = self.sources[s]
-            sel = np.nonzero(src == s)[0]
-            ks = k[sel]
-            epoch = ks // source.n
-            pos = ks % source.n
-            samples = np.empty(len(ks), dtype=np.int64)
-            for e in np.unique(epoch):
-                m = epoch == e
-                samples[m] = permute(pos[m], source.n, _stable_hash(self.seed, source.name, int(e))).astype(np.int64)
-            e_max = int(epoch.max())
-            if e_max > self._epochs_logged[source.name]:
-                log.info("source '%s': epoch %d begins (all %d %s read)", source.name, e_max, source.n,
-                         "windows" if self.packing == "stream" else "documents")
-                self._epochs_logged[source.name] = e_max
-            rows[sel], mask[sel] = source.gather(samples, self.eos_id)
-            sample_of[sel], epoch_of[sel] = samples, epoch
-            tokens_per_source[source.name] = len(sel) * T
-            epochs[source.name] = e_max
-        x = torch.from_numpy(rows[:, :-1].copy())
-        y = torch.from_numpy(rows[:, 1:].copy())
-        want_mask = self.packing == "document" or any(self.sources[s].has_loss for s in np.unique(src))
-        loss_mask = torch.from_numpy(mask[:, 1:].copy()) if want_mask else None
+        out = self.prepare(step, micro_step)
+        self.mark_served(step, micro_step)
+        return out
+
+    def mark_served(self, step: int, micro_step: int) -> None:
+        """Record (step, micro_step) as the last batch handed to training: `state_dict` resumes after it."""
         self._last = (step, micro_step)
+
+    def prepare(self, step: int, micro_step: int = 0):
+        """`batch` without moving the position `state_dict` saves: what a prefetching thread calls."""
+        g0 = self._row_index(step, micro_step)
+        plan = self._plan(step)
+        src, samples, epoch = plan["source"][micro_step], plan["sample"][micro_step], plan["epoch"][micro_step]
+        counts, top = plan["rows_per_source"][micro_step], plan["max_epoch"][micro_step]
+        present = np.flatnonzero(counts)
+        want_mask = self.packing == "document" or bool(self._has_loss[present].any())
+        T = self.seq_len
+        if self.packing == "stream":
+            ids = self._base[src] + samples
+            rows = take_windows(self._views, self._starts, ids)
+            x, y = rows[:, :-1].astype(np.int64), rows[:, 1:].astype(np.int64)
+            mask = take_windows(self._loss_views, self._starts, ids)[:, 1:] != 0 if want_mask else None
+        else:
+            x = np.empty((self.micro_batch, T), dtype=np.int64)
+            y = np.empty_like(x)
+            mask = np.empty((self.micro_batch, T), dtype=bool)
+            for s in present.tolist():
+                sel = np.flatnonzero(src == s)
+                toks, m = self.sources[s].gather(samples[sel], self.eos_id)
+                x[sel], y[sel], mask[sel] = toks[:, :-1], toks[:, 1:], m[:, 1:]
+        names = self.names
         info = {
             "row": g0,
-            "sources": [self.names[s] for s in src],
+            "sources": [names[s] for s in src.tolist()],
             # (epoch, window or document index) of each row within its source
-            "samples": list(zip(epoch_of.tolist(), sample_of.tolist())),
-            "tokens_per_source": tokens_per_source,
-            "epochs": epochs,
-            "weights": self.weights_at(g0 * self.seq_len),
+            "samples": list(zip(epoch.tolist(), samples.tolist())),
+            "tokens_per_source": {names[s]: int(counts[s]) * T for s in present.tolist()},
+            "epochs": {names[s]: int(top[s]) for s in present.tolist()},
+            "weights": self.weights_at(g0 * T),
         }
-        return x, y, loss_mask, info
+        return (torch.from_numpy(x), torch.from_numpy(y), None if mask is None else torch.from_numpy(mask), info)
+
+    def _plan(self, step: int) -> dict[str, np.ndarray]:
+        """Source, sample and epoch of every row this rank reads in `step` ([grad_accum, micro_batch]
+        each), rows and the largest epoch per source ([grad_accum, sources]): one schedule walk and one
+        vectorised permutation per step, shared by its micro-steps."""
+        key = (self.step_offset, step)
+        cached = self._plan_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        A, W, B, S = self.grad_accum, self.world_size, self.micro_batch, len(self.names)
+        src_all, k_all, _ = self._rows(self._row_index(step, 0) - self.rank * B, A * W * B)
+        own = ((np.arange(A)[:, None] * W + self.rank) * B + np.arange(B)).ravel()
+        src, k = src_all[own], k_all[own]
+        n = self._sizes[src]
+        epoch, pos = k // n, k % n
+        # one Feistel network per (source, epoch) present, applied to all rows in one pass
+        span = int(epoch.max()) + 1
+        groups, inv = np.unique(src * span + epoch, return_inverse=True)
+        params = np.empty((len(groups), 6), dtype=np.uint64)
+        for i, code in enumerate(groups.tolist()):
+            s, e = divmod(code, span)
+            params[i] = self._network(s, e)
+            if e > self._epochs_logged[self.names[s]]:
+                log.info("source '%s': epoch %d begins (all %d %s read)", self.names[s], e, self._sizes[s],
+                         "windows" if self.packing == "stream" else "documents")
+                self._epochs_logged[self.names[s]] = e
+        samples = permute_many(pos, n, np.ascontiguousarray(params[inv.ravel()].T)).astype(np.int64)
+        cell = np.repeat(np.arange(A), B) * S + src  # (micro-step, source) of each row
+        max_epoch = np.zeros(A * S, dtype=np.int64)
+        np.maximum.at(max_epoch, cell, epoch)
+        plan = {"source": src.reshape(A, B), "sample": samples.reshape(A, B), "epoch": epoch.reshape(A, B),
+                "rows_per_source": np.bincount(cell, minlength=A * S).reshape(A, S),
+                "max_epoch": max_epoch.reshape(A, S)}
+        self._plan_cache = (key, plan)
+        return plan
+
+    def _network(self, s: int, epoch: int) -> tuple[int, ...]:
+        """Feistel parameters of source s's permutation in `epoch` (keyed by seed, name, epoch)."""
+        net = self._networks.get((s, epoch))
+        if net is None:
+            key = _stable_hash(self.seed, self.names[s], epoch)
+            net = self._networks[(s, epoch)] = feistel_params(int(self._sizes[s]), key)
+        return net
 
     def weights_at(self, tokens_seen: float) -> dict[str, float]:
         w = self.schedule.weights(tokens_seen / self.seq_len)
@@ -514,12 +615,11 @@ def val_batches(source_path, seq_len: int, batch_size: int, n_batches: int, spli
                     n // batch_size, n_batches)
     eos = int(src.reader.manifest.tokenizer.eos_id)
     rows, mask = src.gather(np.arange(n, dtype=np.int64), eos)
-    with_mask = packing == "document" or src.has_loss
     out = []
     for i in range(0, n, batch_size):
-        r, m = rows[i : i + batch_size], mask[i : i + batch_size]
-        out.append((torch.from_numpy(r[:, :-1].copy()), torch.from_numpy(r[:, 1:].copy()),
-                    torch.from_numpy(m[:, 1:].copy()) if with_mask else None))
+        r = rows[i : i + batch_size]
+        out.append((torch.from_numpy(r[:, :-1].astype(np.int64)), torch.from_numpy(r[:, 1:].astype(np.int64)),
+                    torch.from_numpy(mask[i : i + batch_size, 1:].copy()) if mask is not None else None))
     return out
 
 
