@@ -31,7 +31,7 @@ from pathlib import Path
 from shards.storage import storage_options as s3_storage_options
 
 from .filters import WEB_CHAIN
-from .readers import InputError, make_reader
+from .readers import InputError, input_files, make_reader
 from shards.tokenizers import default_threads
 
 from shards.manifest import find_shards
@@ -159,21 +159,37 @@ def logging_base(args, corpus: Corpus) -> str:
     return sub(args.output, "logs")
 
 
-def check_run_settings(logging_dir: str, settings: dict) -> None:
-    """Completion markers are only meaningful for the same settings: refuse a changed rerun."""
+def check_run_settings(logging_dir: str, settings: dict, reader=None) -> None:
+    """Completion markers are only meaningful for the same settings and the same input files (names
+    and sizes, listed from `reader`): refuse a changed rerun."""
     if is_remote(logging_dir):
         return
+    if reader is not None:
+        settings = {**settings, "input_files": input_files(reader)}
     p = Path(logging_dir) / "shardloom_settings.json"
     text = json.dumps(settings, sort_keys=True, indent=1)
     if p.exists() and p.read_text() != text:
         old = json.loads(p.read_text())
-        diff = {k: (old.get(k), settings.get(k)) for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)}
-        raise InputError(
-            f"{logging_dir} holds completion markers from a run with other settings {diff} (old, new); "
-            "rerun with the same settings, or use a fresh --logging-dir / delete that folder"
-        )
+        old.setdefault("input_files", settings.get("input_files"))  # recorded since; absent: not compared
+        diff = {k: (old.get(k), settings.get(k)) for k in sorted(set(old) | set(settings))
+                if old.get(k) != settings.get(k) and k != "input_files"}
+        files = files_change(old.get("input_files"), settings.get("input_files"))
+        if diff or files:
+            what = "; ".join([f"other settings {diff} (old, new)"] * bool(diff) + [f"other input files: {files} "
+                             "(each task's files go by position, so finished tasks would not read new ones)"] * bool(files))
+            raise InputError(f"{logging_dir} holds completion markers from a run with {what}; rerun with the same "
+                             "settings and input, or use a fresh --logging-dir / delete that folder")
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(text)
+
+
+def files_change(old, new) -> str:
+    """'1 added (c.jsonl); 1 changed size (a.jsonl)' between two `input_files` records, or ''."""
+    o, n = dict(map(tuple, old or [])), dict(map(tuple, new or []))
+    kinds = (("added", sorted(set(n) - set(o))), ("removed", sorted(set(o) - set(n))),
+             ("changed size", sorted(k for k in set(o) & set(n) if o[k] != n[k])))
+    return "; ".join(f"{len(names)} {kind} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                     for kind, names in kinds if names)
 
 
 def local_workers(args, tasks: int | None = None) -> int:
@@ -353,7 +369,7 @@ def stage_filter(args, corpus, input_path, output, logs) -> str:
     from .filters import folder
 
     reader = _reader(args, corpus, input_path)
-    check_run_settings(logs, dict(stage="filter", input=input_path or corpus.hub_input, tasks=args.tasks,
+    check_run_settings(logs, reader=reader, settings=dict(stage="filter", input=input_path or corpus.hub_input, tasks=args.tasks,
                                   limit=args.limit, filters=_filter_names(args, corpus)))
     kept = folder(output, storage_options(args) or None, "kept")
     pipeline = [reader, *_filters(args, corpus, output), JsonlWriter(kept, output_filename="${rank}.jsonl.gz")]
@@ -366,8 +382,8 @@ def stage_filter(args, corpus, input_path, output, logs) -> str:
 def stage_dedup(args, corpus, input_path, output, logs) -> str:
     from .filters import minhash_stages
 
-    _reader(args, corpus, input_path)  # checks the input before anything starts
-    check_run_settings(logs, dict(stage="dedup", input=input_path, tasks=args.tasks, limit=args.limit))
+    reader = _reader(args, corpus, input_path)  # checks the input before anything starts
+    check_run_settings(logs, reader=reader, settings=dict(stage="dedup", input=input_path, tasks=args.tasks, limit=args.limit))
     stages = minhash_stages(lambda: _reader(args, corpus, input_path), sub(output, "minhash"), output,
                             storage_options(args) or None)
     prev = None
@@ -386,7 +402,7 @@ def stage_split(args, corpus, input_path, output, logs) -> str:
     from .filters import folder
 
     reader = _reader(args, corpus, input_path)
-    check_run_settings(logs, dict(stage="split", input=input_path or corpus.hub_input, tasks=args.tasks,
+    check_run_settings(logs, reader=reader, settings=dict(stage="split", input=input_path or corpus.hub_input, tasks=args.tasks,
                                   limit=args.limit, val_fraction=args.val_fraction, seed=args.split_seed,
                                   key=args.split_key, filters=_filter_names(args, corpus, args.filter)))
     pipeline = [reader, *_filters(args, corpus, output, args.filter),
@@ -427,7 +443,7 @@ def tokenize_job(args, corpus, logs, reader, middle: list, make_step, *, source:
     tok_name, tok_path = resolve_tokenizer(args)
     remote = is_remote(output)
     local_out = (args.staging_dir or sub(logs, "staging")) if remote else output
-    check_run_settings(sub(logs, "tokenize"), dict(
+    check_run_settings(sub(logs, "tokenize"), reader=reader, settings=dict(
         input=source, output=output, tasks=args.tasks, limit=args.limit, tokenizer=tok_name,
         tokenizer_path=tok_path, val_fraction=args.val_fraction, split_seed=args.split_seed,
         split_key=args.split_key, max_doc_tokens=args.max_doc_tokens, **settings))

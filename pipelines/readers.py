@@ -334,6 +334,20 @@ def _resolve_remote(uri: str, storage_options: dict):
     return (uri, storage_options), fmt, "**/*.parquet" if fmt == "parquet" else "**/*.json*"
 
 
+def input_files(reader) -> list[list]:
+    """[name, bytes] of every file `reader` reads, in one listing (datatrove gives each task its files
+    by position in this list): what a run's completion markers hold for."""
+    from glob import has_magic
+
+    glob = reader.glob_pattern
+    if glob and not has_magic(glob):
+        glob = f"*{glob}"  # datatrove's own reading of a bare extension
+    depth = None if reader.recursive else 1
+    folder = reader.data_folder
+    found = folder.glob(glob, maxdepth=depth, detail=True) if glob else folder.find("", maxdepth=depth, detail=True)
+    return sorted([name, info.get("size")] for name, info in found.items() if info.get("type") != "directory")
+
+
 def make_reader(path: str, limit: int = -1, text_key: str = "text", id_key: str = "id",
                 invalid_utf8: str = "skip", storage_options: dict | None = None):
     """A counted reader for a checked input (see `resolve_input`)."""

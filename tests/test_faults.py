@@ -515,3 +515,28 @@ def test_manifest_step_refuses_zero_documents(tmp_path, tok_json):
     with pytest.raises(RuntimeError, match="0 documents"):
         write_shard_manifest(tmp_path / "out", str(tok_json))
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+# ------------------------------------------------------------------- 12. the input changed on rerun
+
+
+def test_rerun_over_changed_input_files_is_refused(tmp_path, tok_json, capsys):
+    """A file added between a run and its rerun was silently not read: the completion record held
+    the input path, not its files."""
+    inp = tmp_path / "in"
+    _jsonl(inp / "a.jsonl", _texts(5, 1))
+    _jsonl(inp / "b.jsonl", _texts(5, 2))
+    out = tmp_path / "out"
+    assert _tokenize(inp, out, "--tokenizer", tok_json) == 0
+    assert _tokenize(inp, out, "--tokenizer", tok_json) == 0  # an unchanged rerun: finished tasks skipped
+    _jsonl(inp / "c.jsonl", _texts(5, 3))
+    (inp / "a.jsonl").write_text((inp / "a.jsonl").read_text() + json.dumps({"text": "w1 w2"}) + "\n")
+    capsys.readouterr()
+    assert _tokenize(inp, out, "--tokenizer", tok_json) == 2
+    err = capsys.readouterr().err
+    assert "1 added (c.jsonl)" in err and "1 changed size (a.jsonl)" in err and "--logging-dir" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert _tokenize(inp, out, "--tokenizer", tok_json, "--logging-dir", tmp_path / "logs2") == 0
+    from shards.manifest import read_manifest
+
+    assert read_manifest(out).splits["train"].documents == 16  # every file, the appended row included
