@@ -233,3 +233,23 @@ def test_weights_only_checkpoint_and_bad_folders(tmp_path, tokenizer_json):
     with pytest.raises(ValueError, match="model_type 'gpt2'"):
         load_model(bad)
     assert export_main([str(bad), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_model_card_carries_the_training_facts(tmp_path, tokenizer_json):
+    run, ours = make_run(tmp_path, "atom-no-xsa", tokenizer_json)
+    torch.save({"step": 3, "tokens_seen": 3072}, run / "checkpoints" / "step_0000003" / "train_state.pt")
+    rows = [{"type": "train", "step": s, "loss": 5.0 - s, "tokens": 1024 * s} for s in (1, 2, 3, 4)]
+    rows.append({"type": "eval", "step": 3, "loss": {"docs": 2.5, "overall": 2.5}})
+    rows.append({"type": "eval", "step": 4, "loss": {"docs": 9.9, "overall": 9.9}})  # after the exported step
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "training.png").write_bytes(b"\x89PNG fake")
+    cfg = json.loads((run / "checkpoints/step_0000003/config.json").read_text())
+    cfg["data"]["schedule"] = [{"at": 0.0, "weights": {"docs": 1.0}}, {"at": 1.0, "weights": {"docs": 1.0}}]
+    (run / "checkpoints/step_0000003/config.json").write_text(json.dumps(cfg))
+    export(run, tmp_path / "e")
+    card = (tmp_path / "e" / "README.md").read_text()
+    for want in (f"{ours.num_params():,} parameters, 3 steps, 3,072 tokens", "sources: docs",
+                 "mixture at 0% of the run: docs 1", "final train loss: 2.0000", "final val loss (docs): 2.5000",
+                 "![loss, learning rate and mixture](training.png)", "Stock `LlamaForCausalLM`"):
+        assert want in card, (want, card)
+    assert (tmp_path / "e" / "training.png").read_bytes() == b"\x89PNG fake"
