@@ -9,8 +9,10 @@ verify: everything that can be checked without trusting the manifest's numbers: 
 the token size, the index (monotone, ending at the token count), the `.loss` size and values, the
 metadata's token size against the manifest dtype, sha256 of every file, files on disk that the
 manifest does not list (in split folders, or any `*.ds*`/`*.tmp` file), and every id < vocab_size
-(chunked over the memory map, so big shards stay fast and flat in memory). Exit 1 with a per-file
-list of problems, 0 with a one-line summary.
+(chunked over the memory map, so big shards stay fast and flat in memory) and equal to the manifest's
+max_id. The manifest itself too: its dtype and eos_id against its vocab_size, and, when the tokenizer
+it names loads here, its vocab_size, vocab_hash, eos_id and bos_id against that tokenizer (else a note
+says they went unchecked). Exit 1 with a per-file list of problems, 0 with a one-line summary.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .format import SUFFIXES, max_id, open_shard, read_metadata
+from .format import SUFFIXES, dtype_for_vocab, max_id, open_shard, read_metadata
 from .manifest import MANIFEST, Manifest, find_shards, read_manifest, sha256_file
 
 CHUNK = 1 << 24  # tokens per chunk when scanning ids (32-64 MiB of shard at a time)
@@ -145,6 +147,7 @@ class VerifyReport:
     documents: int = 0
     tokens: int = 0
     files_hashed: int = 0
+    notes: list[str] = field(default_factory=list)  # what could not be checked here, and why
 
     @property
     def ok(self) -> bool:
@@ -157,6 +160,25 @@ class VerifyReport:
         d = asdict(self)
         d["ok"] = self.ok
         return d
+
+
+def _check_tokenizer(manifest: Manifest, rep: VerifyReport) -> None:
+    """The manifest's tokenizer fields: dtype and EOS against the vocabulary size always, and vocab_size,
+    vocab_hash, eos_id and bos_id against the tokenizer it names when that loads here."""
+    t = manifest.tokenizer
+    if manifest.dtype != dtype_for_vocab(t.vocab_size).name:
+        rep.add(MANIFEST, f"dtype {manifest.dtype}, but tokenizer.vocab_size {t.vocab_size} is stored as "
+                          f"{dtype_for_vocab(t.vocab_size).name}")
+    if not 0 <= t.eos_id < t.vocab_size:
+        rep.add(MANIFEST, f"tokenizer.eos_id {t.eos_id} is outside its {t.vocab_size} ids")
+    tok, note = _load_tokenizer(t.name, manifest, None)
+    if tok is None:
+        rep.notes.append(f"tokenizer fields unchecked: {note}")
+        return
+    real = tok.info()
+    for name in ("vocab_size", "vocab_hash", "eos_id", "bos_id"):
+        if getattr(real, name) != getattr(t, name):
+            rep.add(MANIFEST, f"tokenizer.{name} {getattr(t, name)!r}, but tokenizer '{t.name}' has {getattr(real, name)!r}")
 
 
 def _check_shard(directory: Path, rel: str, stats, manifest: Manifest, rep: VerifyReport, loss_expected: bool) -> None:
@@ -242,6 +264,7 @@ def verify_dir(directory: str | Path, checksums: bool = True, threads: int | Non
     except (OSError, ValueError) as e:
         rep.add(MANIFEST, str(e))
         return rep
+    _check_tokenizer(manifest, rep)
     listed = set(manifest.files)
     for split, stats in manifest.splits.items():
         docs = toks = 0
@@ -293,7 +316,7 @@ def format_verify(rep: VerifyReport, checksums: bool = True) -> str:
     if rep.ok:
         hashed = f", {rep.files_hashed} checksums verified" if checksums else ", checksums skipped"
         return (f"OK {rep.directory}: {rep.shards} shards, {rep.documents:,} documents, "
-                f"{rep.tokens:,} tokens{hashed}")
+                f"{rep.tokens:,} tokens{hashed}" + "".join(f"\n  note: {n}" for n in rep.notes))
     n = sum(len(v) for v in rep.problems.values())
     lines = [f"FAILED {rep.directory}: {n} problem(s) in {len(rep.problems)} file(s)"]
     for f in sorted(rep.problems):
