@@ -47,37 +47,11 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10"
 
 
 def hf_llama_like(model):
-    """transformers LlamaForCausalLM of identical config holding the same weights (q/k rows permuted
-    for an interleaved-RoPE model, so both compute the same function)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    c = model.config
-    hc = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.ffn_dim,
-                     num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
-                     num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim, rms_norm_eps=c.norm_eps,
-                     rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
-                     tie_word_embeddings=c.tie_embeddings, max_position_embeddings=c.max_seq_len)
-    hc._attn_implementation = "sdpa"
-    hf = LlamaForCausalLM(hc)
+    """transformers LlamaForCausalLM of identical config holding the same weights (the export's
+    mapping: q/k rows permuted for an interleaved-RoPE model, so both compute the same function)."""
+    from trainer.hf import transformers_llama
 
-    def perm(w, h):
-        if c.rope_layout != "interleaved":
-            return w
-        idx = torch.cat([torch.arange(0, c.head_dim, 2), torch.arange(1, c.head_dim, 2)])
-        return w.view(h, c.head_dim, -1)[:, idx].reshape(h * c.head_dim, -1)
-
-    sd = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight,
-          "lm_head.weight": model.embed.weight}
-    for i, b in enumerate(model.blocks):
-        p = f"model.layers.{i}."
-        sd.update({p + "self_attn.q_proj.weight": perm(b.attn.q_proj.weight, c.n_heads),
-                   p + "self_attn.k_proj.weight": perm(b.attn.k_proj.weight, c.n_kv_heads),
-                   p + "self_attn.v_proj.weight": b.attn.v_proj.weight, p + "self_attn.o_proj.weight": b.attn.o_proj.weight,
-                   p + "mlp.gate_proj.weight": b.mlp.gate_proj.weight, p + "mlp.up_proj.weight": b.mlp.up_proj.weight,
-                   p + "mlp.down_proj.weight": b.mlp.down_proj.weight,
-                   p + "input_layernorm.weight": b.attn_norm.weight,
-                   p + "post_attention_layernorm.weight": b.mlp_norm.weight})
-    hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
-    return hf.to(next(model.parameters()).device)
+    return transformers_llama(model, attn_implementation="sdpa")
 
 
 def make_step(forward, params, ids, device, amp):

@@ -86,41 +86,10 @@ def test_param_kinds_and_tying():
 
 # ------------------------------------------------------------------------------ vs transformers Llama
 
-def _permute_rope_rows(w, n_heads, head_dim):
-    """Interleaved (2i, 2i+1) -> rotate-half (i, i+D/2) row order, per head."""
-    idx = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
-    return w.view(n_heads, head_dim, -1)[:, idx].reshape(n_heads * head_dim, -1)
-
-
 def _llama_from(model: DenseLM):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    c = model.config
-    hc = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.ffn_dim,
-                     num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
-                     num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim, rms_norm_eps=c.norm_eps,
-                     rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
-                     tie_word_embeddings=c.tie_embeddings, max_position_embeddings=256)
-    hc._attn_implementation = "eager"
-    hf = LlamaForCausalLM(hc).eval()
-    perm = c.rope_layout == "interleaved"
-    sd = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight,
-          "lm_head.weight": model.embed.weight}
-    for i, b in enumerate(model.blocks):
-        p = f"model.layers.{i}."
-        q, k = b.attn.q_proj.weight, b.attn.k_proj.weight
-        if perm:
-            q, k = _permute_rope_rows(q, c.n_heads, c.head_dim), _permute_rope_rows(k, c.n_kv_heads, c.head_dim)
-        sd.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
-                   p + "self_attn.v_proj.weight": b.attn.v_proj.weight,
-                   p + "self_attn.o_proj.weight": b.attn.o_proj.weight,
-                   p + "mlp.gate_proj.weight": b.mlp.gate_proj.weight,
-                   p + "mlp.up_proj.weight": b.mlp.up_proj.weight,
-                   p + "mlp.down_proj.weight": b.mlp.down_proj.weight,
-                   p + "input_layernorm.weight": b.attn_norm.weight,
-                   p + "post_attention_layernorm.weight": b.mlp_norm.weight})
-    missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
-    assert not unexpected and not [m for m in missing if "rotary" not in m]
-    return hf
+    """transformers' LlamaForCausalLM holding our weights through the export mapping (eager attention)."""
+    from trainer.hf import transformers_llama
+    return transformers_llama(model, attn_implementation="eager")
 
 
 def test_axiom_shape_matches_llama_with_permuted_qk():

@@ -141,6 +141,26 @@ def hf_state_dict(model) -> dict:
     return _rename(sd, c.n_layers, LLAMA_TOP, LLAMA_BLOCK, "model.layers.{i}.")
 
 
+def transformers_llama(model, attn_implementation: str = "sdpa"):
+    """A stock transformers `LlamaForCausalLM` computing the same function as a Llama-exact `model`
+    (weights copied through the export mapping), for side-by-side checks and benchmarks."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if not is_llama_exact(model):
+        raise FormatError(f"not Llama-exact: {', '.join(llama_blockers(model.config))}")
+    config = LlamaConfig(**{k: v for k, v in hf_config(model, {}).items() if k not in ("architectures", "model_type")})
+    config._attn_implementation = attn_implementation
+    out = LlamaForCausalLM(config)
+    sd = hf_state_dict(model)
+    if config.tie_word_embeddings:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    missing, unexpected = out.load_state_dict({k: v.clone() for k, v in sd.items()}, strict=False)
+    missing = [m for m in missing if "rotary" not in m]
+    if missing or unexpected:
+        raise FormatError(f"Llama mapping incomplete (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return out.to(next(model.parameters()).device).eval()
+
+
 def copy_modeling_code(out: Path) -> None:
     """The trainer's own model files, imports made package-relative (how transformers loads them)."""
     src = Path(__file__).parent / "models"
