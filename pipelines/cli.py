@@ -31,6 +31,7 @@ from pathlib import Path
 from shards.storage import storage_options as s3_storage_options
 
 from .filters import WEB_CHAIN
+from .cluster import queued
 from .readers import InputError, input_files, make_reader
 from shards.tokenizers import default_threads
 
@@ -112,9 +113,10 @@ def build_parser(corpus: Corpus) -> argparse.ArgumentParser:
     ex.add_argument("--logging-dir", help="logs, stats and completion markers (default: OUTPUT/logs)")
     ex.add_argument("--slurm-partition", help="slurm: partition (required for --executor slurm)")
     ex.add_argument("--slurm-time", default="24:00:00", help="slurm: time limit per job")
+    ex.add_argument("--slurm-venv", metavar="DIR", help="slurm: virtualenv folder each job activates (e.g. .venv)")
     ex.add_argument("--executor-arg", action="append", default=[], metavar="KEY=VALUE",
                     help="extra keyword for the executor's constructor, repeatable (e.g. cpus_per_task=4, "
-                         "mem_per_cpu_gb=4, qos=high, venv_path=.venv); VALUE parsed as YAML")
+                         "mem_per_cpu_gb=4, qos=high, sbatch_args={account: x}); VALUE parsed as YAML")
     return p
 
 
@@ -202,6 +204,9 @@ def make_executor(args, pipeline, logging_dir: str, tasks: int | None = None, de
                   skip_completed: bool = True, job_name: str = "shardloom"):
     tasks = args.tasks if tasks is None else tasks
     extra = parse_executor_args(args.executor_arg)
+    from .cluster import warn_idle_tasks
+
+    warn_idle_tasks(pipeline, tasks, job_name)
     if args.executor == "local":
         from datatrove.executor import LocalPipelineExecutor
 
@@ -216,8 +221,15 @@ def make_executor(args, pipeline, logging_dir: str, tasks: int | None = None, de
         kw = dict(partition=args.slurm_partition, time=args.slurm_time, job_name=job_name) | extra
         if args.workers > 0:
             kw.setdefault("workers", args.workers)
-        return SlurmPipelineExecutor(pipeline, tasks=tasks, logging_dir=logging_dir, depends=depends,
-                                     skip_completed=skip_completed, **kw)
+        from .cluster import venv_activate
+
+        if args.slurm_venv or kw.get("venv_path"):
+            kw["venv_path"] = venv_activate(args.slurm_venv or kw["venv_path"])
+        # each job waits (afterok) for the one submitted before it: `run` submits its stages as a chain
+        args.slurm_last = SlurmPipelineExecutor(pipeline, tasks=tasks, logging_dir=logging_dir,
+                                                depends=depends or getattr(args, "slurm_last", None),
+                                                skip_completed=skip_completed, **kw)
+        return args.slurm_last
     from datatrove.executor import RayPipelineExecutor
 
     return RayPipelineExecutor(pipeline, tasks=tasks, workers=args.workers, logging_dir=logging_dir,
@@ -266,6 +278,10 @@ def print_stats(title: str, logging_dir: str, out=None) -> list[tuple[str, dict]
 
 def _reader(args, corpus, path=None):
     path = path or args.input or corpus.hub_input
+    if path in getattr(args, "queued", ()):  # a queued Slurm job writes it: nothing to check yet
+        from .cluster import queued_reader
+
+        return queued_reader(args, path, storage_options(args))
     reader = make_reader(path, limit=args.limit, text_key=args.text_key, id_key=args.id_key,
                          invalid_utf8=args.invalid_utf8, storage_options=storage_options(args))
     check_text_column(reader, args.text_key)
@@ -510,6 +526,12 @@ def check_args(args) -> None:
         raise InputError(f"--tasks must be >= 1, got {args.tasks}")
     if not 0.0 <= args.val_fraction <= 1.0:
         raise InputError(f"--val-fraction must be in [0, 1], got {args.val_fraction}")
+    if args.executor == "slurm":
+        from .cluster import check_sbatch, venv_activate
+
+        check_sbatch()
+        if args.slurm_venv:
+            args.slurm_venv = venv_activate(args.slurm_venv)
 
 
 def run_command(run, *args) -> int:
@@ -542,10 +564,14 @@ def run_stage(args, corpus: Corpus) -> None:
         _reader(args, corpus)  # fail on a bad input before the first stage starts
         resolve_tokenizer(args)
         path = stage_filter(args, corpus, args.input, sub(args.output, "filtered"), sub(logs, "filter"))
+        if args.executor == "slurm":
+            queued(args, path)
         if not is_remote(path) and not any(Path(path).glob("*.jsonl.gz")) and args.executor == "local":
             raise InputError(f"the filter stage kept no documents (see the table above); nothing to tokenize in {path}")
         if args.dedup:
             path = stage_dedup(args, corpus, path, sub(args.output, "dedup"), sub(logs, "dedup"))
+            if args.executor == "slurm":
+                queued(args, path)
         limit, args.limit = args.limit, -1  # the limit applied when reading the raw input
         filters = _filter_names(args, corpus) + (["datatrove.MinhashDedup(4 stages)"] if args.dedup else [])
         args.filter = False

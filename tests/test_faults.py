@@ -48,16 +48,18 @@ def eval_steps(run_dir) -> list[int]:
         return [int(r["step"]) for r in csv.DictReader(f) if r["source"] == "overall"]
 
 
-@pytest.fixture()
-def cur(tmp_path):
-    # 8 steps, eval every 2, checkpoints at 5 only (and the final one)
-    return trainhelp.tiny_curriculum(tmp_path, eval={"every": 2, "batches": 1}, checkpoint={"every": 5, "keep_last": 3})
+@pytest.fixture(scope="module")
+def cur(tmp_path_factory):
+    # 8 steps, eval every 2, checkpoints at 5 only (and the final one); tests never change its data
+    d = tmp_path_factory.mktemp("cur")
+    return trainhelp.tiny_curriculum(d, eval={"every": 2, "batches": 1}, checkpoint={"every": 5, "keep_last": 3})
 
 
-@pytest.fixture()
-def straight(cur, tmp_path, capsys):
-    run_dir = tmp_path / "straight"
-    assert train([cur, "--run-dir", run_dir], capsys)[0] == 0
+@pytest.fixture(scope="module")
+def straight(cur):
+    """The uninterrupted run (once per module: tests copy it, never change it)."""
+    run_dir = cur.parent / "straight"
+    assert trun.main([str(cur), "--run-dir", str(run_dir)]) == 0
     return run_dir
 
 
