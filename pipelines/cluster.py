@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .readers import CountingJsonlReader, InputError
+from .readers import CountingJsonlReader, InputError, input_files
 
 
 def check_sbatch() -> None:
@@ -56,12 +56,11 @@ def count_input_files(reader) -> int | None:
 
     if not isinstance(reader, BaseDiskReader) or reader.paths_file:
         return None
-    folder = reader.data_folder
-    protocol = folder.fs.protocol if isinstance(folder.fs.protocol, str) else folder.fs.protocol[0]
-    if protocol == "hf":
+    protocol = reader.data_folder.fs.protocol
+    if (protocol if isinstance(protocol, str) else protocol[0]) == "hf":
         return None
     try:
-        return len(folder.list_files(recursive=reader.recursive, glob_pattern=reader.glob_pattern))
+        return len(input_files(reader))
     except Exception:  # noqa: BLE001 - a listing problem is the reader's to report, in its own job
         return None
 
