@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .check import VerifyReport, _check_shard, format_verify
-from .format import dtype_for_vocab, read_metadata
+from .format import METADATA, TOKENS, dtype_for_vocab, read_metadata, shard_file
 from .manifest import MANIFEST, Manifest, build_manifest, write_manifest
 
 
@@ -29,7 +29,7 @@ def foreign_shards(directory: Path, flat_split: str = "train") -> dict[str, list
     """{split: [NAME.ds, ...]}: each folder under DIR holding .ds files is a split (named by its
     path), .ds files directly in DIR are `flat_split`."""
     groups: dict[str, list[Path]] = {}
-    for ds in sorted(p for p in directory.rglob("*.ds") if p.is_file()):
+    for ds in sorted(p for p in directory.rglob("*" + TOKENS) if p.is_file()):
         rel = ds.parent.relative_to(directory).as_posix()
         groups.setdefault(flat_split if rel == "." else rel, []).append(ds)
     return groups
@@ -53,7 +53,7 @@ def check_shards(directory: Path, groups: dict[str, list[Path]], info) -> Verify
 
 def rename_metadata(ds: Path, name: str) -> str:
     """Set the tokenizer name in NAME.ds.metadata (atomically); returns the name it had."""
-    p = Path(str(ds) + ".metadata")
+    p = shard_file(ds, METADATA)
     lines = p.read_text().splitlines()
     old, size = lines[0].rsplit("|", 1)
     if old != name:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .format import SUFFIXES, dtype_for_vocab, max_id, open_shard, read_metadata
+from .format import INDEX, LOSS, METADATA, SUFFIXES, TOKENS, dtype_for_vocab, max_id, open_shard, read_metadata, shard_file
 from .manifest import MANIFEST, Manifest, find_shards, read_manifest, sha256_file
 
 CHUNK = 1 << 24  # tokens per chunk when scanning ids (32-64 MiB of shard at a time)
@@ -54,7 +54,7 @@ def _load_tokenizer(name: str, manifest: Manifest | None, tokenizer_path: str | 
 
 def _split_dirs(directory: Path) -> list[str]:
     """Splits of a directory without a manifest: subfolders (or the folder itself) holding shards."""
-    names = sorted(p.parent.relative_to(directory).as_posix() for p in directory.rglob("*.ds.metadata"))
+    names = sorted(p.parent.relative_to(directory).as_posix() for p in directory.rglob("*" + METADATA))
     return sorted(set(names))
 
 
@@ -162,6 +162,54 @@ class VerifyReport:
         return d
 
 
+@dataclass
+class FileProblem:
+    """A file the manifest lists that is missing, of another size, or (checked) of another sha256."""
+
+    rel: str  # path relative to the shard directory, as the manifest lists it
+    kind: str  # missing | size | sha256
+    got: int | str | None = None
+    want: int | str | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "size":
+            return f"size {self.got}, manifest says {self.want}"
+        if self.kind == "sha256":
+            return f"sha256 {self.got[:12]}… != manifest {self.want[:12]}…"
+        return "missing"
+
+
+def check_files(directory: str | Path, manifest: Manifest, names=None, checksums: bool = True,
+                threads: int | None = None, counter: VerifyReport | None = None) -> list[FileProblem]:
+    """The manifest's files (or those of `names` it lists, in that order) against the disk: present,
+    the listed size and, with checksums, the listed sha256. Only files of the right size are hashed
+    (the slow part: threads, since hashlib releases the GIL); `counter.files_hashed` counts them.
+    The one file check that `shards verify`, the loader (sizes) and the trainer (sha256) share."""
+    directory = Path(directory)
+    rels = list(manifest.files) if names is None else [r for r in names if r in manifest.files]
+    problems: list[FileProblem] = []
+    to_hash = []
+    for rel in rels:
+        entry, f = manifest.files[rel], directory / rel
+        if not f.exists():
+            problems.append(FileProblem(rel, "missing"))
+            continue
+        size = f.stat().st_size
+        if size != entry.bytes:
+            problems.append(FileProblem(rel, "size", size, entry.bytes))
+        elif checksums:
+            to_hash.append((rel, f, entry.sha256))
+    if to_hash:
+        with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
+            for (rel, _, want), got in zip(to_hash, pool.map(lambda t: sha256_file(t[1]), to_hash)):
+                if counter is not None:
+                    counter.files_hashed += 1
+                if got != want:
+                    problems.append(FileProblem(rel, "sha256", got, want))
+    order = {rel: i for i, rel in enumerate(rels)}
+    return sorted(problems, key=lambda p: order[p.rel])
+
+
 def _check_tokenizer(manifest: Manifest, rep: VerifyReport) -> None:
     """The manifest's tokenizer fields: dtype and EOS against the vocabulary size always, and vocab_size,
     vocab_hash, eos_id and bos_id against the tokenizer it names when that loads here."""
@@ -184,20 +232,20 @@ def _check_tokenizer(manifest: Manifest, rep: VerifyReport) -> None:
 def _check_shard(directory: Path, rel: str, stats, manifest: Manifest, rep: VerifyReport, loss_expected: bool) -> None:
     path = directory / rel
     dtype = np.dtype(manifest.dtype)
+    names = {suffix: shard_file(rel, suffix).as_posix() for suffix in SUFFIXES}
     for suffix in SUFFIXES:
-        f = Path(str(path) + suffix[3:])  # "" / ".index" / ".loss" / ".metadata" after ".ds"
-        if not f.exists() and (suffix != ".ds.loss" or loss_expected):
-            rep.add(f"{rel}{suffix[3:]}", "missing")
-    if not path.exists() or not Path(str(path) + ".index").exists():
+        if not (directory / names[suffix]).exists() and (suffix != LOSS or loss_expected):
+            rep.add(names[suffix], "missing")
+    if not path.exists() or not shard_file(path, INDEX).exists():
         return
     try:
         meta = read_metadata(path)
         if meta.dtype != dtype:
-            rep.add(rel + ".metadata", f"token_size {meta.token_size} ({meta.dtype.name}) but manifest dtype is {dtype.name}")
+            rep.add(names[METADATA], f"token_size {meta.token_size} ({meta.dtype.name}) but manifest dtype is {dtype.name}")
         if meta.tokenizer != manifest.tokenizer.name:
-            rep.add(rel + ".metadata", f"tokenizer '{meta.tokenizer}' but manifest says '{manifest.tokenizer.name}'")
+            rep.add(names[METADATA], f"tokenizer '{meta.tokenizer}' but manifest says '{manifest.tokenizer.name}'")
     except (OSError, ValueError) as e:
-        rep.add(rel + ".metadata", str(e))
+        rep.add(names[METADATA], str(e))
         meta = None
     nbytes = path.stat().st_size
     if nbytes % dtype.itemsize:
@@ -205,41 +253,41 @@ def _check_shard(directory: Path, rel: str, stats, manifest: Manifest, rep: Veri
         return
     n = nbytes // dtype.itemsize
     if meta is not None and meta.tokens != n:
-        rep.add(rel + ".metadata", f"says {meta.tokens} tokens, {rel} holds {n}")
-    index_path = Path(str(path) + ".index")
+        rep.add(names[METADATA], f"says {meta.tokens} tokens, {rel} holds {n}")
+    index_path = shard_file(path, INDEX)
     isize = index_path.stat().st_size
     if isize % 8:
-        rep.add(rel + ".index", f"size {isize} is not a multiple of 8 (uint64 offsets)")
+        rep.add(names[INDEX], f"size {isize} is not a multiple of 8 (uint64 offsets)")
         return
     ends = np.memmap(index_path, dtype="<u8", mode="r") if isize else np.zeros(0, "<u8")
     if len(ends) == 0 and n:
-        rep.add(rel + ".index", f"empty index for {n} tokens")
+        rep.add(names[INDEX], f"empty index for {n} tokens")
     elif len(ends):
         starts = np.concatenate([[0], ends[:-1]]).astype(np.uint64)
         bad = np.flatnonzero(ends <= starts)
         if len(bad):
-            rep.add(rel + ".index", f"not strictly increasing at document {int(bad[0])} ({len(bad)} bad entries)")
+            rep.add(names[INDEX], f"not strictly increasing at document {int(bad[0])} ({len(bad)} bad entries)")
         if int(ends[-1]) != n:
-            rep.add(rel + ".index", f"last offset {int(ends[-1])} != {n} tokens in {rel}")
+            rep.add(names[INDEX], f"last offset {int(ends[-1])} != {n} tokens in {rel}")
     if stats is not None and (len(ends) != stats.documents or n != stats.tokens):
         rep.add(rel, f"{len(ends)} documents / {n} tokens, manifest says {stats.documents} / {stats.tokens}")
-    loss_path = Path(str(path) + ".loss")
+    loss_path = shard_file(path, LOSS)
     if loss_path.exists():
         lsize = loss_path.stat().st_size
         if lsize != n:
-            rep.add(rel + ".loss", f"{lsize} mask bytes for {n} tokens")
+            rep.add(names[LOSS], f"{lsize} mask bytes for {n} tokens")
         elif n:
             loss = np.memmap(loss_path, dtype=np.uint8, mode="r")
             ones = 0
             for i in range(0, n, CHUNK):
                 block = loss[i : i + CHUNK]
                 if int(block.max()) > 1:
-                    rep.add(rel + ".loss", "mask values other than 0/1")
+                    rep.add(names[LOSS], "mask values other than 0/1")
                     break
                 ones += int(np.count_nonzero(block))
             else:
                 if stats is not None and stats.loss_tokens is not None and ones != stats.loss_tokens:
-                    rep.add(rel + ".loss", f"{ones} loss tokens, manifest says {stats.loss_tokens}")
+                    rep.add(names[LOSS], f"{ones} loss tokens, manifest says {stats.loss_tokens}")
     if n:
         tokens = np.memmap(path, dtype=dtype, mode="r", shape=(n,))
         top = max_id(tokens, CHUNK)
@@ -269,33 +317,18 @@ def verify_dir(directory: str | Path, checksums: bool = True, threads: int | Non
     for split, stats in manifest.splits.items():
         docs = toks = 0
         for st in stats.shards:
-            loss_expected = st.loss_tokens is not None or (st.name + ".loss") in listed
+            loss_expected = st.loss_tokens is not None or shard_file(st.name, LOSS).as_posix() in listed
             _check_shard(directory, st.name, st, manifest, rep, loss_expected)
             docs, toks = docs + st.documents, toks + st.tokens
-            for suffix in ("", ".index", ".metadata") + ((".loss",) if loss_expected else ()):
-                if st.name + suffix not in listed:
-                    rep.add(st.name + suffix, "shard file not listed in the manifest's files")
+            for suffix in (TOKENS, INDEX, METADATA) + ((LOSS,) if loss_expected else ()):
+                name = shard_file(st.name, suffix).as_posix()
+                if name not in listed:
+                    rep.add(name, "shard file not listed in the manifest's files")
         if (docs, toks) != (stats.documents, stats.tokens):
             rep.add(MANIFEST, f"split {split}: totals {stats.documents}/{stats.tokens} != sum of its shards {docs}/{toks}")
-    # Every listed file: present, right size, right sha256 (hashing is the slow part: threads,
-    # since hashlib releases the GIL).
-    to_hash = []
-    for rel, entry in manifest.files.items():
-        f = directory / rel
-        if not f.exists():
-            if rel not in rep.problems:  # not already reported by the shard checks
-                rep.add(rel, "missing")
-            continue
-        if f.stat().st_size != entry.bytes:
-            rep.add(rel, f"size {f.stat().st_size}, manifest says {entry.bytes}")
-        elif checksums:
-            to_hash.append((rel, f, entry.sha256))
-    if to_hash:
-        with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
-            for (rel, _, want), got in zip(to_hash, pool.map(lambda t: sha256_file(t[1]), to_hash)):
-                rep.files_hashed += 1
-                if got != want:
-                    rep.add(rel, f"sha256 {got[:12]}… != manifest {want[:12]}…")
+    for problem in check_files(directory, manifest, checksums=checksums, threads=threads, counter=rep):
+        if problem.kind != "missing" or problem.rel not in rep.problems:  # not already reported by the shard checks
+            rep.add(problem.rel, str(problem))
     # Files the manifest does not know: anything in a split folder, and shard-like files anywhere.
     split_dirs = {Path(st.name).parent.as_posix() for s in manifest.splits.values() for st in s.shards}
     split_dirs |= set(manifest.splits)
@@ -306,7 +339,7 @@ def verify_dir(directory: str | Path, checksums: bool = True, threads: int | Non
         if rel in listed:
             continue
         in_split = f.parent.relative_to(directory).as_posix() in split_dirs
-        if in_split or ".ds" in f.name or f.name.endswith(".tmp"):
+        if in_split or TOKENS in f.name or f.name.endswith(".tmp"):
             why = "partial write left behind (.tmp)" if f.name.endswith(".tmp") else "on disk but not in the manifest"
             rep.add(rel, why)
     return rep

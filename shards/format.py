@@ -22,7 +22,16 @@ from pathlib import Path
 
 import numpy as np
 
-SUFFIXES = (".ds", ".ds.index", ".ds.loss", ".ds.metadata")
+TOKENS, INDEX, LOSS, METADATA = ".ds", ".ds.index", ".ds.loss", ".ds.metadata"
+SUFFIXES = (TOKENS, INDEX, LOSS, METADATA)
+
+
+def shard_file(ds: str | Path, suffix: str) -> Path:
+    """The file of shard NAME.ds with `suffix` (one of SUFFIXES): NAME.ds + ".index" for INDEX.
+    Works on relative names too (`shard_file("train/00000.ds", LOSS).as_posix()`)."""
+    if suffix not in SUFFIXES:
+        raise ValueError(f"not a shard suffix: {suffix!r} (one of {SUFFIXES})")
+    return Path(str(ds) + suffix[len(TOKENS):])
 
 
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
@@ -55,7 +64,7 @@ class ShardWriter:
 
     def __init__(self, path: str | Path, dtype: np.dtype, tokenizer_name: str, with_loss: bool = False):
         self.path = Path(path)
-        if self.path.suffix == ".ds":  # accept "00000.ds" as well as the prefix "00000" (not "00000.ds.ds")
+        if self.path.suffix == TOKENS:  # accept "00000.ds" as well as the prefix "00000" (not "00000.ds.ds")
             self.path = self.path.with_suffix("")
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.dtype("<u2"), np.dtype("<u4")):
@@ -64,9 +73,9 @@ class ShardWriter:
         self.tokenizer_name = tokenizer_name
         self.with_loss = with_loss
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tokens = open(self._tmp(".ds"), "wb")
-        self._index = open(self._tmp(".ds.index"), "wb")
-        self._loss = open(self._tmp(".ds.loss"), "wb") if with_loss else None
+        self._tokens = open(self._tmp(TOKENS), "wb")
+        self._index = open(self._tmp(INDEX), "wb")
+        self._loss = open(self._tmp(LOSS), "wb") if with_loss else None
         self.documents = 0
         self.tokens = 0
         self._closed = False
@@ -114,10 +123,10 @@ class ShardWriter:
                 os.fsync(f.fileno())
                 f.close()
         meta = f"{self.tokenizer_name}|{self.dtype.itemsize}\n{self.tokens}\n{human_count(self.tokens)}"
-        self._tmp(".ds.metadata").write_text(meta)
+        self._tmp(METADATA).write_text(meta)
         # Metadata is renamed last: its presence marks a complete shard.
-        for suffix in (".ds", ".ds.index", ".ds.loss", ".ds.metadata"):
-            if suffix == ".ds.loss" and self._loss is None:
+        for suffix in SUFFIXES:
+            if suffix == LOSS and self._loss is None:
                 continue
             os.replace(self._tmp(suffix), str(self.path) + suffix)
         self._closed = True
@@ -154,7 +163,7 @@ class ShardMetadata:
 
 def read_metadata(path: str | Path) -> ShardMetadata:
     """Parse NAME.ds.metadata (path may be NAME.ds or the metadata file itself)."""
-    p = Path(str(path) if str(path).endswith(".metadata") else str(path) + ".metadata")
+    p = Path(path) if str(path).endswith(METADATA) else shard_file(path, METADATA)
     if not p.exists():
         raise FileNotFoundError(f"{p}: missing shard metadata (an unfinished or foreign shard?)")
     lines = p.read_text().splitlines()
@@ -236,14 +245,14 @@ def open_shard(path: str | Path, dtype: np.dtype | None = None) -> Shard:
         raise ValueError(f"{path}: size {nbytes} is not a multiple of {dtype.itemsize} ({dtype.name})")
     n = nbytes // dtype.itemsize
     tokens = map_readonly(path, dtype, n)
-    index_path = Path(str(path) + ".index")
+    index_path = shard_file(path, INDEX)
     ends = np.fromfile(index_path, dtype="<u8") if index_path.exists() else None
     if ends is None:
         raise FileNotFoundError(f"{index_path}: missing document index")
     offsets = np.concatenate([[0], ends]).astype(np.int64)
     if len(ends) and (ends[-1] != n or np.any(np.diff(offsets) <= 0)):
         raise ValueError(f"{index_path}: index inconsistent with {n} tokens in {path.name}")
-    loss_path = Path(str(path) + ".loss")
+    loss_path = shard_file(path, LOSS)
     loss = None
     if loss_path.exists():
         if loss_path.stat().st_size != n:

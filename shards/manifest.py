@@ -18,7 +18,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .format import read_metadata
+from .format import METADATA, read_metadata
 
 MANIFEST = "manifest.json"
 FORMAT = "shardloom.shards/1"
@@ -144,7 +144,7 @@ def write_manifest(directory: str | Path, manifest: Manifest) -> Path:
 def find_shards(directory: str | Path, split: str) -> list[Path]:
     """Complete shards of a split (those with metadata), sorted by name."""
     d = Path(directory) / split
-    return sorted(p.with_suffix("") for p in d.glob("*.ds.metadata")) if d.is_dir() else []
+    return sorted(p.with_suffix("") for p in d.glob("*" + METADATA)) if d.is_dir() else []
 
 
 def build_manifest(
@@ -161,7 +161,7 @@ def build_manifest(
     and describe them (counts and sha256 per file)."""
     import numpy as np
 
-    from .format import dtype_for_vocab, max_id, open_shard
+    from .format import INDEX, LOSS, TOKENS, dtype_for_vocab, max_id, open_shard, shard_file
 
     directory = Path(directory)
     dtype = dtype_for_vocab(tokenizer.vocab_size)
@@ -180,8 +180,8 @@ def build_manifest(
                                            max_id(shard.tokens)))
             stats.documents += shard.documents
             stats.tokens += int(shard.offsets[-1])
-            for suffix in ("", ".index", ".loss", ".metadata"):
-                f = Path(str(ds) + suffix)
+            for suffix in (TOKENS, INDEX, LOSS, METADATA):
+                f = shard_file(ds, suffix)
                 if f.exists():
                     files[f.relative_to(directory).as_posix()] = FileEntry(f.stat().st_size, sha256_file(f))
         out_splits[split] = stats

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .format import Shard, open_shard
+from .check import check_files
+from .format import INDEX, LOSS, TOKENS, Shard, open_shard, shard_file
 from .manifest import Manifest, read_manifest
 
 
@@ -45,7 +46,8 @@ class SplitReader:
 
 def open_split(directory: str | Path, split: str = "train") -> SplitReader:
     """Open DIR/<split> as listed in DIR/manifest.json. Raises a clear error naming the file when
-    the manifest is missing, the split is absent, or a shard disagrees with the manifest."""
+    the manifest is missing, the split is absent, or a shard disagrees with the manifest (its counts,
+    or the byte size of a file it lists: the cheap corruption check; `shards verify` does the rest)."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     if split not in manifest.splits:
@@ -63,4 +65,9 @@ def open_split(directory: str | Path, split: str = "train") -> SplitReader:
                 f"manifest says {stats.documents} / {stats.tokens}"
             )
         shards.append(shard)
+    names = [shard_file(st.name, suffix).as_posix() for st in manifest.splits[split].shards
+             for suffix in (TOKENS, INDEX, LOSS)]
+    for problem in check_files(directory, manifest, names, checksums=False):
+        if problem.kind == "size":  # a missing file was named above, or is an optional .loss
+            raise ValueError(f"{directory / problem.rel} is {problem.got} bytes, manifest says {problem.want}")
     return SplitReader(directory, split, manifest, shards)

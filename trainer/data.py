@@ -221,13 +221,6 @@ def _open(name: str, path: str, split: str, cache_dir: str | None) -> SplitReade
         raise DataError(f"{where}: {e.args[0]}") from None
     except (FileNotFoundError, ValueError) as e:
         raise DataError(f"{where}: {e}") from None
-    files = reader.manifest.files
-    for shard in reader.shards:  # cheap corruption check: byte sizes against the manifest
-        for suffix in ("", ".index", ".loss"):
-            f = Path(str(shard.path) + suffix)
-            rel = f.relative_to(p).as_posix()
-            if rel in files and f.exists() and f.stat().st_size != files[rel].bytes:
-                raise DataError(f"{where}: {f} is {f.stat().st_size} bytes, manifest says {files[rel].bytes}")
     if not reader.shards:
         raise DataError(f"{where}: split '{split}' has no shards")
     return reader

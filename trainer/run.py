@@ -201,8 +201,10 @@ def make_loader(cfg: Config, d: Dist, vocab_size: int):
 
 
 def verify_sources(cfg: Config) -> None:
-    """Optional full check: sha256 of every shard file against its manifest (data.verify_checksums)."""
-    from shards.manifest import read_manifest, sha256_file
+    """Optional full check: sha256 of every shard file against its manifest (data.verify_checksums),
+    hashed in threads by `shards verify`'s own file check. A missing file is left to the loader."""
+    from shards.check import check_files
+    from shards.manifest import read_manifest
 
     from trainer.data import DataError
 
@@ -213,9 +215,11 @@ def verify_sources(cfg: Config) -> None:
             m = read_manifest(s.path)
         except (FileNotFoundError, ValueError) as e:  # names the manifest: one line, no traceback
             raise DataError(f"source '{s.name}' ({s.path}): {e}") from None
-        for rel, entry in m.files.items():
-            f = Path(s.path) / rel
-            if f.exists() and sha256_file(f) != entry.sha256:
+        for problem in check_files(s.path, m, checksums=True):
+            f = Path(s.path) / problem.rel
+            if problem.kind == "size":
+                raise DataError(f"source '{s.name}' ({s.path}): {f} is {problem.got} bytes, manifest says {problem.want}")
+            if problem.kind == "sha256":
                 raise DataError(f"source '{s.name}' ({s.path}): {f} fails its sha256 check against manifest.json (corrupted shard)")
 
 
