@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.logging import logger
@@ -253,7 +254,6 @@ class TokenizeShards(PipelineStep):
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         tok = self.load_tokenizer()
         dtype = dtype_for_vocab(tok.vocab_size)
-        head = [tok.bos_id] if tok.add_bos else []
         eos = tok.eos_id
         if removed := clean_rank_outputs(self.output_dir, rank, self.splits):
             logger.info(f"task {rank}: removed {removed} files left by an earlier unfinished run")
@@ -267,36 +267,30 @@ class TokenizeShards(PipelineStep):
 
         def write(batch, encoded):
             nonlocal docs, tokens
-            per_split: dict[str, list] = {}
-            for (split, _text, doc), ids in zip(batch, encoded):
-                n = len(head) + len(ids) + 1
-                if n > self.max_doc_tokens:
-                    if self.too_long == "skip":
-                        self._skip("skipped_too_long", doc, f"{n:,} tokens > max_doc_tokens {self.max_doc_tokens:,}")
+            for split, (flat, lengths) in encoded.items():
+                if (lengths > self.max_doc_tokens).any():
+                    flat, lengths = self._limit_length(flat, lengths, [d for s, _, d in batch if s == split], eos)
+                    if not len(lengths):  # every document skipped: no shard for this split yet
                         continue
-                    self.stat_update("truncated_too_long")
-                    ids = ids[: self.max_doc_tokens - len(head) - 1]
-                    n = self.max_doc_tokens
-                if head:
-                    ids = head + ids
-                ids.append(eos)  # the tokenizer's fresh list: appending in place is free
-                per_split.setdefault(split, []).append(ids)
-            for split, docs_ids in per_split.items():
-                n_tok = writers[split].write_many(docs_ids)
-                count(f"{split}_documents", len(docs_ids))
+                n_tok = writers[split].write_flat(flat, lengths)
+                count(f"{split}_documents", len(lengths))
                 count(f"{split}_tokens", n_tok)
-                docs += len(docs_ids)
+                docs += len(lengths)
                 tokens += n_tok
 
-        def encode(texts):
-            return tok.encode_batch(texts, num_threads=self.num_threads)
+        def encode(batch):
+            """{split: (ids of its documents concatenated, lengths)}: one tokenizer call per split."""
+            texts: dict[str, list] = {}
+            for split, text, _doc in batch:
+                texts.setdefault(split, []).append(text)
+            return {split: tok.encode_documents_flat(t, num_threads=self.num_threads) for split, t in texts.items()}
 
         try:
             with split_writers(self.output_dir, rank, dtype, tok.name) as writers, ThreadPoolExecutor(1) as pool:
                 pending = None
                 for batch in self._valid_batches(data):
                     with self.track_time(unit="batch"):
-                        future = pool.submit(encode, [t for _, t, _ in batch])
+                        future = pool.submit(encode, batch)
                         if pending is not None:
                             write(pending[0], pending[1].result())
                         pending = (batch, future)
@@ -315,6 +309,23 @@ class TokenizeShards(PipelineStep):
         self._log_progress(rank, docs, tokens, time.perf_counter() - start, final=True)
         return
         yield  # a generator: datatrove drains it
+
+    def _limit_length(self, flat, lengths, docs, eos):
+        """Documents over max_doc_tokens skipped (too_long="skip") or cut to max_doc_tokens - 1 ids
+        plus EOS ("truncate"), each counted; the rest pass unchanged."""
+        keep, out = [], []
+        for d, doc in zip(np.split(flat, np.cumsum(lengths)[:-1]), docs):
+            if len(d) > self.max_doc_tokens:
+                if self.too_long == "skip":
+                    self._skip("skipped_too_long", doc, f"{len(d):,} tokens > max_doc_tokens {self.max_doc_tokens:,}")
+                    continue
+                self.stat_update("truncated_too_long")
+                d = np.append(d[: self.max_doc_tokens - 1], np.asarray(eos, dtype=d.dtype))
+            out.append(d)
+            keep.append(len(d))
+        if not out:
+            return flat[:0], lengths[:0]
+        return np.concatenate(out), np.array(keep, dtype=np.int64)
 
     def _log_progress(self, rank, docs, tokens, elapsed, final=False):
         elapsed = max(elapsed, 1e-9)

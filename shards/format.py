@@ -95,23 +95,36 @@ class ShardWriter:
             return 0
         if (lengths <= 0).any():
             raise ValueError("a document must be a non-empty 1-D sequence of token ids")
+        if loss_masks is not None and self._loss is not None and (
+                len(loss_masks) != len(docs) or any(len(m) != n for m, n in zip(loss_masks, lengths))):
+            raise ValueError("this shard stores loss masks: each document needs one mask value per token")
         flat = np.concatenate([np.asarray(d).reshape(-1) for d in docs])
-        if flat.min() < 0 or flat.max() > self.max_id:
-            raise ValueError(f"token id out of range for {self.dtype.name}: min {flat.min()}, max {flat.max()}")
-        if self._loss is not None:
-            if loss_masks is None or len(loss_masks) != len(docs) or any(
-                len(m) != n for m, n in zip(loss_masks, lengths)
-            ):
-                raise ValueError("this shard stores loss masks: each document needs one mask value per token")
-        elif loss_masks is not None:
-            raise ValueError("loss_mask given to a ShardWriter opened with with_loss=False")
-        self._tokens.write(flat.astype(self.dtype, copy=False).tobytes())
-        if self._loss is not None:
-            self._loss.write(np.concatenate([np.asarray(m, dtype=np.uint8) for m in loss_masks]).tobytes())
-        self._index.write((self.tokens + np.cumsum(lengths)).astype("<u8").tobytes())
+        loss = None if loss_masks is None else np.concatenate([np.asarray(m, dtype=np.uint8) for m in loss_masks])
+        return self.write_flat(flat, lengths, loss)
+
+    def write_flat(self, tokens: np.ndarray, lengths: np.ndarray, loss: np.ndarray | None = None) -> int:
+        """`write_many` for documents already concatenated: tokens [sum(lengths)], one length per
+        document (a tokenizer's batch output needs no split into per-document arrays)."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if len(lengths) == 0:
+            return 0
         total = int(lengths.sum())
+        if (lengths <= 0).any() or len(tokens) != total or tokens.ndim != 1:
+            raise ValueError("a document must be a non-empty 1-D sequence of token ids (lengths must sum to the tokens)")
+        lo, hi = tokens.min(), tokens.max()
+        if lo < 0 or hi > self.max_id:
+            raise ValueError(f"token id out of range for {self.dtype.name}: min {lo}, max {hi}")
+        if self._loss is not None:
+            if loss is None or len(loss) != total:
+                raise ValueError("this shard stores loss masks: each document needs one mask value per token")
+        elif loss is not None:
+            raise ValueError("loss_mask given to a ShardWriter opened with with_loss=False")
+        self._tokens.write(tokens.astype(self.dtype, copy=False).tobytes())
+        if self._loss is not None:
+            self._loss.write(np.asarray(loss, dtype=np.uint8).tobytes())
+        self._index.write((self.tokens + np.cumsum(lengths)).astype("<u8").tobytes())
         self.tokens += total
-        self.documents += len(docs)
+        self.documents += len(lengths)
         return total
 
     def close(self) -> None:

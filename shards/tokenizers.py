@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import itertools
 import json
 import os
 import unicodedata
@@ -69,6 +70,33 @@ EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "[EOS]", "<|end_of_tex
 BOS_NAMES = ("<s>", "<bos>", "<|bos|>", "[BOS]", "<|begin_of_text|>", "<|startoftext|>")
 
 
+def parallel_map(fn, items: list, threads: int) -> list:
+    """[fn(x) for x in items] on `threads` threads of a pool kept for the process, one strided slice
+    of items per thread (fn must release the GIL for this to scale: tiktoken's encoder does).
+    tiktoken's own encode_ordinary_batch submits one future per text and builds a new pool per call:
+    for web-length documents those hand-offs cost more CPU than encoding them (measured in
+    bench/tokenize.py)."""
+    if threads <= 1 or len(items) < 2 * threads:
+        return [fn(x) for x in items]
+    pool = _pool(threads)
+    futures = [pool.submit(_map_slice, fn, items[i::threads]) for i in range(threads)]
+    out = [None] * len(items)
+    for i, f in enumerate(futures):
+        out[i::threads] = f.result()
+    return out
+
+
+def _map_slice(fn, items):
+    return [fn(x) for x in items]
+
+
+@functools.lru_cache(maxsize=4)
+def _pool(threads: int):
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(threads, thread_name_prefix="shardloom-encode")
+
+
 def default_threads() -> int:
     """Every core this process may use (the affinity mask under Slurm/taskset, else cpu_count)."""
     try:
@@ -109,6 +137,16 @@ class Tokenizer:
         """`encode_document` over a batch, on the fast path."""
         head = [self.bos_id] if self.add_bos else []
         return [head + ids + [self.eos_id] for ids in self.encode_batch(texts, num_threads)]
+
+    def encode_documents_flat(self, texts: list[str], num_threads: int | None = None):
+        """`encode_documents` as (every document's ids concatenated, uint32; int64 lengths, one per
+        document): what `ShardWriter.write_flat` takes, without per-document lists where the
+        backend allows it."""
+        import numpy as np
+
+        docs = self.encode_documents(texts, num_threads)
+        lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
+        return np.fromiter(itertools.chain.from_iterable(docs), dtype=np.uint32, count=int(lengths.sum())), lengths
 
     @functools.cached_property
     def vocab_hash(self) -> str:
@@ -171,6 +209,9 @@ class TiktokenTokenizer(Tokenizer):
         self.bos_id = None
         self.add_bos = False
         self.pattern = pattern
+        self._eos_text = eos
+        self._eos_only = {eos}
+        self._eos_marks_ends = self.eos_id > max(ranks.values())  # true of cl100k's and Qwen's ranks
 
     def _norm(self, text: str) -> str:
         # is_normalized is a fast scan; most web text is already NFC, so we rarely copy.
@@ -182,9 +223,48 @@ class TiktokenTokenizer(Tokenizer):
         return self.enc.encode_ordinary(self._norm(text))
 
     def encode_batch(self, texts, num_threads=None):
+        # tiktoken's encoder releases the GIL in Rust: threads scale over cores
+        return parallel_map(self.encode, list(texts), num_threads or default_threads())
+
+    def encode_documents_flat(self, texts, num_threads=None):
+        # A chunk of documents is one Rust call that releases the GIL: joined by the EOS string and
+        # encoded with EOS as the only special token allowed, which splits the text there and encodes
+        # each piece alone, so the result is exactly encode(doc) + [EOS] per document (EOS ids are
+        # not BPE ranks, so they mark the ends). Per-text calls retake the GIL after every document,
+        # and wait for it while a reading thread holds it.
+        import numpy as np
+
+        if not self._eos_marks_ends:
+            return super().encode_documents_flat(texts, num_threads)
         texts = [self._norm(t) for t in texts]
-        # tiktoken's batch call releases the GIL in Rust: threads scale over cores.
-        return self.enc.encode_ordinary_batch(texts, num_threads=num_threads or default_threads())
+        threads = max(1, min(num_threads or default_threads(), len(texts) // 64 or 1))
+        sizes = np.cumsum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)))
+        cuts = [0, *np.searchsorted(sizes, sizes[-1] * np.arange(1, threads) / threads).tolist(), len(texts)] \
+            if texts else [0, 0]
+        chunks = [texts[a:b] for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+        if len(chunks) > 1:
+            pool = _pool(threads)
+            parts = [f.result() for f in [pool.submit(self._encode_joined, c) for c in chunks]]
+        else:
+            parts = [self._encode_joined(c) for c in chunks]
+        flat = np.concatenate(parts) if parts and all(p is not None for p in parts) else None
+        ends = None if flat is None else np.flatnonzero(flat == self.eos_id) + 1
+        if ends is None or len(ends) != len(texts):  # a text holds the EOS string itself, or is not UTF-8
+            return super().encode_documents_flat(texts, num_threads)
+        return flat, np.diff(ends, prepend=0)
+
+    def _encode_joined(self, texts: list[str]):
+        joined = self._eos_text.join(texts) + self._eos_text
+        # the EOS string cannot overlap itself, so this count is len(texts) iff no text contains it
+        if joined.count(self._eos_text) != len(texts):
+            return None
+        try:
+            buf = self.enc._core_bpe.encode_to_tiktoken_buffer(joined, self._eos_only)
+        except UnicodeEncodeError:
+            return None
+        import numpy as np
+
+        return np.frombuffer(buf, dtype=np.uint32)
 
     def decode(self, ids) -> str:
         return self.enc.decode([int(i) for i in ids], errors="replace")
