@@ -43,7 +43,6 @@ VS_LLAMA = {
     "atom-noxsa": {"arch": "dense", "preset": "atom", "xsa_layers": None},
     "axiom-small": ARCHS["axiom-small"],
 }
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
 
 
 def hf_llama_like(model):
@@ -84,12 +83,14 @@ def time_interleaved(steps: dict, warmup: int, reps: int) -> dict[str, tuple[flo
 
 
 def peak_flops(device, override_tflops):
+    """The MFU denominator: --peak-tflops, else the device's dense bf16 peak (trainer.metrics' table)."""
     if override_tflops:
         return override_tflops * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+    from trainer.metrics import peak_flops as device_peak
+
+    return device_peak(device)
 
 
 def main(argv=None):

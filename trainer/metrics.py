@@ -126,7 +126,7 @@ def peak_flops(device) -> float:
     if getattr(device, "type", str(device)) == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, flops in (("H200", 989e12), ("H100", 989e12), ("B200", 2250e12), ("A100", 312e12),
-                           ("L40", 181e12), ("4090", 165e12), ("A10", 125e12)):
+                           ("L40", 181e12), ("L4", 121e12), ("4090", 165e12), ("A10", 125e12)):
             if key in name:
                 return flops
         return 100e12
