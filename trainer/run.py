@@ -23,6 +23,7 @@ import random
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -344,11 +345,38 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+@dataclass
+class TrainState:
+    """What train_state.pt holds (plain types and tensors, so it loads with weights_only=True)."""
+
+    step: int
+    tokens_seen: int
+    optimizer: dict
+    loader: dict
+    rng: dict
+    tokens_by_source: dict
+    stage: str
+    world_size: int
+    total_steps: int
+
+    def state_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def load(cls, ckpt: Path) -> "TrainState":
+        raw = load_train_state(ckpt)
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [n for n in names if n not in raw]
+        if missing:
+            raise ConfigError(f"{ckpt / 'train_state.pt'}: not a train state of this trainer (missing {missing})")
+        return cls(**{n: raw[n] for n in names})
+
+
 def restore(ckpt: Path, cfg: Config, world: int, model, opt, loader, device, d: Dist) -> int:
     """Load a checkpoint for --resume; returns its step. What would change the batches (steps, schedule,
     batch, world size) or cannot carry over (another optimizer, another model shape) is refused in one
     line; any other change (optim.lr, schedule, ...) is applied from this step on, and printed."""
-    st = load_train_state(ckpt)
+    st = TrainState.load(ckpt)
     saved = json.loads((ckpt / "config.json").read_text())
     changes = config_changes(saved, checkpoint_config(cfg, world))
     if saved.get("optim", {}).get("name") != cfg.optim.name:
@@ -357,39 +385,77 @@ def restore(ckpt: Path, cfg: Config, world: int, model, opt, loader, device, d: 
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     try:
         load_model_weights(model, ckpt, device=device)
-        opt.load_state_dict(st["optimizer"])
-        loader.load_state_dict(st["loader"])
+        opt.load_state_dict(st.optimizer)
+        loader.load_state_dict(st.loader)
     except ValueError as e:  # changed steps/schedule/batch/world size: the batches would differ
         hint = ""
-        if st.get("world_size") != world:
-            tps = st["loader"]["rows_per_step"] * st["loader"]["seq_len"]
+        if st.world_size != world:
+            tps = st.loader["rows_per_step"] * st.loader["seq_len"]
             hint = (f"; to resume at world size {world}, keep the tokens per step: batch.tokens_per_step={tps} "
                     f"batch.grad_accum=null (grad_accum then follows the world size)")
         raise ConfigError(
             f"{ckpt}: cannot resume with these settings: {e}. Resume with the settings the run started with "
-            f"(train.steps {st.get('total_steps')}, world size {st.get('world_size')}){hint}, or start a new run "
+            f"(train.steps {st.total_steps}, world size {st.world_size}){hint}, or start a new run "
             f"from its weights with train.init_from={ckpt}") from None
     if changes:  # the saved param groups carry the old lr/betas/decay: the settings given now win
         for g, f in zip(opt.param_groups, fresh):
             g.update(f)
-        say(d, f"[resume] changed since {ckpt.name}, applied from step {int(st['step'])} on: {', '.join(changes)}")
-    set_rng_state(st["rng"])
-    return int(st["step"])
+        say(d, f"[resume] changed since {ckpt.name}, applied from step {int(st.step)} on: {', '.join(changes)}")
+    set_rng_state(st.rng)
+    return int(st.step)
 
 
 # ---------------------------------------------------------------- one stage
 
 
-def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: Path | None,
-                sample: bool = False) -> Path:
+@dataclass
+class Stage:
+    """Everything one stage trains with, built once by `build_stage`."""
+
+    cfg: Config
+    dir: Path
+    d: Dist
+    device: torch.device
+    loader: object
+    eval_sets: dict
+    model: torch.nn.Module       # what runs forward/backward (DDP / compiled wrappers included)
+    raw_model: torch.nn.Module   # the module itself: weights, clipping, eval, checkpoints, the sample
+    ddp: object
+    opt: torch.optim.Optimizer
+    metrics: MetricsLog
+    use_bf16: bool
+    masked: bool                 # loss tokens counted from masks (SFT), else fixed per step
+    vocab: int
+    start_step: int = 0
+
+    @property
+    def world(self) -> int:
+        return self.d.world
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.total_steps(self.world)
+
+    @property
+    def tps(self) -> int:
+        return self.cfg.tokens_per_step(self.world)
+
+    def autocast(self):
+        if self.use_bf16:
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def tokens_by_source(self) -> dict[str, int]:
+        """Tokens drawn per source so far in this stage by all ranks: the loader's cursors (the
+        mixture is a function of the row index, so nothing needs counting on the hot path)."""
+        return {k: v * self.cfg.batch.seq_len for k, v in self.loader.state_dict()["cursors"].items()}
+
+
+def build_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: Path | None) -> Stage:
+    """Preflight (everything that can fail on bad input, before any model memory or training step),
+    then model, optimizer and, with --resume, the newest good checkpoint."""
     device = pick_device(cfg, d)
     d.init(device.type)
-    world = d.world
-    accum = cfg.grad_accum(world)
-    total_steps = cfg.total_steps(world)
-    tps = cfg.tokens_per_step(world)
-
-    # 1. everything that can fail on bad input, before any model memory or training step
     meta = build_meta_model(cfg)
     vocab = int(meta.config.vocab_size)
     if cfg.data.verify_checksums:
@@ -405,7 +471,6 @@ def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
     if not resume and (stage_dir / "checkpoints").exists() and any((stage_dir / "checkpoints").iterdir()):
         raise ConfigError(f"{stage_dir}: already holds checkpoints; pass --resume to continue or --overwrite to start over")
 
-    # 2. model, optimizer
     seed_all(cfg.train.seed)
     from trainer.models import build_model
 
@@ -418,117 +483,123 @@ def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
         say(d, f"[init] model weights from {init_from} (fresh optimizer"
                f"{', data cursor reset' if cfg.train.reset_data_cursor else ''})")
     opt = build_optimizer(model, cfg.optim, device.type)
-    raw_model = model
-    ddp = None
+    raw_model, ddp = model, None
     if d.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = ddp = DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None)
     if cfg.train.compile:
         model = torch.compile(model)
-    use_bf16 = cfg.train.dtype == "bf16" and device.type == "cuda"
     if cfg.train.dtype == "bf16" and device.type != "cuda":
         say(d, "[dtype] bf16 autocast is a GPU path; training in fp32 on CPU")
-
-    def autocast():
-        if use_bf16:
-            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    metrics = MetricsLog(stage_dir, enabled=d.main)
-    start_step = 0
+    s = Stage(cfg, stage_dir, d, device, loader, eval_sets, model, raw_model, ddp, opt,
+              MetricsLog(stage_dir, enabled=d.main), use_bf16=cfg.train.dtype == "bf16" and device.type == "cuda",
+              masked=cfg.data.packing == "document" or any(src.has_loss for src in loader.sources), vocab=vocab)
     if resume_from is not None:
-        start_step = restore(resume_from, cfg, world, raw_model, opt, loader, device, d)
-        say(d, f"[resume] {resume_from} (step {start_step}, {fmt_count(start_step * tps)} tokens)")
+        s.start_step = restore(resume_from, cfg, s.world, raw_model, opt, loader, device, d)
+        say(d, f"[resume] {resume_from} (step {s.start_step}, {fmt_count(s.start_step * s.tps)} tokens)")
     elif init_from is not None and cfg.train.reset_data_cursor:
         loader.reset_data_cursor(0)
     # rows past start_step belong to a run that died after them: the resumed (or restarted) run logs them again
-    if dropped := metrics.truncate_after(start_step):
-        say(d, f"[metrics] dropped {dropped} rows logged after step {start_step} by an interrupted run")
+    if dropped := s.metrics.truncate_after(s.start_step):
+        say(d, f"[metrics] dropped {dropped} rows logged after step {s.start_step} by an interrupted run")
+    return s
 
-    # loss tokens per step: fixed for unmasked stream data, else counted from the step's masks
-    masked = cfg.data.packing == "document" or any(s.has_loss for s in loader.sources)
-    fpt = float(raw_model.flops_per_token(cfg.batch.seq_len))
-    prog = Progress(total_steps, start_step, tps, fpt, peak_flops(device) * world)
-    peak = cfg.optim.lr
-    config_json = checkpoint_config(cfg, world)
 
-    def tokens_by_source() -> dict[str, int]:
-        """Tokens drawn per source so far in this stage by all ranks: the loader's cursors (the
-        mixture is a function of the row index, so nothing needs counting on the hot path)."""
-        return {k: v * cfg.batch.seq_len for k, v in loader.state_dict()["cursors"].items()}
+def save(s: Stage, step: int) -> None:
+    """A checkpoint after `step` steps (tokens_seen is step * tps: a resumed loader refuses another
+    rows_per_step)."""
+    if s.d.main:
+        state = TrainState(step=step, tokens_seen=step * s.tps, optimizer=s.opt.state_dict(),
+                           loader=s.loader.state_dict(), rng=rng_state(), tokens_by_source=s.tokens_by_source(),
+                           stage=s.cfg.name, world_size=s.world, total_steps=s.total_steps)
+        p = save_checkpoint(s.dir, step, s.raw_model, state.state_dict(), checkpoint_config(s.cfg, s.world),
+                            s.cfg.checkpoint.keep_last)
+        print(f"[checkpoint] saved {p}", flush=True)
+    s.d.barrier()
 
-    # tokens_seen after `step` steps is step * tps: a resumed loader refuses another rows_per_step
-    def checkpoint(step: int):
-        if d.main:
-            state = {"step": step, "tokens_seen": step * tps, "optimizer": opt.state_dict(),
-                     "loader": loader.state_dict(), "rng": rng_state(), "tokens_by_source": tokens_by_source(),
-                     "stage": cfg.name, "world_size": world, "total_steps": total_steps}
-            p = save_checkpoint(stage_dir, step, raw_model, state, config_json, cfg.checkpoint.keep_last)
-            print(f"[checkpoint] saved {p}", flush=True)
-        d.barrier()
 
-    def run_eval(step: int):
-        if not eval_sets:
-            return
-        losses = evaluate(raw_model, eval_sets, device, autocast, d)
-        metrics.log_eval(step, step * tps, losses)
-        metrics.log({"type": "mixture", "step": step, "tokens": step * tps, "tokens_by_source": tokens_by_source()})
-        if d.main:
-            print("[eval] step {} | ".format(step) + " | ".join(
-                f"{k} {v:.4f} (ppl {math.exp(min(v, 50)):.1f})" for k, v in losses.items()), flush=True)
-            try:
-                plot(stage_dir)
-            except Exception as e:  # noqa: BLE001 - a plotting problem must never stop training
-                print(f"[plot] failed: {e}", flush=True)
+def run_eval(s: Stage, step: int) -> None:
+    if not s.eval_sets:
+        return
+    losses = evaluate(s.raw_model, s.eval_sets, s.device, s.autocast, s.d)
+    s.metrics.log_eval(step, step * s.tps, losses)
+    s.metrics.log({"type": "mixture", "step": step, "tokens": step * s.tps, "tokens_by_source": s.tokens_by_source()})
+    if s.d.main:
+        print("[eval] step {} | ".format(step) + " | ".join(
+            f"{k} {v:.4f} (ppl {math.exp(min(v, 50)):.1f})" for k, v in losses.items()), flush=True)
+        try:
+            plot(s.dir)
+        except Exception as e:  # noqa: BLE001 - a plotting problem must never stop training
+            print(f"[plot] failed: {e}", flush=True)
 
-    if d.main:
-        print(f"[train] {cfg.name or Path(cfg.source_file).stem}: {total_steps} steps x {tps:,} tokens "
-              f"(grad_accum {accum}, world {world}) on {device.type} -> {stage_dir}", flush=True)
-    model.train()
-    prefetch = Prefetcher(loader, start_step, total_steps, pin_memory=device.type == "cuda")  # builds the next step's batches during this one
-    for step in range(start_step, total_steps):
-        lr = set_lr(opt, step, peak, total_steps, cfg.schedule)
-        batches = [prefetch.batch(step, micro) for micro in range(accum)]
-        check_batch_ids(batches, vocab, step, cfg)
-        weights = batches[0][3]["weights"]
-        step_tokens = tps
-        if masked:  # one all-reduce per step, before any backward pass
-            n = sum(loss_tokens(y, mask) for _, y, mask, _ in batches)
-            step_tokens = int(d.sum(torch.tensor(n, dtype=torch.int64, device=device)))
-        loss_sum = forward_backward(model, batches, step_tokens, world, device, autocast, ddp)
-        gnorm = None
-        if cfg.optim.grad_clip and cfg.optim.grad_clip > 0:
-            gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.optim.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        done = step + 1
-        if done % cfg.train.log_every == 0 or done == total_steps or done == start_step + 1:
-            loss_val = float(d.sum(loss_sum)) / max(step_tokens, 1)
-            row = {"type": "train", "step": done, "tokens": done * tps, "loss": loss_val, "lr": lr,
-                   "weights": weights, "time": time.time()}
-            if gnorm is not None:
-                row["grad_norm"] = float(gnorm)
-            metrics.log(row)
-            if d.main and (done % cfg.train.print_every == 0 or done == total_steps or done == start_step + 1):
-                print(prog.line(step, loss_val, lr), flush=True)
-            if not math.isfinite(loss_val):
-                raise FloatingPointError(f"loss is {loss_val} at step {done}: stopping (last checkpoint kept)")
-        if cfg.eval.every and done % cfg.eval.every == 0 and done != total_steps:
-            run_eval(done)
-        if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != total_steps:
-            checkpoint(done)
-    prefetch.close()
-    final = step_dir(stage_dir, total_steps)
-    if start_step < total_steps:  # else resumed from the final checkpoint: its eval (logged first) and save are done
-        run_eval(total_steps)
-        checkpoint(total_steps)
-    if d.main:
-        (stage_dir / "DONE").write_text(f"{final}\n")
+
+def train_step(s: Stage, prefetch, step: int, prog: Progress) -> None:
+    """One optimizer step: grad_accum micro-batches, clipping, the update, and its metrics row."""
+    cfg, accum = s.cfg, s.cfg.grad_accum(s.world)
+    lr = set_lr(s.opt, step, cfg.optim.lr, s.total_steps, cfg.schedule)
+    batches = [prefetch.batch(step, micro) for micro in range(accum)]
+    check_batch_ids(batches, s.vocab, step, cfg)
+    weights = batches[0][3]["weights"]
+    step_tokens = s.tps
+    if s.masked:  # one all-reduce per step, before any backward pass
+        n = sum(loss_tokens(y, mask) for _, y, mask, _ in batches)
+        step_tokens = int(s.d.sum(torch.tensor(n, dtype=torch.int64, device=s.device)))
+    loss_sum = forward_backward(s.model, batches, step_tokens, s.world, s.device, s.autocast, s.ddp)
+    gnorm = None
+    if cfg.optim.grad_clip and cfg.optim.grad_clip > 0:
+        gnorm = torch.nn.utils.clip_grad_norm_(s.raw_model.parameters(), cfg.optim.grad_clip)
+    s.opt.step()
+    s.opt.zero_grad(set_to_none=True)
+    done = step + 1
+    if done % cfg.train.log_every == 0 or done == s.total_steps or done == s.start_step + 1:
+        loss_val = float(s.d.sum(loss_sum)) / max(step_tokens, 1)
+        row = {"type": "train", "step": done, "tokens": done * s.tps, "loss": loss_val, "lr": lr,
+               "weights": weights, "time": time.time()}
+        if gnorm is not None:
+            row["grad_norm"] = float(gnorm)
+        s.metrics.log(row)
+        if s.d.main and (done % cfg.train.print_every == 0 or done == s.total_steps or done == s.start_step + 1):
+            print(prog.line(step, loss_val, lr), flush=True)
+        if not math.isfinite(loss_val):
+            raise FloatingPointError(f"loss is {loss_val} at step {done}: stopping (last checkpoint kept)")
+
+
+def finish(s: Stage, sample: bool) -> Path:
+    """The final eval and checkpoint, DONE, and (last stage) the sample from the trained model."""
+    final = step_dir(s.dir, s.total_steps)
+    if s.start_step < s.total_steps:  # else resumed from the final checkpoint: its eval (logged first) and save are done
+        run_eval(s, s.total_steps)
+        save(s, s.total_steps)
+    if s.d.main:
+        (s.dir / "DONE").write_text(f"{final}\n")
         if sample:
-            sample_generation(cfg, raw_model)
-    d.barrier()
+            sample_generation(s.cfg, s.raw_model)
+    s.d.barrier()
     return final
+
+
+def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: Path | None,
+                sample: bool = False) -> Path:
+    s = build_stage(cfg, stage_dir, d, resume, init_from)
+    total = s.total_steps
+    prog = Progress(total, s.start_step, s.tps, float(s.raw_model.flops_per_token(cfg.batch.seq_len)),
+                    peak_flops(s.device) * s.world)
+    if d.main:
+        print(f"[train] {cfg.name or Path(cfg.source_file).stem}: {total} steps x {s.tps:,} tokens "
+              f"(grad_accum {cfg.grad_accum(s.world)}, world {s.world}) on {s.device.type} -> {stage_dir}", flush=True)
+    s.model.train()
+    # builds the next step's batches during this one
+    prefetch = Prefetcher(s.loader, s.start_step, total, pin_memory=s.device.type == "cuda")
+    for step in range(s.start_step, total):
+        train_step(s, prefetch, step, prog)
+        done = step + 1
+        if cfg.eval.every and done % cfg.eval.every == 0 and done != total:
+            run_eval(s, done)
+        if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != total:
+            save(s, done)
+    prefetch.close()
+    return finish(s, sample)
 
 
 def encode_with_specials(tok, text: str) -> list[int]:
