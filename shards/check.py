@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .format import INDEX, LOSS, METADATA, SUFFIXES, TOKENS, dtype_for_vocab, max_id, open_shard, read_metadata, shard_file
+from .format import (INDEX, LOSS, METADATA, SUFFIXES, TOKENS, check_layout, dtype_for_vocab, max_id, open_shard,
+                     read_metadata, shard_file)
 from .manifest import MANIFEST, Manifest, find_shards, read_manifest, sha256_file
 
 CHUNK = 1 << 24  # tokens per chunk when scanning ids (32-64 MiB of shard at a time)
@@ -247,35 +248,24 @@ def _check_shard(directory: Path, rel: str, stats, manifest: Manifest, rep: Veri
     except (OSError, ValueError) as e:
         rep.add(names[METADATA], str(e))
         meta = None
-    nbytes = path.stat().st_size
-    if nbytes % dtype.itemsize:
-        rep.add(rel, f"size {nbytes} is not a multiple of {dtype.itemsize} ({dtype.name})")
+    layout = check_layout(path, dtype, name=rel)
+    for suffix, problem in layout.problems:
+        if suffix != LOSS:
+            rep.add(names[suffix], problem)
+    if layout.tokens < 0:
         return
-    n = nbytes // dtype.itemsize
+    n, ends = layout.tokens, layout.ends
     if meta is not None and meta.tokens != n:
         rep.add(names[METADATA], f"says {meta.tokens} tokens, {rel} holds {n}")
-    index_path = shard_file(path, INDEX)
-    isize = index_path.stat().st_size
-    if isize % 8:
-        rep.add(names[INDEX], f"size {isize} is not a multiple of 8 (uint64 offsets)")
+    if ends is None:  # the index is not whole uint64 offsets
         return
-    ends = np.memmap(index_path, dtype="<u8", mode="r") if isize else np.zeros(0, "<u8")
-    if len(ends) == 0 and n:
-        rep.add(names[INDEX], f"empty index for {n} tokens")
-    elif len(ends):
-        starts = np.concatenate([[0], ends[:-1]]).astype(np.uint64)
-        bad = np.flatnonzero(ends <= starts)
-        if len(bad):
-            rep.add(names[INDEX], f"not strictly increasing at document {int(bad[0])} ({len(bad)} bad entries)")
-        if int(ends[-1]) != n:
-            rep.add(names[INDEX], f"last offset {int(ends[-1])} != {n} tokens in {rel}")
     if stats is not None and (len(ends) != stats.documents or n != stats.tokens):
         rep.add(rel, f"{len(ends)} documents / {n} tokens, manifest says {stats.documents} / {stats.tokens}")
     loss_path = shard_file(path, LOSS)
     if loss_path.exists():
-        lsize = loss_path.stat().st_size
-        if lsize != n:
-            rep.add(names[LOSS], f"{lsize} mask bytes for {n} tokens")
+        loss_problems = [problem for suffix, problem in layout.problems if suffix == LOSS]
+        if loss_problems:
+            rep.add(names[LOSS], loss_problems[0])
         elif n:
             loss = np.memmap(loss_path, dtype=np.uint8, mode="r")
             ones = 0

@@ -245,30 +245,70 @@ class Shard:
         return np.asarray(self.tokens[self.offsets[i] : self.offsets[i + 1]])
 
 
+@dataclass
+class Layout:
+    """What NAME.ds's files say about each other, read without trusting metadata or manifest."""
+
+    tokens: int  # ids in NAME.ds; -1 when its size is not a whole number of them
+    ends: np.ndarray | None  # the index's document end offsets; None when absent or unreadable
+    problems: list[tuple[str, str]]  # (suffix, what is wrong), in the order checked
+
+
+def check_layout(path: str | Path, dtype: np.dtype, name: str | None = None) -> Layout:
+    """The one rule for a shard's own consistency (open_shard raises its first problem, `shards
+    verify` lists them all): NAME.ds a whole number of ids, the index uint64 offsets rising strictly
+    and ending at the token count, NAME.ds.loss one byte per token. A missing index or loss file is
+    not a problem here: whether one is needed is the caller's to say. `name` is what the messages
+    call NAME.ds (its file name by default)."""
+    path, dtype = Path(path), np.dtype(dtype)
+    nbytes = path.stat().st_size
+    if nbytes % dtype.itemsize:
+        return Layout(-1, None, [(TOKENS, f"size {nbytes} is not a multiple of {dtype.itemsize} ({dtype.name})")])
+    n = nbytes // dtype.itemsize
+    problems: list[tuple[str, str]] = []
+    index_path, ends = shard_file(path, INDEX), None
+    if index_path.exists():
+        isize = index_path.stat().st_size
+        if isize % 8:
+            problems.append((INDEX, f"size {isize} is not a multiple of 8 (uint64 offsets)"))
+        else:
+            ends = np.fromfile(index_path, dtype="<u8")
+            if len(ends) == 0 and n:
+                problems.append((INDEX, f"empty index for {n} tokens"))
+            elif len(ends):
+                starts = np.concatenate([[0], ends[:-1]]).astype(np.uint64)
+                bad = np.flatnonzero(ends <= starts)
+                if len(bad):
+                    problems.append((INDEX, f"not strictly increasing at document {int(bad[0])} ({len(bad)} bad entries)"))
+                if int(ends[-1]) != n:
+                    problems.append((INDEX, f"last offset {int(ends[-1])} != {n} tokens in {name or path.name}"))
+    loss_path = shard_file(path, LOSS)
+    if loss_path.exists() and loss_path.stat().st_size != n:
+        problems.append((LOSS, f"{loss_path.stat().st_size} mask bytes for {n} tokens"))
+    return Layout(n, ends, problems)
+
+
 def open_shard(path: str | Path, dtype: np.dtype | None = None) -> Shard:
     """Memory-map NAME.ds (+ index, + loss). dtype defaults to the one in the metadata; when
-    the caller passes the manifest's dtype the two must agree."""
+    the caller passes the manifest's dtype the two must agree. Raises the first `check_layout` problem."""
     path = Path(path)
     meta = read_metadata(path)
     if dtype is not None and np.dtype(dtype) != meta.dtype:
         raise ValueError(f"{path}: manifest says {np.dtype(dtype).name} but shard metadata says {meta.dtype.name}")
     dtype = meta.dtype
-    nbytes = path.stat().st_size
-    if nbytes % dtype.itemsize:
-        raise ValueError(f"{path}: size {nbytes} is not a multiple of {dtype.itemsize} ({dtype.name})")
-    n = nbytes // dtype.itemsize
-    tokens = map_readonly(path, dtype, n)
+    layout = check_layout(path, dtype)
+    if layout.problems and layout.problems[0][0] == TOKENS:
+        raise ValueError(f"{path}: {layout.problems[0][1]}")
     index_path = shard_file(path, INDEX)
-    ends = np.fromfile(index_path, dtype="<u8") if index_path.exists() else None
-    if ends is None:
+    if not index_path.exists():
         raise FileNotFoundError(f"{index_path}: missing document index")
-    offsets = np.concatenate([[0], ends]).astype(np.int64)
-    if len(ends) and (ends[-1] != n or np.any(np.diff(offsets) <= 0)):
-        raise ValueError(f"{index_path}: index inconsistent with {n} tokens in {path.name}")
+    n = layout.tokens
+    for suffix, problem in layout.problems[:1]:
+        where = shard_file(path, suffix)
+        if suffix == INDEX:
+            raise ValueError(f"{where}: index inconsistent with {n} tokens in {path.name}: {problem}")
+        raise ValueError(f"{where}: {problem}")
+    offsets = np.concatenate([[0], layout.ends]).astype(np.int64)
     loss_path = shard_file(path, LOSS)
-    loss = None
-    if loss_path.exists():
-        if loss_path.stat().st_size != n:
-            raise ValueError(f"{loss_path}: {loss_path.stat().st_size} mask bytes for {n} tokens")
-        loss = map_readonly(loss_path, np.uint8, n)
-    return Shard(path=path, tokens=tokens, offsets=offsets, loss=loss)
+    loss = map_readonly(loss_path, np.uint8, n) if loss_path.exists() else None
+    return Shard(path=path, tokens=map_readonly(path, dtype, n), offsets=offsets, loss=loss)
