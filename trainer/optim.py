@@ -11,14 +11,13 @@ base_lr by the schedule multiplier.
 """
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
 
 from .config import MUON_MOMENTUM_STYLES, MUON_NS_DTYPES, OptimSection
+from .log import log
 
-log = logging.getLogger(__name__)
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
@@ -180,8 +179,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimSection, device_type: str 
             bnb = None
         if bnb is None or device_type != "cuda":
             why = "bitsandbytes is not installed" if bnb is None else "not on CUDA"
-            log.warning("optim.name=adamw8bit: %s; falling back to torch.optim.AdamW", why)
-            print(f"[optim] adamw8bit unavailable ({why}); using AdamW", flush=True)
+            log.info(f"[optim] adamw8bit unavailable ({why}); using AdamW")
             name = "adamw"
         else:
             groups = adamw_groups(by_kind, cfg.lr, cfg.weight_decay, cfg.decay_kinds)
