@@ -142,6 +142,33 @@ def upload(local_dir: str | Path, uri: str, endpoint_url: str | None = None, pro
         raise StorageError(f"{mpath} missing: {local_dir} is not a finished shard directory (its pipeline has "
                            f"not completed); refusing to upload an incomplete dataset — pass --force to upload "
                            f"the files anyway (no manifest is written then)")
+    return _upload(local_dir, uri, expected, MANIFEST, manifest_bytes, t0, endpoint_url, profile, region, workers,
+                   multipart_threshold, multipart_chunksize, max_attempts, file_attempts, progress)
+
+
+def upload_files(local_dir: str | Path, uri: str, files: dict[str, str], last: str, endpoint_url: str | None = None,
+                 profile: str | None = None, region: str | None = None, workers: int = 8, *,
+                 multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
+                 multipart_chunksize: int = DEFAULT_MULTIPART_CHUNKSIZE, max_attempts: int = 5,
+                 file_attempts: int = 3, progress: bool = True) -> TransferSummary:
+    """`upload` for a folder that is not a shard dataset (a checkpoint): `files` maps each relative
+    path to the sha256 it must have (checked before sending, verified once stored), and `last`, the
+    file that lists them (a checkpoint's checksums.json), goes last: its presence says complete."""
+    t0 = time.time()
+    local_dir = Path(local_dir)
+    where = str(local_dir / last)
+    expected = {_safe_rel(rel, where): ((local_dir / rel).stat().st_size if (local_dir / rel).is_file() else -1, sha)
+                for rel, sha in files.items()}
+    return _upload(local_dir, uri, expected, last, (local_dir / last).read_bytes(), t0, endpoint_url, profile,
+                   region, workers, multipart_threshold, multipart_chunksize, max_attempts, file_attempts, progress)
+
+
+def _upload(local_dir: Path, uri: str, expected: dict[str, tuple[int, str]], last: str, last_bytes: bytes | None,
+            t0: float, endpoint_url, profile, region, workers: int, multipart_threshold: int,
+            multipart_chunksize: int, max_attempts: int, file_attempts: int, progress: bool) -> TransferSummary:
+    """Check the local files against `expected` ({rel: (bytes, sha256 or "")}), send what the
+    destination lacks, then `last_bytes` as `last` (none when None)."""
+    mpath = local_dir / last
 
     # 1. the local copy must be what its manifest says, or we would publish corrupt data
     def local_check(rel: str) -> tuple[str, str]:
@@ -164,7 +191,7 @@ def upload(local_dir: str | Path, uri: str, endpoint_url: str | None = None, pro
     summary = TransferSummary("upload", remote.uri, str(local_dir), files=len(expected))
     summary.aborted_multipart = remote.abort_multipart()
     listing = remote.list_objects()
-    mkey = remote.key(MANIFEST)
+    mkey = remote.key(last)
 
     def already_there(rel: str) -> bool:
         size = expected[rel][0]
@@ -174,10 +201,10 @@ def upload(local_dir: str | Path, uri: str, endpoint_url: str | None = None, pro
     present = _pool_map(already_there, list(expected), workers)
     todo = [rel for rel, ok in zip(expected, present) if not ok]
     summary.skipped = [rel for rel, ok in zip(expected, present) if ok]
-    if mkey in listing and (todo or manifest_bytes is None or remote.get_bytes(MANIFEST) != manifest_bytes):
+    if mkey in listing and (todo or last_bytes is None or remote.get_bytes(last) != last_bytes):
         # files are about to change (or an older dataset lives here): take the manifest down first so
         # that nobody meanwhile sees a "complete" dataset whose manifest does not match its files
-        remote.call(f"removing stale {remote.url(MANIFEST)}", remote.client.delete_object,
+        remote.call(f"removing stale {remote.url(last)}", remote.client.delete_object,
                     Bucket=remote.bucket, Key=mkey)
         listing.pop(mkey)
 
@@ -208,13 +235,13 @@ def upload(local_dir: str | Path, uri: str, endpoint_url: str | None = None, pro
     summary.aborted_multipart += remote.abort_multipart()  # nothing half-made stays behind
 
     # 4. the manifest, last: its presence says "complete"
-    if manifest_bytes is not None and mkey not in listing:
-        sha = hashlib.sha256(manifest_bytes).hexdigest()
-        remote.retry(f"uploading {remote.url(MANIFEST)}",
-                     lambda: remote.client.put_object(Bucket=remote.bucket, Key=mkey, Body=manifest_bytes,
+    if last_bytes is not None and mkey not in listing:
+        sha = hashlib.sha256(last_bytes).hexdigest()
+        remote.retry(f"uploading {remote.url(last)}",
+                     lambda: remote.client.put_object(Bucket=remote.bucket, Key=mkey, Body=last_bytes,
                                                       ChecksumAlgorithm="SHA256", Metadata={"sha256": sha}))
-        summary.transferred.append(MANIFEST)
-        summary.bytes_transferred += len(manifest_bytes)
+        summary.transferred.append(last)
+        summary.bytes_transferred += len(last_bytes)
     summary.seconds = time.time() - t0
     log.info(summary.line())
     return summary
@@ -232,31 +259,48 @@ def download(uri: str, local_dir: str | Path, endpoint_url: str | None = None, p
     """Download a dataset whose manifest is at URI/manifest.json. Local files that already hash to
     the manifest are kept; each other file goes to NAME.part, is hashed, and renamed into place only
     if it matches; the manifest is written last."""
+    def manifest_files(data: bytes, where: str) -> dict[str, tuple[int | None, str]]:
+        try:
+            manifest = Manifest.from_dict(json.loads(data), where)
+        except (ValueError, json.JSONDecodeError) as e:
+            raise StorageError(f"{where}: unreadable manifest ({e})") from None
+        return {rel: (e.bytes, e.sha256) for rel, e in manifest.files.items()}
+
+    return download_files(uri, local_dir, MANIFEST, manifest_files, endpoint_url, profile, region, workers,
+                          multipart_threshold=multipart_threshold, multipart_chunksize=multipart_chunksize,
+                          max_attempts=max_attempts, file_attempts=file_attempts, progress=progress)
+
+
+def download_files(uri: str, local_dir: str | Path, last: str, files_of, endpoint_url: str | None = None,
+                   profile: str | None = None, region: str | None = None, workers: int = 8, *,
+                   multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
+                   multipart_chunksize: int = DEFAULT_MULTIPART_CHUNKSIZE, max_attempts: int = 5,
+                   file_attempts: int = 3, progress: bool = True) -> TransferSummary:
+    """`download` for any folder whose file `last` lists the others: `files_of(bytes of last, its
+    URL)` gives {rel: (bytes or None for "as listed", sha256)} (paths from a bucket are untrusted: each
+    must stay inside local_dir); `last` is written last."""
     t0 = time.time()
     local_dir = Path(local_dir)
     remote = _Remote(uri, endpoint_url, profile, region, workers, max_attempts, file_attempts)
     remote.check_bucket()
     listing = remote.list_objects()
-    mkey = remote.key(MANIFEST)
+    mkey = remote.key(last)
     if mkey not in listing:
-        raise StorageError(f"{remote.url(MANIFEST)} not found: not a ShardLoom dataset, or its upload has not "
-                           f"finished (the manifest is uploaded last)")
-    manifest_bytes = remote.get_bytes(MANIFEST)
-    try:
-        manifest = Manifest.from_dict(json.loads(manifest_bytes), remote.url(MANIFEST))
-    except (ValueError, json.JSONDecodeError) as e:
-        raise StorageError(f"{remote.url(MANIFEST)}: unreadable manifest ({e})") from None
-    expected = {_safe_rel(rel, remote.url(MANIFEST)): (e.bytes, e.sha256) for rel, e in manifest.files.items()}
-    for rel, (size, _) in expected.items():
+        what = "not a ShardLoom dataset, or its upload" if last == MANIFEST else "no upload here, or it"
+        raise StorageError(f"{remote.url(last)} not found: {what} has not finished ({last} is uploaded last)")
+    manifest_bytes = remote.get_bytes(last)
+    expected = {_safe_rel(rel, remote.url(last)): v for rel, v in files_of(manifest_bytes, remote.url(last)).items()}
+    for rel, (size, sha) in expected.items():
         have = listing.get(remote.key(rel))
         if have is None:
-            raise StorageError(f"{remote.url(rel)}: listed in the remote manifest but missing from the bucket")
-        if have != size:
+            raise StorageError(f"{remote.url(rel)}: listed in the remote {last} but missing from the bucket")
+        if size is not None and have != size:
             raise StorageError(f"{remote.url(rel)}: object is {have} bytes, the manifest says {size} "
                                f"(tampered or partially replaced dataset)")
+        expected[rel] = (have, sha)
 
     local_dir.mkdir(parents=True, exist_ok=True)
-    mpath = local_dir / MANIFEST
+    mpath = local_dir / last
     if mpath.exists() and mpath.read_bytes() != manifest_bytes:
         mpath.unlink()  # the local copy is about to change: it must not look complete meanwhile
     summary = TransferSummary("download", remote.uri, str(local_dir), files=len(expected))
@@ -300,10 +344,10 @@ def download(uri: str, local_dir: str | Path, endpoint_url: str | None = None, p
         for rel in todo:  # a failed or interrupted file leaves no .part behind
             (local_dir / (rel + ".part")).unlink(missing_ok=True)
     if not mpath.exists():
-        tmp = mpath.with_name(MANIFEST + ".tmp")
+        tmp = mpath.with_name(last + ".tmp")
         tmp.write_bytes(manifest_bytes)
         os.replace(tmp, mpath)
-        summary.transferred.append(MANIFEST)
+        summary.transferred.append(last)
         summary.bytes_transferred += len(manifest_bytes)
     summary.seconds = time.time() - t0
     log.info(summary.line())
@@ -320,6 +364,25 @@ def sync(src: str | Path, dst: str | Path, endpoint_url: str | None = None, prof
         kwargs.pop("force", None)
         return download(str(src), dst, endpoint_url, profile, region, workers, **kwargs)
     raise StorageError(f"sync needs exactly one s3:// side (got {src} -> {dst})")
+
+
+def listing(uri: str, endpoint_url: str | None = None, profile: str | None = None,
+            region: str | None = None) -> dict[str, int]:
+    """{path relative to URI: bytes} of every object under URI."""
+    remote = _Remote(uri, endpoint_url, profile, region, 1, 5, 1)
+    cut = len(remote.key(""))
+    return {k[cut:]: size for k, size in remote.list_objects().items()}
+
+
+def remove(uri: str, first: str | None = None, endpoint_url: str | None = None, profile: str | None = None,
+           region: str | None = None) -> int:
+    """Delete every object under URI, `first` (the file whose presence says complete) before the
+    others, so a half-deleted folder never looks complete. Returns how many went."""
+    remote = _Remote(uri, endpoint_url, profile, region, 1, 5, 1)
+    keys = sorted(remote.list_objects(), key=lambda k: k != remote.key(first) if first else False)
+    for k in keys:
+        remote.call(f"deleting s3://{remote.bucket}/{k}", remote.client.delete_object, Bucket=remote.bucket, Key=k)
+    return len(keys)
 
 
 # ----------------------------------------------------------------------------------------------
