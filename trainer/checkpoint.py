@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_model
+from safetensors.torch import save_file, save_model
 
 from shards.manifest import sha256_file
 
@@ -79,20 +79,31 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(run_dir, step: int, model: torch.nn.Module, train_state: dict, config: dict, keep_last: int = 3) -> Path:
-    """Write step_X.tmp/ then rename to step_X/ (rank 0 only). Prunes to the newest `keep_last`."""
+def save_checkpoint(run_dir, step: int, model: torch.nn.Module | dict, train_state: dict, config: dict,
+                    keep_last: int = 3, folders: dict[str, Path] | None = None) -> Path:
+    """Write step_X.tmp/ then rename to step_X/ (rank 0 only). Prunes to the newest `keep_last`.
+    `model` is a module or a full state dict (FSDP gathers one); `folders` are moved in before the
+    rename, under their names (FSDP's optimizer state, written by every rank through DCP), and
+    their files go into checksums.json too."""
     final = step_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / "model.safetensors"))  # dedups tied tensors
+    if isinstance(model, dict):
+        save_file({k: v.contiguous() for k, v in model.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        save_model(model, str(tmp / "model.safetensors"))  # dedups tied tensors
+    names = FILES
+    for name, folder in (folders or {}).items():
+        os.replace(folder, tmp / name)
+        names += tuple(sorted(p.relative_to(tmp).as_posix() for p in (tmp / name).rglob("*") if p.is_file()))
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     torch.save(train_state, tmp / "train_state.pt")
     with ThreadPoolExecutor(len(FILES)) as pool:  # hashlib releases the GIL: the files hash in parallel
-        sums = dict(zip(FILES, pool.map(lambda name: sha256_file(tmp / name), FILES)))
+        sums = dict(zip(names, pool.map(lambda name: sha256_file(tmp / name), names)))
     (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=2, sort_keys=True) + "\n")
-    for name in FILES + (CHECKSUMS,):
+    for name in names + (CHECKSUMS,):
         with open(tmp / name, "rb") as f:
             os.fsync(f.fileno())
     _fsync_dir(tmp)

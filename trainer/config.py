@@ -124,6 +124,7 @@ class TrainSection:
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False
     activation_checkpointing: bool = False
+    parallel: str = "ddp"  # ddp (replicated weights) | fsdp (FSDP2: weights, grads, optimizer sharded)
     init_from: str | None = None  # checkpoint dir (or run dir) to take model weights from
     reset_data_cursor: bool = False  # with init_from: the loader starts from step 0 of its own schedule
     log_every: int = 1  # metrics.jsonl train rows (loss all-reduced: one sync per row)
@@ -140,7 +141,24 @@ class EvalSection:
 @dataclass
 class CheckpointSection:
     every: int = 0  # 0: only at the end
-    keep_last: int = 3
+    keep_last: int = 3  # locally, and under `upload`
+    upload: str | None = None  # s3://bucket/run: each finished checkpoint pushed there in the background
+    endpoint_url: str | None = None  # for `upload` and s3:// resume/init_from (R2); else the AWS chain
+
+
+@dataclass
+class WandbSection:
+    project: str = ""
+    name: str | None = None  # None: W&B's own run name
+    entity: str | None = None
+
+
+@dataclass
+class LoggingSection:
+    """Mirrors of metrics.jsonl on rank 0, both off by default (trainer/loggers.py)."""
+
+    wandb: WandbSection | None = None
+    tensorboard: str | None = None  # event-file folder
 
 
 @dataclass
@@ -162,6 +180,7 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
     sample: SampleSection = field(default_factory=SampleSection)
     name: str = ""  # stage name ("" for single-stage curricula)
     source_file: str = ""  # where this came from (for messages)
@@ -503,6 +522,8 @@ def validate(cfg: Config, world_size: int = 1, where: str = "") -> None:
         err("train.tokens", f"{cfg.train.tokens} tokens is less than one step of {cfg.tokens_per_step(world_size)}")
     if cfg.train.dtype not in ("bf16", "fp32"):
         err("train.dtype", f"expected bf16 | fp32, got {cfg.train.dtype!r}")
+    if cfg.train.parallel not in ("ddp", "fsdp"):
+        err("train.parallel", f"expected ddp | fsdp, got {cfg.train.parallel!r}")
     if cfg.train.device not in ("auto", "cpu", "cuda"):
         err("train.device", f"expected auto | cpu | cuda, got {cfg.train.device!r}")
     if not cfg.tokenizer.name and not cfg.tokenizer.path:
@@ -546,6 +567,10 @@ def validate(cfg: Config, world_size: int = 1, where: str = "") -> None:
         err("eval", "every and batches must be >= 0")
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 1:
         err("checkpoint", "every >= 0 and keep_last >= 1")
+    if cfg.checkpoint.upload is not None and not cfg.checkpoint.upload.startswith("s3://"):
+        err("checkpoint.upload", f"expected s3://bucket/prefix, got {cfg.checkpoint.upload!r}")
+    if cfg.logging.wandb is not None and not cfg.logging.wandb.project:
+        err("logging.wandb.project", "missing")
 
 
 def dumps(cfg: Config) -> str:

@@ -18,20 +18,40 @@ EVAL_FIELDS = ["step", "tokens", "source", "loss", "perplexity"]
 
 
 class MetricsLog:
-    def __init__(self, run_dir: str | Path, enabled: bool = True):
+    """The one logger path: every row goes to metrics.jsonl, then to each of `loggers` (W&B,
+    TensorBoard: trainer/loggers.py). Train rows get tokens_per_s and mfu from the previous train row
+    (its tokens and time) when `flops_per_token` and `peak` (of all ranks together) are given."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, loggers: list | None = None,
+                 flops_per_token: float = 0.0, peak: float = 0.0):
         self.dir = Path(run_dir)
         self.enabled = enabled
         self.jsonl = self.dir / "metrics.jsonl"
         self.csv = self.dir / "eval.csv"
+        self.loggers = list(loggers or [])
+        self.fpt, self.peak = flops_per_token, peak
+        self._last: tuple[float, float] | None = None  # (tokens, time) of the previous train row
         if enabled:
             self.dir.mkdir(parents=True, exist_ok=True)
 
     def log(self, row: dict) -> None:
         if not self.enabled:
             return
+        if row.get("type") == "train" and "time" in row:
+            if self._last is not None and row["time"] > self._last[1]:
+                tok_s = (row["tokens"] - self._last[0]) / (row["time"] - self._last[1])
+                row = {**row, "tokens_per_s": tok_s, **({"mfu": self.fpt * tok_s / self.peak} if self.peak else {})}
+            self._last = (row["tokens"], row["time"])
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
             f.flush()
+        for logger in self.loggers:
+            logger.write(row)
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()
+        self.loggers = []
 
     def log_eval(self, step: int, tokens: int, losses: dict[str, float]) -> None:
         """losses: per source plus 'overall'."""

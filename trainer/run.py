@@ -35,6 +35,9 @@ from .checkpoint import (STEP_RE, find_weights, latest_checkpoint, load_model_we
                          rng_state, save_checkpoint, set_rng_state, step_dir)
 from .config import Config, ConfigError, load_curriculum
 from .hf import resolve_hub
+from .loggers import open_loggers
+from .parallel import GradSync, check_resume, gather_for_checkpoint, is_sharded, load_checkpoint, shard_model
+from .upload import Uploader, fetch_init, fetch_resume
 from .metrics import MetricsLog, Progress, fmt_count, peak_flops, plot
 from .optim import build_optimizer
 from .prefetch import Prefetcher
@@ -275,11 +278,17 @@ def evaluate(model, eval_sets, device, autocast, d: Dist) -> dict[str, float]:
     tot = torch.zeros(2, dtype=torch.float64)
     for name, batches in eval_sets.items():
         acc = torch.zeros(2, dtype=torch.float64)  # sum of loss*tokens, tokens
-        for x, y, mask in batches[d.rank :: d.world]:
+        mine = batches[d.rank :: d.world]
+        # FSDP: each forward all-gathers, so every rank runs as many as the busiest (extra ones not counted)
+        rounds = -(-len(batches) // d.world) if is_sharded(model) else len(mine)
+        for i in range(rounds):
+            x, y, mask = mine[i] if i < len(mine) else batches[0]
             x, y = x.to(device), y.to(device)
             mask = mask.to(device) if mask is not None else None
             with autocast():
                 logits = model(x)
+            if i >= len(mine):
+                continue
             n = float(mask.sum()) if mask is not None else float(y.numel())
             acc += torch.tensor([compute_loss(logits, y, mask).item() * n, n], dtype=torch.float64)
         d.sum(acc)
@@ -382,10 +391,14 @@ def restore(ckpt: Path, cfg: Config, world: int, model, opt, loader, device, d: 
     if saved.get("optim", {}).get("name") != cfg.optim.name:
         raise ConfigError(f"{ckpt}: cannot resume with optim.name {cfg.optim.name}: the run's optimizer state is "
                           f"{saved.get('optim', {}).get('name')}'s; start a new run with train.init_from={ckpt}")
+    check_resume(ckpt, saved, cfg)
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     try:
-        load_model_weights(model, ckpt, device=device)
-        opt.load_state_dict(st.optimizer)
+        if cfg.train.parallel == "fsdp":  # sharded optimizer state through DCP, resharded to this world
+            load_checkpoint(model, opt, ckpt)
+        else:
+            load_model_weights(model, ckpt, device=device)
+            opt.load_state_dict(st.optimizer)
         loader.load_state_dict(st.loader)
     except ValueError as e:  # changed steps/schedule/batch/world size: the batches would differ
         hint = ""
@@ -427,6 +440,7 @@ class Stage:
     masked: bool                 # loss tokens counted from masks (SFT), else fixed per step
     vocab: int
     start_step: int = 0
+    uploader: Uploader | None = None  # checkpoint.upload (rank 0)
 
     @property
     def world(self) -> int:
@@ -482,9 +496,13 @@ def build_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
             raise ConfigError(f"{cfg.source_file}: train.init_from: {e}") from None
         say(d, f"[init] model weights from {init_from} (fresh optimizer"
                f"{', data cursor reset' if cfg.train.reset_data_cursor else ''})")
+    if cfg.train.parallel == "fsdp":
+        shard_model(model, cfg, device, d.world)  # in place, before the optimizer takes the parameters
     opt = build_optimizer(model, cfg.optim, device.type)
     raw_model, ddp = model, None
-    if d.enabled:
+    if is_sharded(model):
+        ddp = GradSync(model)
+    elif d.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = ddp = DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None)
@@ -492,8 +510,10 @@ def build_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
         model = torch.compile(model)
     if cfg.train.dtype == "bf16" and device.type != "cuda":
         say(d, "[dtype] bf16 autocast is a GPU path; training in fp32 on CPU")
-    s = Stage(cfg, stage_dir, d, device, loader, eval_sets, model, raw_model, ddp, opt,
-              MetricsLog(stage_dir, enabled=d.main), use_bf16=cfg.train.dtype == "bf16" and device.type == "cuda",
+    metrics = MetricsLog(stage_dir, enabled=d.main, loggers=open_loggers(cfg, stage_dir) if d.main else [],
+                         flops_per_token=float(raw_model.flops_per_token(cfg.batch.seq_len)),
+                         peak=peak_flops(device) * d.world)
+    s = Stage(cfg, stage_dir, d, device, loader, eval_sets, model, raw_model, ddp, opt, metrics, use_bf16=cfg.train.dtype == "bf16" and device.type == "cuda",
               masked=cfg.data.packing == "document" or any(src.has_loss for src in loader.sources), vocab=vocab)
     if resume_from is not None:
         s.start_step = restore(resume_from, cfg, s.world, raw_model, opt, loader, device, d)
@@ -503,19 +523,26 @@ def build_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
     # rows past start_step belong to a run that died after them: the resumed (or restarted) run logs them again
     if dropped := s.metrics.truncate_after(s.start_step):
         say(d, f"[metrics] dropped {dropped} rows logged after step {s.start_step} by an interrupted run")
+    if cfg.checkpoint.upload and d.main:
+        s.uploader = Uploader(cfg.checkpoint.upload, cfg.checkpoint.keep_last, cfg.checkpoint.endpoint_url)
     return s
 
 
 def save(s: Stage, step: int) -> None:
     """A checkpoint after `step` steps (tokens_seen is step * tps: a resumed loader refuses another
     rows_per_step)."""
+    weights, folders = s.raw_model, {}
+    if s.cfg.train.parallel == "fsdp":  # every rank: full weights to rank 0, optimizer shards through DCP
+        weights, folders = gather_for_checkpoint(s.raw_model, s.opt, step_dir(s.dir, step), s.d.main)
     if s.d.main:
-        state = TrainState(step=step, tokens_seen=step * s.tps, optimizer=s.opt.state_dict(),
+        state = TrainState(step=step, tokens_seen=step * s.tps, optimizer={} if folders else s.opt.state_dict(),
                            loader=s.loader.state_dict(), rng=rng_state(), tokens_by_source=s.tokens_by_source(),
                            stage=s.cfg.name, world_size=s.world, total_steps=s.total_steps)
-        p = save_checkpoint(s.dir, step, s.raw_model, state.state_dict(), checkpoint_config(s.cfg, s.world),
-                            s.cfg.checkpoint.keep_last)
+        p = save_checkpoint(s.dir, step, weights, state.state_dict(), checkpoint_config(s.cfg, s.world),
+                            s.cfg.checkpoint.keep_last, folders=folders)
         print(f"[checkpoint] saved {p}", flush=True)
+        if s.uploader is not None:
+            s.uploader.push(p)
     s.d.barrier()
 
 
@@ -571,10 +598,16 @@ def finish(s: Stage, sample: bool) -> Path:
     if s.start_step < s.total_steps:  # else resumed from the final checkpoint: its eval (logged first) and save are done
         run_eval(s, s.total_steps)
         save(s, s.total_steps)
+    s.metrics.close()
     if s.d.main:
+        if s.uploader is not None and (failed := s.uploader.close()):
+            print(f"[upload] not uploaded: {', '.join(failed)} (kept locally, see above)", flush=True)
         (s.dir / "DONE").write_text(f"{final}\n")
-        if sample:
-            sample_generation(s.cfg, s.raw_model)
+        if sample:  # a sharded model's forward needs every rank: the sample reads the saved weights
+            from .checkpoint import load_model
+
+            model = load_model(final, device=s.device)[0] if is_sharded(s.raw_model) else s.raw_model
+            sample_generation(s.cfg, model)
     s.d.barrier()
     return final
 
@@ -659,10 +692,18 @@ def parse_args(argv):
     ap.add_argument("--json", action="store_true", help="with --dry-run: last stdout line is a JSON summary")
     ap.add_argument("--skip-data", action="store_true",
                     help="with --dry-run: no data budget (sources not opened; for a curriculum whose shards are not built)")
-    ap.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
+    ap.add_argument("--resume", nargs="?", const=True, default=False, metavar="S3_URI",
+                    help="continue from the newest valid checkpoint (of the run dir, or of an s3:// run or "
+                         "checkpoint, downloaded into the run dir first)")
     ap.add_argument("--run-dir", default=None, help="default: runs/<curriculum name>")
     ap.add_argument("--overwrite", action="store_true", help="delete an existing run dir first")
-    return ap.parse_intermixed_args(argv)  # overrides may come before or after the flags
+    args = ap.parse_intermixed_args(argv)  # overrides may come before or after the flags
+    if isinstance(args.resume, str) and not args.resume.startswith("s3://"):
+        if "=" not in args.resume:
+            ap.error(f"--resume takes no value or an s3:// URI, got {args.resume!r}")
+        args.overrides.insert(0, args.resume)  # `--resume optim.lr=1e-3`: an override, not a URI
+        args.resume = True
+    return args
 
 
 def main(argv=None) -> int:
@@ -716,8 +757,10 @@ def main(argv=None) -> int:
                 if prev_final is None:
                     raise ConfigError(f"{cfg.source_file}: train.init_from: '@previous' in the first stage")
                 init_path = prev_final
-            elif init:  # a run, a checkpoint (weights suffice), an HF folder or hf://org/name
-                init_path = find_weights(resolve_hub(init))
+            elif init:  # a run, a checkpoint (weights suffice), an HF folder, hf://org/name or s3://
+                init_path = find_weights(resolve_hub(fetch_init(init, cfg)))
+            if isinstance(args.resume, str):  # s3://: the checkpoint comes into this stage's checkpoints/ first
+                fetch_resume(args.resume, stage_dir, cfg, stage_dir.name if len(stages) > 1 else None)
             if args.resume and (stage_dir / "DONE").exists():
                 prev_final = Path((stage_dir / "DONE").read_text().strip())
                 done = STEP_RE.match(prev_final.name)

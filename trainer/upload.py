@@ -1,0 +1,164 @@
+"""Checkpoints to and from object storage (S3, Cloudflare R2 through an endpoint URL).
+
+`checkpoint.upload: s3://bucket/run` pushes every finished checkpoint to URI/step_NNNNNNN/ with
+shards.storage's transfer code: each file checked against the checkpoint's checksums.json before it
+is sent and verified once stored (S3's own sha256), checksums.json last, so a remote checkpoint
+holding checksums.json is complete. Uploads run on one background thread, so training does not
+wait; the files are hard-linked into checkpoints/.upload/ first, so the local keep_last pruning
+cannot pull them away mid-transfer. After each upload the remote copies beyond the newest
+`keep_last` are deleted (checksums.json first). A failed upload is printed and training goes on; the
+end of the run waits for the queue and names any checkpoint that did not make it.
+
+`--resume s3://bucket/run[/step_N]` and `train.init_from: s3://...` download a checkpoint (the
+newest complete one of a run, or the one named) first: into the run's own checkpoints/ for
+--resume, into a local cache for init_from (weights only). The endpoint is `checkpoint.endpoint_url`,
+else the usual AWS chain (AWS_ENDPOINT_URL_S3 for R2); credentials only from that chain.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import queue
+import shutil
+import threading
+from pathlib import Path
+
+from .checkpoint import CHECKSUMS, STEP_RE, WEIGHT_FILES
+
+UPLOAD_STAGING = ".upload"  # under checkpoints/: hard links of what is queued
+
+
+class Uploader:
+    """One background thread uploading queued checkpoints in order (rank 0 only)."""
+
+    def __init__(self, uri: str, keep_last: int, endpoint_url: str | None = None):
+        from shards.storage import parse_s3_uri
+
+        parse_s3_uri(uri)  # a malformed URI fails here, before training
+        self.uri, self.keep_last, self.endpoint_url = uri.rstrip("/"), keep_last, endpoint_url
+        self.failed: list[str] = []
+        self.done: list[str] = []
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="checkpoint-upload", daemon=True)
+        self._thread.start()
+
+    def push(self, ckpt: Path) -> None:
+        """Queue a finished checkpoint (its files hard-linked aside first: instant, same filesystem)."""
+        staged = ckpt.parent / UPLOAD_STAGING / ckpt.name
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir(parents=True)
+        for rel in list(json.loads((ckpt / CHECKSUMS).read_text())) + [CHECKSUMS]:
+            (staged / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.link(ckpt / rel, staged / rel)
+        self._queue.put(staged)
+
+    def close(self) -> list[str]:
+        """Wait for every queued upload; returns the checkpoints that failed."""
+        self._queue.put(None)
+        self._thread.join()
+        return self.failed
+
+    def _work(self) -> None:
+        while (staged := self._queue.get()) is not None:
+            try:
+                upload_checkpoint(staged, f"{self.uri}/{staged.name}", self.endpoint_url)
+                pruned = prune_remote(self.uri, self.keep_last, self.endpoint_url)
+                self.done.append(staged.name)
+                print(f"[upload] {staged.name} -> {self.uri}/{staged.name} (verified)"
+                      + (f"; removed {', '.join(pruned)} there (keep_last {self.keep_last})" if pruned else ""),
+                      flush=True)
+            except Exception as e:  # noqa: BLE001 - an upload problem must not stop training
+                self.failed.append(staged.name)
+                print(f"[upload] FAILED {staged.name} -> {self.uri}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                      " (the local checkpoint is kept; training goes on)", flush=True)
+            finally:
+                shutil.rmtree(staged, ignore_errors=True)
+
+
+def upload_checkpoint(ckpt: Path, uri: str, endpoint_url: str | None = None):
+    from shards.storage import upload_files
+
+    sums = json.loads((ckpt / CHECKSUMS).read_text())  # every file of the checkpoint, FSDP's optimizer/ too
+    return upload_files(ckpt, uri, sums, CHECKSUMS, endpoint_url, progress=False)
+
+
+def remote_checkpoints(uri: str, endpoint_url: str | None = None) -> list[str]:
+    """Names of the complete checkpoints (checksums.json uploaded) under a remote run, oldest first."""
+    from shards.storage import listing
+
+    names = {rel.split("/")[0] for rel in listing(uri, endpoint_url) if rel.endswith("/" + CHECKSUMS)}
+    return sorted((n for n in names if STEP_RE.match(n)), key=lambda n: int(STEP_RE.match(n).group(1)))
+
+
+def prune_remote(uri: str, keep_last: int, endpoint_url: str | None = None) -> list[str]:
+    from shards.storage import remove
+
+    old = remote_checkpoints(uri, endpoint_url)[:-keep_last]
+    for name in old:
+        remove(f"{uri}/{name}", CHECKSUMS, endpoint_url)
+    return old
+
+
+def fetch_checkpoint(uri: str, dest_parent: Path, weights_only: bool = False, endpoint_url: str | None = None) -> Path:
+    """Download a remote checkpoint (URI ends in step_N) or the newest complete one of a remote run
+    into dest_parent/step_N/, verified file by file against its checksums.json. Concurrent callers
+    (every rank of a node) take turns: the first downloads, the others find verified files."""
+    from shards.storage import StorageError, download_files
+
+    uri = uri.rstrip("/")
+    name = uri.rsplit("/", 1)[-1]
+    if not STEP_RE.match(name):
+        found = remote_checkpoints(uri, endpoint_url)
+        if not found:
+            raise StorageError(f"{uri}: no complete checkpoint there (step_*/{CHECKSUMS})")
+        name, uri = found[-1], f"{uri}/{found[-1]}"
+    wanted = WEIGHT_FILES if weights_only else None
+
+    def files_of(data: bytes, where: str) -> dict[str, tuple[int | None, str]]:
+        try:
+            sums = json.loads(data)
+        except ValueError as e:
+            raise StorageError(f"{where}: unreadable ({e})") from None
+        return {rel: (None, sha) for rel, sha in sums.items() if wanted is None or rel in wanted}
+
+    dest = Path(dest_parent) / name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        download_files(uri, dest, CHECKSUMS, files_of, endpoint_url, progress=False)
+    return dest
+
+
+def fetch_init(init: str | Path, cfg) -> str | Path:
+    """train.init_from: an s3:// run or checkpoint becomes its local copy (weights and config only)
+    under the cache (data.cache_dir, else ~/.cache/shardloom); anything else is returned as is."""
+    if not str(init).startswith("s3://"):
+        return init
+    from shards.storage import cache_path
+
+    uri = str(init).rstrip("/")
+    run = uri.rsplit("/", 1)[0] if STEP_RE.match(uri.rsplit("/", 1)[-1]) else uri
+    cache = Path(cfg.data.cache_dir or Path.home() / ".cache" / "shardloom") / "checkpoints"
+    return _fetch(uri, cache_path(run, cache), cfg, "train.init_from", weights_only=True)
+
+
+def fetch_resume(uri: str, stage_dir: Path, cfg, stage: str | None = None) -> Path:
+    """--resume s3://...: the checkpoint into STAGE_DIR/checkpoints/, where --resume then finds and
+    verifies it. A multi-stage run's stages live under URI/<stage folder>."""
+    if stage and not STEP_RE.match(uri.rstrip("/").rsplit("/", 1)[-1]):
+        uri = f"{uri.rstrip('/')}/{stage}"
+    return _fetch(uri, Path(stage_dir) / "checkpoints", cfg, "--resume")
+
+
+def _fetch(uri: str, dest_parent: Path, cfg, what: str, weights_only: bool = False) -> Path:
+    from shards.storage import StorageError
+
+    from .config import ConfigError
+
+    try:
+        p = fetch_checkpoint(uri, dest_parent, weights_only, cfg.checkpoint.endpoint_url)
+    except StorageError as e:
+        raise ConfigError(f"{what} {uri}: {e}") from None
+    print(f"[fetch] {uri} -> {p}", flush=True)
+    return p
