@@ -105,7 +105,7 @@ def main(argv=None) -> int:
 
     cfg = atom_curriculum()
     names = [s["name"] for s in cfg["data"]["sources"]]
-    schedule = [MixturePoint(pt["at"], pt["weights"]) for pt in cfg["data"]["schedule"]]
+    schedule = [MixturePoint(pt["at"] * float(cfg["train"]["tokens"]), pt["weights"]) for pt in cfg["data"]["schedule"]]
     seq_len, mb = cfg["batch"]["seq_len"], cfg["batch"]["micro_batch"]
     accum = cfg["batch"]["tokens_per_step"] // (seq_len * mb)
     vocab = cfg["model"]["vocab_size"]

@@ -55,16 +55,18 @@ def three(tmp_path_factory):
     return {n: make_source(root / n, t, n_tokens=6000 + 1000 * t) for t, n in enumerate(["web", "edu", "math"])}
 
 
-SCHED = [
-    MixturePoint(0.0, {"web": 0.7, "edu": 0.2, "math": 0.1}),
-    MixturePoint(0.6, {"web": 0.2, "edu": 0.5, "math": 0.3}),
-    MixturePoint(1.0, {"web": 0.1, "edu": 0.4, "math": 0.5}),
+SCHED = [  # (fraction of the run, weights): `loader` places them in its run's tokens
+    (0.0, {"web": 0.7, "edu": 0.2, "math": 0.1}),
+    (0.6, {"web": 0.2, "edu": 0.5, "math": 0.3}),
+    (1.0, {"web": 0.1, "edu": 0.4, "math": 0.5}),
 ]
 
 
 def loader(srcs, schedule=SCHED, seq_len=16, mb=4, seed=7, rank=0, world=1, total=16 * 4 * 2 * 300, **kw):
+    """schedule: MixturePoints (in tokens) or (fraction, weights) pairs, placed at fraction * total."""
     kw.setdefault("grad_accum", 2)
     specs = [SourceSpec(n, p) for n, p in srcs.items()]
+    schedule = [p if isinstance(p, MixturePoint) else MixturePoint(p[0] * total, p[1]) for p in schedule]
     return MixtureLoader(specs, schedule, seq_len, mb, seed, rank, world, total, **kw)
 
 
@@ -104,8 +106,7 @@ def test_realised_proportions_match_schedule(three):
 
 def test_stage_switch_happens_where_configured(three):
     total = 16 * 4 * 200
-    sched = [MixturePoint(0, {"web": 1}), MixturePoint(0.4, {"web": 1}),
-             MixturePoint(0.4 + 1e-9, {"math": 1}), MixturePoint(1, {"math": 1})]
+    sched = [(0, {"web": 1}), (0.4, {"web": 1}), (0.4 + 1e-9, {"math": 1}), (1, {"math": 1})]
     ld = loader(three, schedule=sched, total=total, grad_accum=1)
     seen = [s for step in range(200) for s in ld.batch(step)[3]["sources"]]
     switch = seen.index("math")

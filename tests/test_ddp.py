@@ -80,7 +80,7 @@ def test_ddp_masked_sft_matches_one_rank_token_weighted(tmp_path):
         assert st["tokens_seen"] == sum(st["tokens_by_source"].values()) == 3 * 4 * 2 * 32, r
 
     # step 1's loss (before any update) from scratch: the trainer's init, the loader's step-0 batches
-    loader = MixtureLoader([SourceSpec("chat", str(sft))], [MixturePoint(at=0.0, weights={"chat": 1.0})],
+    loader = MixtureLoader([SourceSpec("chat", str(sft))], [MixturePoint(tokens=0.0, weights={"chat": 1.0})],
                            seq_len=32, micro_batch=2, seed=5, grad_accum=4, packing="document")
     batches = [loader.batch(0, m)[:3] for m in range(4)]
     counts = [int(mask.sum()) for _, _, mask in batches]

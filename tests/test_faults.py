@@ -198,7 +198,7 @@ def test_sources_with_one_vocabulary_under_two_names_are_accepted(tmp_path):
     a = trainhelp.make_source(tmp_path / "a", 1, info=TokenizerInfo(name="data/tok.json", **tok))
     b = trainhelp.make_source(tmp_path / "b", 2, info=TokenizerInfo(name="/abs/data/tok.json", **tok))
     sources = [{"name": "a", "path": str(a)}, {"name": "b", "path": str(b)}]
-    schedule = [{"at": 0.0, "weights": {"a": 1, "b": 1}}]
+    schedule = [{"tokens": 0, "weights": {"a": 1, "b": 1}}]
     MixtureLoader(sources, schedule, seq_len=16, micro_batch=2, seed=0, total_tokens=320)
     c = trainhelp.make_source(tmp_path / "c", 3, info=TokenizerInfo(name="data/tok.json", **{**tok, "vocab_hash": "other"}))
     with pytest.raises(DataError, match="vocab_hash"):
@@ -384,7 +384,7 @@ def test_a_mixture_of_more_shards_than_open_files_allowed_trains(tmp_path):
     in_use = len(os.listdir("/proc/self/fd"))
     resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 40, hard))  # room for 40 more, not 160 maps
     try:
-        loader = MixtureLoader([{"name": "many", "path": str(d)}], [{"at": 0.0, "weights": {"many": 1}}],
+        loader = MixtureLoader([{"name": "many", "path": str(d)}], [{"tokens": 0, "weights": {"many": 1}}],
                                seq_len=16, micro_batch=64, seed=0, total_tokens=16 * 64 * 8, vocab_size=trainhelp.VOCAB)
         seen = set()
         for step in range(8):  # 512 of the 320 windows: every shard read

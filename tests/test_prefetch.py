@@ -27,8 +27,8 @@ def same(a, b):
     assert ia == ib
 
 
-SCHED4 = [MixturePoint(0.0, {"web": 0.5, "edu": 0.2, "math": 0.1, "masked": 0.2}),
-          MixturePoint(1.0, {"web": 0.1, "edu": 0.3, "math": 0.4, "masked": 0.2})]
+SCHED4 = [(0.0, {"web": 0.5, "edu": 0.2, "math": 0.1, "masked": 0.2}),  # (fraction of the run, weights)
+          (1.0, {"web": 0.1, "edu": 0.3, "math": 0.4, "masked": 0.2})]
 
 
 @pytest.mark.parametrize("world,rank,accum", [(1, 0, 1), (1, 0, 3), (2, 1, 2)])

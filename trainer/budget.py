@@ -31,13 +31,13 @@ class SourceBudget:
 
 def stage_budget(cfg: Config, world_size: int = 1) -> list[SourceBudget]:
     """The budget of one stage; raises DataError for a missing or empty source."""
-    from .data import DataError, MixturePoint, Schedule, _open, _Source
+    from .data import DataError, _open, _Source
+    from .mixture import MixtureSchedule
 
     seq = cfg.batch.seq_len
     total = cfg.total_tokens(world_size)
     names = [s.name for s in cfg.data.sources]
-    schedule = Schedule(names, [MixturePoint(at=at, weights=w) for at, w in cfg.mixture_points(world_size)],
-                        total, seq)
+    schedule = MixtureSchedule(names, cfg.mixture(world_size), seq)
     rows = np.floor(schedule.integral(np.array([total // seq], dtype=np.float64))[0] + 0.5).astype(np.int64)
     out = []
     for spec, n in zip(cfg.data.sources, rows.tolist()):

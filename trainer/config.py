@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from .mixture import MixtureError, MixturePoint, MixtureSchedule
+
 
 class ConfigError(ValueError):
     """A curriculum problem; the message names the file and the field."""
@@ -46,8 +48,9 @@ class SourceSection:
 
 @dataclass
 class MixturePointSection:
-    """Weights at one point of the run: `at` is a fraction (0..1) or `tokens` an absolute count.
-    Between points the weights move linearly; a hard switch is two points close together."""
+    """Weights at one point of the run, as a curriculum writes it: `at` is a fraction (0..1) or
+    `tokens` an absolute count (`Config.mixture` places both in tokens). Between points the weights
+    move linearly; a hard switch is two points close together."""
 
     weights: dict[str, float] = field(default_factory=dict)
     at: float | None = None
@@ -215,14 +218,22 @@ class Config:
     def total_tokens(self, world_size: int = 1) -> int:
         return self.total_steps(world_size) * self.tokens_per_step(world_size)
 
+    def mixture(self, world_size: int = 1) -> list[MixturePoint]:
+        """The mixture schedule in tokens, in the curriculum's order (`at` fractions placed in this
+        run's tokens); a single source without a schedule is that source throughout."""
+        if not self.data.schedule and len(self.data.sources) == 1:
+            return [MixturePoint(0.0, {self.data.sources[0].name: 1.0})]
+        total = self.total_tokens(world_size)
+        return [MixturePoint(float(p.at * total if p.at is not None else p.tokens), dict(p.weights))
+                for p in self.data.schedule]
+
     def mixture_points(self, world_size: int = 1) -> list[tuple[float, dict[str, float]]]:
-        """Schedule as (fraction of run, normalised weights), sorted; token points converted."""
+        """`mixture` for display: (fraction of the run, normalised weights), sorted."""
         total = self.total_tokens(world_size)
         out = []
-        for p in self.data.schedule:
-            at = p.at if p.at is not None else (p.tokens / total if total else 0.0)
+        for p in self.mixture(world_size):
             s = sum(p.weights.values())
-            out.append((float(at), {k: v / s for k, v in p.weights.items()}))
+            out.append((p.tokens / total if total else 0.0, {k: v / s for k, v in p.weights.items()}))
         return sorted(out, key=lambda t: t[0])
 
     def to_dict(self) -> dict:
@@ -539,13 +550,10 @@ def validate(cfg: Config, world_size: int = 1, where: str = "") -> None:
             err(f"data.sources.{i}.path", "missing")
     if len(set(names)) != len(names):
         err("data.sources", f"duplicate source names {names}")
-    if not cfg.data.schedule:
-        if len(names) == 1:
-            cfg.data.schedule = [MixturePointSection(weights={names[0]: 1.0}, at=0.0)]
-        else:
-            err("data.schedule", "several sources need a mixture schedule")
+    if not cfg.data.schedule and len(names) > 1:
+        err("data.schedule", "several sources need a mixture schedule")
     total = cfg.total_tokens(world_size)
-    for i, p in enumerate(cfg.data.schedule):
+    for i, p in enumerate(cfg.data.schedule):  # where the curriculum places each point
         w = f"data.schedule.{i}"
         if (p.at is None) == (p.tokens is None):
             err(w, "give exactly one of `at` (fraction of the run) or `tokens`")
@@ -553,14 +561,14 @@ def validate(cfg: Config, world_size: int = 1, where: str = "") -> None:
             err(f"{w}.at", f"a fraction of the run in [0, 1], got {p.at}")
         if p.tokens is not None and not 0 <= p.tokens <= total:
             err(f"{w}.tokens", f"must be within the run's {total} tokens, got {p.tokens}")
-        for k, v in p.weights.items():
-            if k not in names:
-                close = difflib.get_close_matches(k, names, n=1)
-                err(f"{w}.weights.{k}", "not a source" + (f" (did you mean '{close[0]}'?)" if close else f" (sources: {names})"))
-            if v < 0:
-                err(f"{w}.weights.{k}", f"must be >= 0, got {v}")
-        if sum(p.weights.values()) <= 0:
-            err(f"{w}.weights", "weights must sum to > 0")
+    try:  # the weights: the loader's own check, once, here
+        MixtureSchedule(names, cfg.mixture(world_size), cfg.batch.seq_len)
+    except MixtureError as e:
+        w = f"data.schedule.{e.index}"
+        if e.unknown:
+            close = difflib.get_close_matches(e.unknown[0], names, n=1)
+            err(f"{w}.weights.{e.unknown[0]}", "not a source" + (f" (did you mean '{close[0]}'?)" if close else f" (sources: {names})"))
+        err(f"{w}.{e.field}" if e.index is not None else "data.schedule", e.message)
     if cfg.data.packing not in ("stream", "document"):
         err("data.packing", f"expected stream | document, got {cfg.data.packing!r}")
     if cfg.eval.every < 0 or cfg.eval.batches < 0:

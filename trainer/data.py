@@ -39,17 +39,16 @@ How a batch is chosen (why it is exact, disjoint and independent of worker count
 """
 from __future__ import annotations
 
-import bisect
 import hashlib
 import logging
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from shards.reader import SplitReader, open_split
+from trainer.mixture import MixtureError, MixturePoint, MixtureSchedule
 
 log = logging.getLogger(__name__)
 
@@ -64,77 +63,6 @@ class DataError(ValueError):
 class SourceSpec:
     name: str
     path: str  # shard dir, or s3:// URI (fetched into cache_dir and verified by shards.storage)
-
-
-@dataclass
-class MixturePoint:
-    at: float  # fraction of the run in [0, 1] if <= 1, else absolute tokens
-    weights: dict[str, float] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------- schedule
-
-
-class Schedule:
-    """Piecewise-linear normalised weights over row-time, with an exact integral.
-
-    Weights are normalised at each point (they need only be >= 0 and sum to > 0), then interpolated
-    linearly, so they sum to 1 everywhere. Before the first point and after the last the weights are
-    held constant. Two points at (nearly) the same position give a hard switch.
-    """
-
-    def __init__(self, names: list[str], points: list[MixturePoint], total_tokens: float | None, seq_len: int):
-        if not points:
-            raise DataError("schedule: needs at least one point")
-        xs, ws = [], []
-        for i, p in enumerate(points):
-            unknown = sorted(set(p.weights) - set(names))
-            if unknown:
-                raise DataError(f"schedule[{i}].weights: unknown source(s) {unknown} (sources: {names})")
-            w = np.array([float(p.weights.get(n, 0.0)) for n in names])
-            if not np.all(np.isfinite(w)) or np.any(w < 0):
-                raise DataError(f"schedule[{i}].weights: must be finite and >= 0, got {p.weights}")
-            if w.sum() <= 0:
-                raise DataError(f"schedule[{i}].weights: must sum to > 0, got {p.weights}")
-            at = float(p.at)
-            if not math.isfinite(at) or at < 0:
-                raise DataError(f"schedule[{i}].at: must be >= 0, got {p.at}")
-            if at <= 1:
-                if at > 0 and not total_tokens:
-                    raise DataError(f"schedule[{i}].at: {at} is a fraction of the run but total_tokens is not set")
-                at = at * (total_tokens or 0)
-            xs.append(at / seq_len)  # row units
-            ws.append(w / w.sum())
-        if any(b < a for a, b in zip(xs, xs[1:])):
-            raise DataError(f"schedule: points must be in increasing order of 'at', got {[p.at for p in points]}")
-        if xs[0] > 0:  # hold the first weights from the start
-            xs.insert(0, 0.0)
-            ws.insert(0, ws[0])
-        self.names = names
-        self.x = np.array(xs)
-        self.w = np.stack(ws)  # [P, S]
-        self.seq_len = seq_len
-        seg = np.diff(self.x)[:, None] * (self.w[1:] + self.w[:-1]) / 2
-        self.cum = np.concatenate([np.zeros((1, len(names))), np.cumsum(seg, axis=0)])  # E at each point
-        dx = np.diff(self.x)[:, None]
-        slope = np.where(dx > 0, np.diff(self.w, axis=0) / np.where(dx > 0, dx, 1.0), 0.0)
-        self.slope = np.concatenate([slope, np.zeros((1, len(names)))])  # per segment; flat after the last point
-        self._xs = self.x.tolist()
-
-    def weights(self, rows: float) -> np.ndarray:
-        i = min(max(bisect.bisect_right(self._xs, rows) - 1, 0), len(self._xs) - 1)
-        if i == len(self.x) - 1:
-            return self.w[i].copy()
-        t = (rows - self.x[i]) / (self.x[i + 1] - self.x[i])
-        return self.w[i] + t * (self.w[i + 1] - self.w[i])
-
-    def integral(self, rows: np.ndarray) -> np.ndarray:
-        """E[b, s]: expected number of rows of source s among the first b rows (b may be fractional)."""
-        b = np.asarray(rows, dtype=np.float64)
-        last = len(self.x) - 1
-        i = np.minimum(np.maximum(np.searchsorted(self.x, b, side="right") - 1, 0), last)
-        t = (b - self.x[i])[:, None]
-        return self.cum[i] + self.w[i] * t + self.slope[i] * t * t / 2
 
 
 # ---------------------------------------------------------------- permutation
@@ -340,7 +268,10 @@ class MixtureLoader:
         self.total_tokens, self.split, self.packing, self.vocab_size = total_tokens, split, packing, vocab_size
         self.rows_per_step = self.world_size * self.grad_accum * self.micro_batch
         self.tokens_per_step = self.rows_per_step * self.seq_len
-        self.schedule = Schedule(names, schedule, total_tokens, self.seq_len)
+        try:
+            self.schedule = MixtureSchedule(names, schedule, self.seq_len)
+        except MixtureError as e:
+            raise DataError(str(e)) from None
         self.sources = [_Source(s.name, _open(s.name, s.path, split, cache_dir), self.seq_len, packing) for s in sources]
         self.step_offset = 0
         self._epochs_logged = {n: 0 for n in names}

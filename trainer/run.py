@@ -192,11 +192,10 @@ def seed_all(seed: int):
 
 
 def make_loader(cfg: Config, d: Dist, vocab_size: int):
-    from trainer.data import MixtureLoader, MixturePoint, SourceSpec
+    from trainer.data import MixtureLoader, SourceSpec
 
-    points = [MixturePoint(at=at, weights=w) for at, w in cfg.mixture_points(d.world)]
     return MixtureLoader(
-        [SourceSpec(s.name, s.path) for s in cfg.data.sources], points,
+        [SourceSpec(s.name, s.path) for s in cfg.data.sources], cfg.mixture(d.world),
         seq_len=cfg.batch.seq_len, micro_batch=cfg.batch.micro_batch, seed=cfg.train.seed,
         rank=d.rank, world_size=d.world, total_tokens=cfg.total_tokens(d.world), split="train",
         cache_dir=cfg.data.cache_dir, grad_accum=cfg.grad_accum(d.world), packing=cfg.data.packing,
