@@ -108,7 +108,9 @@ def write_card(out: Path, model, cfg: dict, ckpt: Path, config: dict, chat: bool
              "## Training", "", f"- model: `{json.dumps(cfg.get('model'), sort_keys=True)}`",
              f"- tokenizer: {(cfg.get('tokenizer') or {}).get('name')}",
              f"- sources: {', '.join(s.get('name', '?') for s in data.get('sources', [])) or 'n/a'}"]
-    for p in data.get("schedule") or []:
+    sources = [s.get("name", "?") for s in data.get("sources", [])]
+    one = [{"at": 0.0, "weights": {sources[0]: 1}}] if len(sources) == 1 else []  # Config.mixture's default
+    for p in data.get("schedule") or one:
         at = f"at {p['at']:.0%} of the run" if p.get("at") is not None else f"at {p.get('tokens'):,.0f} tokens"
         lines.append(f"- mixture {at}: " + ", ".join(f"{k} {v:g}" for k, v in p["weights"].items()))
     if f["train_loss"] is not None:
