@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from trainer.config import ScheduleSection
-from trainer.schedule import lr_at
+from trainer.config import LRScheduleSection
+from trainer.lr_schedule import lr_at
 
 PEAK = 3e-4
 
@@ -36,7 +36,7 @@ def closed_cos(s, total, warmup, lo):
 
 @pytest.mark.parametrize("total,warmup,cooldown,ratio", [(100, 10, 20, 0.1), (50, 0, 10, 0.0), (1000, 100, 0, 0.1)])
 def test_wsd(total, warmup, cooldown, ratio):
-    sch = ScheduleSection(kind="wsd", warmup=warmup, cooldown=cooldown, min_lr_ratio=ratio)
+    sch = LRScheduleSection(kind="wsd", warmup=warmup, cooldown=cooldown, min_lr_ratio=ratio)
     got = [lr_at(s, PEAK, total, sch) for s in range(total)]
     want = [closed_wsd(s, total, warmup, cooldown, PEAK * ratio) for s in range(total)]
     assert got == pytest.approx(want, rel=1e-12, abs=1e-15)
@@ -50,7 +50,7 @@ def test_wsd(total, warmup, cooldown, ratio):
 
 def test_warmup_constant_cosine_axiom_sft():
     # Axiom SFT: 641 steps, warmup 51, cosine over the last 102 steps (from step 539), 3e-4 -> 3e-5
-    sch = ScheduleSection(kind="warmup_constant_cosine", warmup=51, decay=102, min_lr=3e-5)
+    sch = LRScheduleSection(kind="warmup_constant_cosine", warmup=51, decay=102, min_lr=3e-5)
     got = [lr_at(s, PEAK, 641, sch) for s in range(641)]
     want = [closed_wcc(s, 641, 51, 102, 3e-5) for s in range(641)]
     assert got == pytest.approx(want, rel=1e-12)
@@ -59,7 +59,7 @@ def test_warmup_constant_cosine_axiom_sft():
 
 
 def test_cosine_to_zero():
-    sch = ScheduleSection(kind="cosine", warmup=5, min_lr_ratio=0.0)
+    sch = LRScheduleSection(kind="cosine", warmup=5, min_lr_ratio=0.0)
     got = [lr_at(s, 0.02, 100, sch) for s in range(100)]
     global PEAK
     old, PEAK = PEAK, 0.02

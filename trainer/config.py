@@ -100,7 +100,9 @@ class OptimSection:
 
 
 @dataclass
-class ScheduleSection:
+class LRScheduleSection:
+    """The learning-rate schedule (a curriculum's `schedule:`; the data mixture is `data.schedule`)."""
+
     kind: str = "cosine"  # wsd | warmup_constant_cosine | cosine | constant
     warmup: int = 0
     cooldown: int = 0  # wsd: linear decay over the final `cooldown` steps
@@ -178,7 +180,7 @@ class Config:
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
-    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    schedule: LRScheduleSection = field(default_factory=LRScheduleSection)  # the LR schedule
     batch: BatchSection = field(default_factory=BatchSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)

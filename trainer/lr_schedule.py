@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import math
 
-from .config import ScheduleSection
+from .config import LRScheduleSection
 
 
-def min_lr_of(peak: float, sched: ScheduleSection) -> float:
+def min_lr_of(peak: float, sched: LRScheduleSection) -> float:
     if sched.min_lr is not None:
         return float(sched.min_lr)
     return peak * float(sched.min_lr_ratio or 0.0)
@@ -30,7 +30,7 @@ def warmup_factor(step: int, warmup: int) -> float:
     return (step + 1) / warmup
 
 
-def lr_at(step: int, peak: float, total_steps: int, sched: ScheduleSection) -> float:
+def lr_at(step: int, peak: float, total_steps: int, sched: LRScheduleSection) -> float:
     lo = min_lr_of(peak, sched)
     if step < sched.warmup:
         return peak * warmup_factor(step, sched.warmup)
@@ -56,11 +56,11 @@ def lr_at(step: int, peak: float, total_steps: int, sched: ScheduleSection) -> f
     raise ValueError(f"unknown schedule kind {kind!r}")
 
 
-def lr_multiplier(step: int, peak: float, total_steps: int, sched: ScheduleSection) -> float:
+def lr_multiplier(step: int, peak: float, total_steps: int, sched: LRScheduleSection) -> float:
     return lr_at(step, peak, total_steps, sched) / peak
 
 
-def set_lr(optimizer, step: int, peak: float, total_steps: int, sched: ScheduleSection) -> float:
+def set_lr(optimizer, step: int, peak: float, total_steps: int, sched: LRScheduleSection) -> float:
     """Set every group's lr to its `base_lr` times the schedule's multiplier; returns the peak-scaled lr."""
     m = lr_multiplier(step, peak, total_steps, sched)
     for g in optimizer.param_groups:

@@ -4,7 +4,7 @@ One type for the trainer. A curriculum's `data.schedule` places points at a frac
 or at a token count (`tokens`); `Config.mixture` turns both into `MixturePoint`s in tokens, and
 `MixtureSchedule` checks them (the one check, which the config, the loader and the data budget
 share) and integrates them for the loader. Not the learning-rate schedule (`schedule:` in a
-curriculum, trainer/schedule.py).
+curriculum, trainer/lr_schedule.py).
 """
 from __future__ import annotations
 

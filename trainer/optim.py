@@ -6,7 +6,7 @@ Parameter roles come from the model: `model.param_kinds()` maps each parameter n
 + matrix, not norms/gains/biases). Muon takes every "matrix" param of >= 2 dims (a 3-D depthwise
 conv weight is viewed as [out, in*k]); embeddings and vectors go to AdamW.
 
-Every param group carries `base_lr` (its peak lr) and `kind`; `trainer.schedule.set_lr` scales
+Every param group carries `base_lr` (its peak lr) and `kind`; `trainer.lr_schedule.set_lr` scales
 base_lr by the schedule multiplier.
 """
 from __future__ import annotations

@@ -41,7 +41,7 @@ from .upload import Uploader, fetch_init, fetch_resume
 from .metrics import MetricsLog, Progress, fmt_count, peak_flops, plot
 from .optim import build_optimizer
 from .prefetch import Prefetcher
-from .schedule import set_lr
+from .lr_schedule import set_lr
 
 # ---------------------------------------------------------------- distributed
 
