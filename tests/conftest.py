@@ -1,4 +1,5 @@
-"""Shared test fixtures: offline assets and a small real-text corpus from Python's own docs."""
+"""Shared test fixtures: offline assets, a small real-text corpus from Python's own docs, and a moto
+S3 server on 127.0.0.1 (`server`, `s3`). The helpers behind them live in trainhelp.py."""
 from __future__ import annotations
 
 import importlib
@@ -83,3 +84,40 @@ def llama2_model() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} absent: llama2 tokenizer.model not available")
     return LLAMA2_MODEL
+
+
+@pytest.fixture(scope="module")
+def server():
+    """moto's S3 server app on 127.0.0.1 (trainhelp.StoppableS3: stop() severs it, start() brings it back)."""
+    pytest.importorskip("moto")
+    from trainhelp import StoppableS3
+
+    srv = StoppableS3()
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def s3(server, monkeypatch, tmp_path):
+    """(client, bucket): credentials in the environment only, nothing from ~/.aws, never the real AWS;
+    a fresh bucket; moto's storage reset afterwards."""
+    import uuid
+
+    boto3 = pytest.importorskip("boto3")
+    from trainhelp import SECRET
+
+    for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+                "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIATESTTESTTEST")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    bucket = "b-" + uuid.uuid4().hex[:12]
+    client = boto3.client("s3", endpoint_url=server.endpoint)
+    client.create_bucket(Bucket=bucket)
+    yield client, bucket
+    server.post("/moto-api/reset")

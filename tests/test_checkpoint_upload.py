@@ -1,4 +1,4 @@
-"""Checkpoints to object storage against moto's S3 server on 127.0.0.1 (test_storage's fixture):
+"""Checkpoints to object storage against moto's S3 server on 127.0.0.1 (conftest's `s3` fixture):
 `checkpoint.upload` pushes each checkpoint in the background (verified, checksums.json last, remote
 keep_last), `--resume s3://...` continues bit for bit, `train.init_from: s3://...` takes the weights."""
 from __future__ import annotations
@@ -9,7 +9,6 @@ import pytest
 
 pytest.importorskip("moto")
 
-from test_storage import s3, server  # noqa: E402,F401  (the moto server fixtures)
 from trainer.run import main  # noqa: E402
 from trainhelp import tiny_curriculum, train_losses  # noqa: E402
 

@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -35,94 +32,13 @@ from shards.format import ShardWriter  # noqa: E402
 from shards.manifest import TokenizerInfo, build_manifest, read_manifest, write_manifest  # noqa: E402
 from shards.reader import open_split  # noqa: E402
 from shards.storage import StorageError  # noqa: E402
+from trainhelp import SECRET  # noqa: E402  (the s3 fixture's secret key: must never appear in any output)
 
 REPO = Path(__file__).resolve().parents[1]
-SECRET = "sEcReT-" + uuid.uuid4().hex  # must never appear in any output
 MiB = 1 << 20
 
 
-# ----------------------------------------------------------------------------------------------
-# the server
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class StoppableS3:
-    """moto's server app on 127.0.0.1:port; stop() closes the listener and severs every open
-    connection; start() again serves the same (surviving) storage on the same port."""
-
-    def __init__(self):
-        self.port = _free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self._server = None
-        self._thread = None
-
-    def start(self):
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
-        from werkzeug.serving import ThreadedWSGIServer
-
-        conns: set = set()
-
-        class Server(ThreadedWSGIServer):
-            def get_request(self):
-                conn, addr = super().get_request()
-                conns.add(conn)
-                return conn, addr
-
-        self._server = Server("127.0.0.1", self.port, DomainDispatcherApplication(create_backend_app),
-                              handler=MotoRequestHandler)
-        self._server.conns = conns
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def stop(self):
-        self._server.shutdown()
-        self._server.server_close()
-        for c in list(self._server.conns):
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            c.close()
-        self._thread.join(5)
-
-    def post(self, path: str, data: bytes = b"") -> None:
-        import urllib.request
-
-        urllib.request.urlopen(urllib.request.Request(self.endpoint + path, data=data, method="POST",
-                                                      headers={"Content-Type": "text/plain"})).read()
-
-
-@pytest.fixture(scope="module")
-def server():
-    srv = StoppableS3()
-    srv.start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture
-def s3(server, monkeypatch, tmp_path):
-    """Credentials in the environment only, nothing from ~/.aws, never the real AWS; a fresh bucket."""
-    for var in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
-                "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIATESTTESTTEST")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    bucket = "b-" + uuid.uuid4().hex[:12]
-    client = boto3.client("s3", endpoint_url=server.endpoint)
-    client.create_bucket(Bucket=bucket)
-    yield client, bucket
-    server.post("/moto-api/reset")
+# the server: trainhelp.StoppableS3, as conftest's `server` and `s3` fixtures
 
 
 # ----------------------------------------------------------------------------------------------

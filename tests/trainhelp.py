@@ -1,12 +1,17 @@
-"""Shared helpers for the trainer tests: tiny shard dirs (plain and SFT-masked), a tiny curriculum, and
-running `trainer.run` in a subprocess (one process or torchrun). Imported as `import trainhelp`
+"""The tests' one helpers module (as OLMo-core's test/data/fixtures.py): synthetic shard dirs, tiny
+tokenizers, a tiny curriculum, the trainer launcher (in this process, in a subprocess, or under
+torchrun), and the S3 server behind conftest's `server`/`s3` fixtures. Imported as `import trainhelp`
 (conftest.py puts tests/ on sys.path)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import socket
 import subprocess
 import sys
+import threading
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -143,3 +148,61 @@ def train_losses(run_dir: Path) -> dict[int, float]:
     steps = [r["step"] for r in train]
     assert steps == sorted(set(steps)), "duplicated or unordered steps after resume"
     return {r["step"]: r["loss"] for r in train}
+
+
+# ------------------------------------------------------------------------------ S3 (moto)
+
+SECRET = "sEcReT-" + uuid.uuid4().hex  # the s3 fixture's secret key: must never appear in any output
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class StoppableS3:
+    """moto's server app on 127.0.0.1:port; stop() closes the listener and severs every open
+    connection; start() again serves the same (surviving) storage on the same port."""
+
+    def __init__(self):
+        self.port = _free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._server = None
+        self._thread = None
+
+    def start(self):
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+        from werkzeug.serving import ThreadedWSGIServer
+
+        conns: set = set()
+
+        class Server(ThreadedWSGIServer):
+            def get_request(self):
+                conn, addr = super().get_request()
+                conns.add(conn)
+                return conn, addr
+
+        self._server = Server("127.0.0.1", self.port, DomainDispatcherApplication(create_backend_app),
+                              handler=MotoRequestHandler)
+        self._server.conns = conns
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        self._server.shutdown()
+        self._server.server_close()
+        for c in list(self._server.conns):
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+        self._thread.join(5)
+
+    def post(self, path: str, data: bytes = b"") -> None:
+        import urllib.request
+
+        urllib.request.urlopen(urllib.request.Request(self.endpoint + path, data=data, method="POST",
+                                                      headers={"Content-Type": "text/plain"})).read()
