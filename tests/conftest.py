@@ -86,6 +86,14 @@ def llama2_model() -> Path:
     return LLAMA2_MODEL
 
 
+@pytest.fixture(scope="session")
+def chat_bpe_json(tmp_path_factory) -> Path:
+    """A 384-id byte-level BPE with EOS and the ChatML tokens, trained on Python's docs."""
+    from trainhelp import make_bpe_json
+
+    return make_bpe_json(tmp_path_factory.mktemp("tok") / "tokenizer.json", real_texts(150), vocab_size=384)
+
+
 @pytest.fixture(scope="module")
 def server():
     """moto's S3 server app on 127.0.0.1 (trainhelp.StoppableS3: stop() severs it, start() brings it back)."""

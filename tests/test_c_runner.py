@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import trainhelp
 from trainer.export_c import export_c, main as export_main
 from trainer.generate import GenerationConfig, generate
 from trainer.models import build_model
@@ -201,16 +202,8 @@ def _check_encoding(exe, tok, path):
 @pytest.fixture(scope="module")
 def bpe_json(tmp_path_factory, docs) -> Path:
     """A byte-level BPE trained like the demo's (GPT-2 pre-tokenizer), small enough to train in a blink."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tk = Tokenizer(models.BPE(unk_token=None))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(docs[:200], trainers.BpeTrainer(
-        vocab_size=500, special_tokens=["<pad>", "<s>", "</s>", "<|endoftext|>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    p = tmp_path_factory.mktemp("bpe") / "tokenizer.json"
-    tk.save(str(p))
-    return p
+    return trainhelp.make_bpe_json(tmp_path_factory.mktemp("bpe") / "tokenizer.json", docs[:200], vocab_size=500,
+                                   specials=("<pad>", "<s>", "</s>", "<|endoftext|>"))
 
 
 @pytest.mark.parametrize("name", ["bpe", "cl100k", "qwen3", "llama2"])

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from test_hf_export import make_run, tokenizer_json  # noqa: F401  (the fixture)
+from test_hf_export import make_run
 from trainer.chat import converse, fit_history, main as chat_main
 from trainer.export import export
 from trainer.generate import GenerationConfig
@@ -46,11 +46,11 @@ metric_list:
     return d
 
 
-def test_evaluate_equals_the_harness_hf_backend_on_the_export(tmp_path, tokenizer_json, monkeypatch, capsys):  # noqa: F811
+def test_evaluate_equals_the_harness_hf_backend_on_the_export(tmp_path, chat_bpe_json, monkeypatch, capsys):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tasks = write_task(tmp_path / "tasks")
-    run, _ = make_run(tmp_path, "atom-xsa", tokenizer_json)
+    run, _ = make_run(tmp_path, "atom-xsa", chat_bpe_json)
     from trainer.evaluate import main
     assert main([str(run), "--tasks", "tiny_mc", "--include-path", str(tasks), "--batch-size", "4"]) == 0
     assert "acc_norm" in capsys.readouterr().out  # lm-eval's table
@@ -67,11 +67,11 @@ def test_evaluate_equals_the_harness_hf_backend_on_the_export(tmp_path, tokenize
     assert main([str(run), "--tasks", "no_such_task", "--include-path", str(tasks)]) == 2
 
 
-def test_chat_keeps_history_and_trims_the_oldest_turns(tmp_path, tokenizer_json):  # noqa: F811
-    run, model = make_run(tmp_path, "hybrid", tokenizer_json, chat=True)
+def test_chat_keeps_history_and_trims_the_oldest_turns(tmp_path, chat_bpe_json):
+    run, model = make_run(tmp_path, "hybrid", chat_bpe_json, chat=True)
     from shards import chat
     from shards.tokenizers import get_tokenizer
-    tok = get_tokenizer(str(tokenizer_json))
+    tok = get_tokenizer(str(chat_bpe_json))
     history = [{"role": "user", "content": "hello there " * 20}, {"role": "assistant", "content": "hi " * 20},
                {"role": "user", "content": "what is a class?"}]
     full = chat.prompt(tok, history)
@@ -95,8 +95,8 @@ def test_chat_keeps_history_and_trims_the_oldest_turns(tmp_path, tokenizer_json)
     assert h[3]["content"] == tok.decode(expect)
 
 
-def test_chat_cli_defaults_and_refusals(tmp_path, tokenizer_json, capsys):  # noqa: F811
-    run, _ = make_run(tmp_path, "atom-xsa", tokenizer_json, chat=True)
+def test_chat_cli_defaults_and_refusals(tmp_path, chat_bpe_json, capsys):
+    run, _ = make_run(tmp_path, "atom-xsa", chat_bpe_json, chat=True)
     assert chat_main([str(run), "--max-new-tokens", "4", "--top-p", "0.5"], read=iter(["hi", None]).__next__) == 0
     err = capsys.readouterr().err
     assert "temperature 0.2, top_p 0.5, repetition_penalty 1.15, no_repeat_ngram 3" in err  # card + override

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import trainhelp
 from trainer.checkpoint import load_model as load_checkpoint
 from trainer.generate import (GenerationConfig, banned_ngram_tokens, complete, generate, load_tokenizer, main,
                               next_token, prompt_ids, top_k_filter, top_p_filter, apply_no_repeat_ngram,
@@ -175,17 +176,11 @@ def test_stops_at_eos_and_respects_max_new_tokens():
 
 @pytest.fixture(scope="module")
 def tokenizer_json(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tr = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    from tokenizers import Tokenizer
+
     text = ["hello world, the quick brown fox jumps over the lazy dog.", "user assistant system chat"] * 50
-    tk.train_from_iterator(text, tr)
-    assert tk.get_vocab_size() <= 300
-    p = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tk.save(str(p))
+    p = trainhelp.make_bpe_json(tmp_path_factory.mktemp("tok") / "tokenizer.json", text, vocab_size=300)
+    assert Tokenizer.from_file(str(p)).get_vocab_size() <= 300
     return p
 
 

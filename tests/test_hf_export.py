@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import save_model
 
-from conftest import real_texts
 from trainer import hf
 from trainer.checkpoint import find_weights, load_model, load_model_weights
 from trainer.export import export, main as export_main
@@ -33,23 +32,7 @@ ARCHS = {  # name -> (model section without vocab_size, exported as Llama?)
 }
 
 
-@pytest.fixture(scope="module")
-def tokenizer_json(tmp_path_factory) -> Path:
-    """A 384-id byte-level BPE with EOS and the ChatML tokens, trained on Python's docs."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(real_texts(150), trainers.BpeTrainer(
-        vocab_size=384, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tok.save(str(path))
-    return path
-
-
-def make_run(root: Path, name: str, tokenizer_json: Path, seed: int = 0, chat: bool = False) -> tuple[Path, torch.nn.Module]:
+def make_run(root: Path, name: str, chat_bpe_json: Path, seed: int = 0, chat: bool = False) -> tuple[Path, torch.nn.Module]:
     """A run dir in the trainer's layout holding one checkpoint of a random model whose norm weights
     and gains are moved off their init (so a misplaced norm cannot go unnoticed)."""
     section = {**ARCHS[name][0], "vocab_size": 384}
@@ -62,7 +45,7 @@ def make_run(root: Path, name: str, tokenizer_json: Path, seed: int = 0, chat: b
     ck = root / name / "checkpoints" / "step_0000003"
     ck.mkdir(parents=True)
     save_model(model, str(ck / "model.safetensors"))
-    cfg = {"model": section, "tokenizer": {"name": "tiny-bpe", "path": str(tokenizer_json)},
+    cfg = {"model": section, "tokenizer": {"name": "tiny-bpe", "path": str(chat_bpe_json)},
            "data": {"sources": [{"name": "docs", "path": "x"}], "packing": "document" if chat else "stream"},
            "sample": {"prompt": "The", "max_new_tokens": 16, "temperature": 0.7, "top_k": 20}}
     (ck / "config.json").write_text(json.dumps(cfg))
@@ -76,8 +59,8 @@ def greedy_hf(model, prompt: list[int], n: int, eos: int) -> list[int]:
 
 
 @pytest.mark.parametrize("name", list(ARCHS))
-def test_export_loads_in_transformers_with_equal_logits_and_greedy(name, tmp_path, tokenizer_json):
-    run, ours = make_run(tmp_path, name, tokenizer_json)
+def test_export_loads_in_transformers_with_equal_logits_and_greedy(name, tmp_path, chat_bpe_json):
+    run, ours = make_run(tmp_path, name, chat_bpe_json)
     out = tmp_path / "export"
     assert export_main([str(run), "--out", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
@@ -98,7 +81,7 @@ def test_export_loads_in_transformers_with_equal_logits_and_greedy(name, tmp_pat
     tok = AutoTokenizer.from_pretrained(out)
     prompt = tok("The class statement")["input_ids"]
     from shards.tokenizers import get_tokenizer
-    assert prompt == get_tokenizer(str(tokenizer_json)).encode("The class statement")
+    assert prompt == get_tokenizer(str(chat_bpe_json)).encode("The class statement")
     eos = tok.eos_token_id
     assert eos == 0 and json.loads((out / "generation_config.json").read_text())["temperature"] == 0.7
     mine = generate(ours, prompt, GenerationConfig(max_new_tokens=24, greedy=True, stop_ids=(eos,)))
@@ -107,10 +90,10 @@ def test_export_loads_in_transformers_with_equal_logits_and_greedy(name, tmp_pat
     assert f"{ours.num_params():,} parameters" in card and ("trust_remote_code" in card) != llama
 
 
-def test_remote_code_runs_without_shardloom(tmp_path, tokenizer_json):
+def test_remote_code_runs_without_shardloom(tmp_path, chat_bpe_json):
     """The export's modeling code is self-contained: a process that cannot import trainer/ or shards/
     loads it and computes the same logits."""
-    run, ours = make_run(tmp_path, "hybrid", tokenizer_json)
+    run, ours = make_run(tmp_path, "hybrid", chat_bpe_json)
     out = tmp_path / "export"
     export(run, out)
     ids = torch.randint(0, 384, (1, 30), generator=torch.Generator().manual_seed(2))
@@ -136,8 +119,8 @@ with torch.no_grad():
         torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), ours(ids), rtol=0, atol=1e-5)
 
 
-def test_sharded_export_loads(tmp_path, tokenizer_json):
-    run, ours = make_run(tmp_path, "atom-xsa", tokenizer_json)
+def test_sharded_export_loads(tmp_path, chat_bpe_json):
+    run, ours = make_run(tmp_path, "atom-xsa", chat_bpe_json)
     out = tmp_path / "export"
     assert export_main([str(run), "--out", str(out), "--max-shard-size", "100KB"]) == 0
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -157,8 +140,8 @@ def _files(d: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("name", ["axiom-interleaved", "hybrid"])
-def test_export_import_export_is_byte_stable(name, tmp_path, tokenizer_json):
-    run, ours = make_run(tmp_path, name, tokenizer_json)
+def test_export_import_export_is_byte_stable(name, tmp_path, chat_bpe_json):
+    run, ours = make_run(tmp_path, name, chat_bpe_json)
     first, second = tmp_path / "e1", tmp_path / "e2"
     export(run, first, dtype="bfloat16")
     export(first, second, dtype="bfloat16")  # import (our loader) then export again
@@ -171,18 +154,18 @@ def test_export_import_export_is_byte_stable(name, tmp_path, tokenizer_json):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
 
 
-def test_init_from_refuses_another_architecture(tmp_path, tokenizer_json):
-    run, _ = make_run(tmp_path, "atom-xsa", tokenizer_json)
+def test_init_from_refuses_another_architecture(tmp_path, chat_bpe_json):
+    run, _ = make_run(tmp_path, "atom-xsa", chat_bpe_json)
     export(run, tmp_path / "e")
     other = build_model({**ARCHS["atom-no-xsa"][0], "vocab_size": 384})
     with pytest.raises(ValueError, match="model.xsa_layers"):
         load_model_weights(other, tmp_path / "e")
 
 
-def test_llama_and_argonne_layouts_and_hub_path(tmp_path, tokenizer_json, monkeypatch):
+def test_llama_and_argonne_layouts_and_hub_path(tmp_path, chat_bpe_json, monkeypatch):
     """Published checkpoints: an HF Llama folder (as Axiom's) and Argonne's own argonne2 layout
     import into our dense model; hf://org/name goes through the hub download (faked to a local dir)."""
-    run, ours = make_run(tmp_path, "argonne", tokenizer_json)
+    run, ours = make_run(tmp_path, "argonne", chat_bpe_json)
     arg = tmp_path / "argonne-release"
     arg.mkdir()
     c = ours.config
@@ -196,7 +179,7 @@ def test_llama_and_argonne_layouts_and_hub_path(tmp_path, tokenizer_json, monkey
         "v_norm": True, "sandwich_norm": True, "logit_softcap": 15.0, "tie_word_embeddings": True,
         "local_attention_window": 256, "interleaved_local_attention": True}))
     from shards.tokenizers import get_tokenizer, save_hf_tokenizer
-    save_hf_tokenizer(get_tokenizer(str(tokenizer_json)), arg)
+    save_hf_tokenizer(get_tokenizer(str(chat_bpe_json)), arg)
     ids = torch.randint(0, 384, (1, 25), generator=torch.Generator().manual_seed(4))
     calls = []
 
@@ -217,14 +200,14 @@ def test_llama_and_argonne_layouts_and_hub_path(tmp_path, tokenizer_json, monkey
                                        max_position_embeddings=128, rope_theta=5000.0, rms_norm_eps=1e-5,
                                        tie_word_embeddings=True))
     ref.eval().save_pretrained(tmp_path / "llama")
-    save_hf_tokenizer(get_tokenizer(str(tokenizer_json)), tmp_path / "llama")
+    save_hf_tokenizer(get_tokenizer(str(chat_bpe_json)), tmp_path / "llama")
     mine, _, _ = load_model(tmp_path / "llama")
     with torch.no_grad():
         torch.testing.assert_close(mine(ids), ref(ids).logits, rtol=0, atol=1e-5)
 
 
-def test_weights_only_checkpoint_and_bad_folders(tmp_path, tokenizer_json):
-    run, ours = make_run(tmp_path, "atom-xsa", tokenizer_json)
+def test_weights_only_checkpoint_and_bad_folders(tmp_path, chat_bpe_json):
+    run, ours = make_run(tmp_path, "atom-xsa", chat_bpe_json)
     ck = run / "checkpoints" / "step_0000003"
     assert find_weights(run) == ck  # no train_state.pt: still a source of weights for init_from
     bad = tmp_path / "bad"
@@ -235,8 +218,8 @@ def test_weights_only_checkpoint_and_bad_folders(tmp_path, tokenizer_json):
     assert export_main([str(bad), "--out", str(tmp_path / "x")]) == 2
 
 
-def test_model_card_carries_the_training_facts(tmp_path, tokenizer_json):
-    run, ours = make_run(tmp_path, "atom-no-xsa", tokenizer_json)
+def test_model_card_carries_the_training_facts(tmp_path, chat_bpe_json):
+    run, ours = make_run(tmp_path, "atom-no-xsa", chat_bpe_json)
     torch.save({"step": 3, "tokens_seen": 3072}, run / "checkpoints" / "step_0000003" / "train_state.pt")
     rows = [{"type": "train", "step": s, "loss": 5.0 - s, "tokens": 1024 * s} for s in (1, 2, 3, 4)]
     rows.append({"type": "eval", "step": 3, "loss": {"docs": 2.5, "overall": 2.5}})

@@ -39,6 +39,25 @@ def make_tokenizer_json(path: Path, words: str = "w") -> Path:
     return path
 
 
+CHATML_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def make_bpe_json(path: Path, texts, vocab_size: int, specials=CHATML_SPECIALS) -> Path:
+    """A byte-level BPE tokenizer.json (HF `tokenizers`, GPT-2 pre-tokenizer, the demo's and
+    train_tokenizer's shape) trained on `texts`; `specials` take the first ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(specials), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return path
+
+
 def make_source(d: Path, seed: int, docs: int = 60, val_docs: int = 8, info: TokenizerInfo = TINY_TOKENIZER) -> Path:
     """Tiny shard dir with learnable structure (arithmetic-progression documents); `info` goes into
     its manifest (the shards' own metadata keep the name "tiny")."""
