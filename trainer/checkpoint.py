@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import save_file, save_model
 
 from shards.manifest import sha256_file
+from trainer.log import log
 
 STEP_RE = re.compile(r"^step_(\d{7,})$")
 FILES = ("model.safetensors", "config.json", "train_state.pt")  # what --resume needs
@@ -161,10 +162,9 @@ def latest_checkpoint(run_dir) -> Path | None:
         why = checkpoint_problem(p)
         if why is None:
             if skipped:
-                print(f"[checkpoint] falling back to {p} (the newer {', '.join(skipped)} failed the checks above)",
-                      flush=True)
+                log.info(f"[checkpoint] falling back to {p} (the newer {', '.join(skipped)} failed the checks above)")
             return p
-        print(f"[checkpoint] skipping {p}: {why}", flush=True)
+        log.info(f"[checkpoint] skipping {p}: {why}")
         skipped.append(p.name)
     return None
 

@@ -40,7 +40,6 @@ How a batch is chosen (why it is exact, disjoint and independent of worker count
 from __future__ import annotations
 
 import hashlib
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,9 +47,9 @@ import numpy as np
 import torch
 
 from shards.reader import SplitReader, open_split
+from trainer.log import log
 from trainer.mixture import MixtureError, MixturePoint, MixtureSchedule
 
-log = logging.getLogger(__name__)
 
 STATE_FORMAT = "shardloom.loader/1"
 

@@ -35,6 +35,7 @@ from .checkpoint import (STEP_RE, find_weights, latest_checkpoint, load_model_we
                          rng_state, save_checkpoint, set_rng_state, step_dir)
 from .config import Config, ConfigError, load_curriculum
 from .hf import resolve_hub
+from .log import log, setup as setup_logging
 from .loggers import open_loggers
 from .parallel import GradSync, check_resume, gather_for_checkpoint, is_sharded, load_checkpoint, shard_model
 from .upload import Uploader, fetch_init, fetch_resume
@@ -77,11 +78,6 @@ class Dist:
     def close(self):
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def say(d: Dist, *a):
-    if d.main:
-        print(*a, flush=True)
 
 
 # ---------------------------------------------------------------- pieces
@@ -247,7 +243,7 @@ def check_tokenizer(cfg: Config, loader, d: Dist) -> None:
             raise ConfigError(f"{cfg.source_file}: tokenizer: '{cfg.tokenizer.name}' cannot be loaded here to compare "
                               f"its vocabulary ({why}), and {where} names another: '{t.name}'")
     if info is None:
-        say(d, f"[tokenizer] {want} cannot be loaded here ({why}): checked against the sources' manifests by name only")
+        log.info(f"[tokenizer] {want} cannot be loaded here ({why}): checked against the sources' manifests by name only")
 
 
 def load_eval_sets(cfg: Config, d: Dist):
@@ -263,7 +259,7 @@ def load_eval_sets(cfg: Config, d: Dist):
                                       packing=cfg.data.packing, cache_dir=cfg.data.cache_dir, name=s.name)
         except DataError as e:
             if "split 'val'" in str(e) or "fewer than one batch" in str(e):
-                say(d, f"[eval] no val data for '{s.name}': {e}")
+                log.info(f"[eval] no val data for '{s.name}': {e}")
                 continue
             raise
     return out
@@ -412,7 +408,7 @@ def restore(ckpt: Path, cfg: Config, world: int, model, opt, loader, device, d: 
     if changes:  # the saved param groups carry the old lr/betas/decay: the settings given now win
         for g, f in zip(opt.param_groups, fresh):
             g.update(f)
-        say(d, f"[resume] changed since {ckpt.name}, applied from step {int(st.step)} on: {', '.join(changes)}")
+        log.info(f"[resume] changed since {ckpt.name}, applied from step {int(st.step)} on: {', '.join(changes)}")
     set_rng_state(st.rng)
     return int(st.step)
 
@@ -480,7 +476,7 @@ def build_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
 
     resume_from = latest_checkpoint(stage_dir) if resume else None
     if resume and resume_from is None:
-        say(d, f"[resume] no valid checkpoint in {stage_dir / 'checkpoints'}: starting from step 0")
+        log.info(f"[resume] no valid checkpoint in {stage_dir / 'checkpoints'}: starting from step 0")
     if not resume and (stage_dir / "checkpoints").exists() and any((stage_dir / "checkpoints").iterdir()):
         raise ConfigError(f"{stage_dir}: already holds checkpoints; pass --resume to continue or --overwrite to start over")
 
@@ -493,7 +489,7 @@ def build_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
             load_model_weights(model, init_from, device=device)
         except ValueError as e:  # another architecture, an unreadable file: name it before step 0
             raise ConfigError(f"{cfg.source_file}: train.init_from: {e}") from None
-        say(d, f"[init] model weights from {init_from} (fresh optimizer"
+        log.info(f"[init] model weights from {init_from} (fresh optimizer"
                f"{', data cursor reset' if cfg.train.reset_data_cursor else ''})")
     if cfg.train.parallel == "fsdp":
         shard_model(model, cfg, device, d.world)  # in place, before the optimizer takes the parameters
@@ -508,7 +504,7 @@ def build_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
     if cfg.train.compile:
         model = torch.compile(model)
     if cfg.train.dtype == "bf16" and device.type != "cuda":
-        say(d, "[dtype] bf16 autocast is a GPU path; training in fp32 on CPU")
+        log.info("[dtype] bf16 autocast is a GPU path; training in fp32 on CPU")
     metrics = MetricsLog(stage_dir, enabled=d.main, loggers=open_loggers(cfg, stage_dir) if d.main else [],
                          flops_per_token=float(raw_model.flops_per_token(cfg.batch.seq_len)),
                          peak=peak_flops(device) * d.world)
@@ -516,12 +512,12 @@ def build_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
               masked=cfg.data.packing == "document" or any(src.has_loss for src in loader.sources), vocab=vocab)
     if resume_from is not None:
         s.start_step = restore(resume_from, cfg, s.world, raw_model, opt, loader, device, d)
-        say(d, f"[resume] {resume_from} (step {s.start_step}, {fmt_count(s.start_step * s.tps)} tokens)")
+        log.info(f"[resume] {resume_from} (step {s.start_step}, {fmt_count(s.start_step * s.tps)} tokens)")
     elif init_from is not None and cfg.train.reset_data_cursor:
         loader.reset_data_cursor(0)
     # rows past start_step belong to a run that died after them: the resumed (or restarted) run logs them again
     if dropped := s.metrics.truncate_after(s.start_step):
-        say(d, f"[metrics] dropped {dropped} rows logged after step {s.start_step} by an interrupted run")
+        log.info(f"[metrics] dropped {dropped} rows logged after step {s.start_step} by an interrupted run")
     if cfg.checkpoint.upload and d.main:
         s.uploader = Uploader(cfg.checkpoint.upload, cfg.checkpoint.keep_last, cfg.checkpoint.endpoint_url)
     return s
@@ -539,7 +535,7 @@ def save(s: Stage, step: int) -> None:
                            stage=s.cfg.name, world_size=s.world, total_steps=s.total_steps)
         p = save_checkpoint(s.dir, step, weights, state.state_dict(), checkpoint_config(s.cfg, s.world),
                             s.cfg.checkpoint.keep_last, folders=folders)
-        print(f"[checkpoint] saved {p}", flush=True)
+        log.info(f"[checkpoint] saved {p}")
         if s.uploader is not None:
             s.uploader.push(p)
     s.d.barrier()
@@ -552,12 +548,12 @@ def run_eval(s: Stage, step: int) -> None:
     s.metrics.log_eval(step, step * s.tps, losses)
     s.metrics.log({"type": "mixture", "step": step, "tokens": step * s.tps, "tokens_by_source": s.tokens_by_source()})
     if s.d.main:
-        print("[eval] step {} | ".format(step) + " | ".join(
-            f"{k} {v:.4f} (ppl {math.exp(min(v, 50)):.1f})" for k, v in losses.items()), flush=True)
+        log.info("[eval] step {} | ".format(step) + " | ".join(
+            f"{k} {v:.4f} (ppl {math.exp(min(v, 50)):.1f})" for k, v in losses.items()))
         try:
             plot(s.dir)
         except Exception as e:  # noqa: BLE001 - a plotting problem must never stop training
-            print(f"[plot] failed: {e}", flush=True)
+            log.warning(f"[plot] failed: {e}")
 
 
 def train_step(s: Stage, prefetch, step: int, prog: Progress) -> None:
@@ -586,7 +582,7 @@ def train_step(s: Stage, prefetch, step: int, prog: Progress) -> None:
             row["grad_norm"] = float(gnorm)
         s.metrics.log(row)
         if s.d.main and (done % cfg.train.print_every == 0 or done == s.total_steps or done == s.start_step + 1):
-            print(prog.line(step, loss_val, lr), flush=True)
+            log.info(prog.line(step, loss_val, lr))
         if not math.isfinite(loss_val):
             raise FloatingPointError(f"loss is {loss_val} at step {done}: stopping (last checkpoint kept)")
 
@@ -600,7 +596,7 @@ def finish(s: Stage, sample: bool) -> Path:
     s.metrics.close()
     if s.d.main:
         if s.uploader is not None and (failed := s.uploader.close()):
-            print(f"[upload] not uploaded: {', '.join(failed)} (kept locally, see above)", flush=True)
+            log.warning(f"[upload] not uploaded: {', '.join(failed)} (kept locally, see above)")
         (s.dir / "DONE").write_text(f"{final}\n")
         if sample:  # a sharded model's forward needs every rank: the sample reads the saved weights
             from .checkpoint import load_model
@@ -618,8 +614,8 @@ def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
     prog = Progress(total, s.start_step, s.tps, float(s.raw_model.flops_per_token(cfg.batch.seq_len)),
                     peak_flops(s.device) * s.world)
     if d.main:
-        print(f"[train] {cfg.name or Path(cfg.source_file).stem}: {total} steps x {s.tps:,} tokens "
-              f"(grad_accum {cfg.grad_accum(s.world)}, world {s.world}) on {s.device.type} -> {stage_dir}", flush=True)
+        log.info(f"[train] {cfg.name or Path(cfg.source_file).stem}: {total} steps x {s.tps:,} tokens "
+                 f"(grad_accum {cfg.grad_accum(s.world)}, world {s.world}) on {s.device.type} -> {stage_dir}")
     s.model.train()
     # builds the next step's batches during this one
     prefetch = Prefetcher(s.loader, s.start_step, total, pin_memory=s.device.type == "cuda")
@@ -677,7 +673,7 @@ def sample_generation(cfg: Config, model) -> None:
     gen = GenerationConfig(max_new_tokens=cfg.sample.max_new_tokens, temperature=cfg.sample.temperature,
                            top_k=cfg.sample.top_k or None, stop_ids=stop_ids(tok, chat), seed=cfg.train.seed)
     new = generate(model, ids, gen)
-    print(f"[sample]\n{cfg.sample.prompt}{tok.decode(list(new))}", flush=True)
+    log.info(f"[sample]\n{cfg.sample.prompt}{tok.decode(list(new))}")
 
 
 # ---------------------------------------------------------------- main
@@ -708,6 +704,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     d = Dist()
+    setup_logging(d.rank)
     try:
         stages = load_curriculum(args.curriculum, args.overrides, world_size=d.world)
         if args.dry_run:
@@ -769,7 +766,7 @@ def main(argv=None) -> int:
                         f"{cfg.total_steps(d.world)} steps: --resume only continues an unfinished run (the LR "
                         f"and mixture schedules span the whole run); to train further, start a new run with "
                         f"train.init_from={prev_final}")
-                say(d, f"[stage] {cfg.name or i}: already done ({prev_final})")
+                log.info(f"[stage] {cfg.name or i}: already done ({prev_final})")
                 resumed_done = prev_final if i == len(stages) - 1 else None
                 continue
             prev_final = train_stage(cfg, stage_dir, d, args.resume, init_path, sample=i == len(stages) - 1)
