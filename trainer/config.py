@@ -34,6 +34,12 @@ class ConfigError(ValueError):
     """A curriculum problem; the message names the file and the field."""
 
 
+def did_you_mean(word, choices, n: int = 1) -> str:
+    """" (did you mean 'x'?)" naming the closest of `choices` (up to n), or "" when none is close."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=n)
+    return f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+
+
 @dataclass
 class TokenizerSection:
     name: str = ""
@@ -362,8 +368,7 @@ def _build(cls, raw: dict, where: str, file: str):
     for key, value in raw.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(names)})"
+            hint = did_you_mean(key, names) or f" (known: {', '.join(names)})"
             raise ConfigError(f"{file}: {path}: unknown key{hint}")
         if cls is Config and key == "model":
             kwargs[key] = _typed_model(value, file)
@@ -568,8 +573,7 @@ def validate(cfg: Config, world_size: int = 1, where: str = "") -> None:
     except MixtureError as e:
         w = f"data.schedule.{e.index}"
         if e.unknown:
-            close = difflib.get_close_matches(e.unknown[0], names, n=1)
-            err(f"{w}.weights.{e.unknown[0]}", "not a source" + (f" (did you mean '{close[0]}'?)" if close else f" (sources: {names})"))
+            err(f"{w}.weights.{e.unknown[0]}", "not a source" + (did_you_mean(e.unknown[0], names) or f" (sources: {names})"))
         err(f"{w}.{e.field}" if e.index is not None else "data.schedule", e.message)
     if cfg.data.packing not in ("stream", "document"):
         err("data.packing", f"expected stream | document, got {cfg.data.packing!r}")

@@ -7,12 +7,12 @@ dataclass: a misspelt or missing key is a ValueError naming it.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib
 
 import torch
 import torch.nn as nn
 
+from trainer.config import did_you_mean
 from trainer.models.layers import KVCache  # noqa: F401  (re-exported for generate / trainer)
 
 ARCHS = {
@@ -24,9 +24,8 @@ ARCHS = {
 
 def _family(arch):
     if arch not in ARCHS:
-        close = difflib.get_close_matches(str(arch), list(ARCHS), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"model.arch: unknown architecture {arch!r}{hint}; expected one of {sorted(ARCHS)}")
+        raise ValueError(f"model.arch: unknown architecture {arch!r}{did_you_mean(arch, ARCHS)}; "
+                         f"expected one of {sorted(ARCHS)}")
     mod_name, cfg_name, cls_name = ARCHS[arch]
     mod = importlib.import_module(mod_name)
     return mod, getattr(mod, cfg_name), getattr(mod, cls_name)
@@ -53,16 +52,13 @@ def make_config(cfg: dict):
     if "preset" in cfg:
         name = cfg.pop("preset")
         if name not in presets:
-            close = difflib.get_close_matches(str(name), list(presets), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"model.preset: unknown preset {name!r}{hint}; known: {sorted(presets)}")
+            raise ValueError(f"model.preset: unknown preset {name!r}{did_you_mean(name, presets)}; "
+                             f"known: {sorted(presets)}")
         values.update(presets[name])
     fields = {f.name: f for f in dataclasses.fields(cfg_cls)}
     for key in cfg:
         if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=3)
-            hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
-            raise ValueError(f"model.{key}: unknown option{hint}")
+            raise ValueError(f"model.{key}: unknown option{did_you_mean(key, fields, n=3)}")
     values.update(cfg)
     missing = [n for n, f in fields.items() if n not in values and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING and f.init]
