@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from shards.manifest import TokenizerInfo, build_manifest, write_manifest
-from trainhelp import make_source, tiny_curriculum
+from shards.manifest import TokenizerInfo
+from trainhelp import make_source, tiny_curriculum, write_shards
 
 SEQ, ROWS_PER_STEP = 32, 4  # tiny_curriculum: seq_len 32, micro_batch 2, grad_accum 2
 SCHEDULE = [{"at": 0.0, "weights": {"a": 0.9, "b": 0.1}}, {"at": 0.5, "weights": {"a": 0.5, "b": 0.5}},
@@ -91,7 +91,7 @@ def test_missing_or_empty_source_stops_the_dry_run(tmp_path, capsys, monkeypatch
     assert err.startswith("error: source 'b'") and "not-built" in err
     empty = tmp_path / "empty"
     (empty / "train").mkdir(parents=True)
-    write_manifest(empty, build_manifest(empty, TokenizerInfo("tiny", 64, "tiny-hash", 0), splits=("train",)))
+    write_shards(empty, {}, TokenizerInfo("tiny", 64, "tiny-hash", 0), splits=("train",))
     raw["data"]["sources"][1]["path"] = str(empty)
     path.write_text(yaml.safe_dump(raw))
     rc, _, err = dry_run(path, capsys=capsys, monkeypatch=monkeypatch)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from shards.format import ShardWriter, dtype_for_vocab
-from shards.manifest import TokenizerInfo, build_manifest, write_manifest
+from shards.manifest import TokenizerInfo
 from trainer.data import DataError, MixtureLoader, MixturePoint, SourceSpec, iterate, permute, val_batches
+from trainhelp import write_shards
 
 EOS = 0
 
@@ -24,29 +24,25 @@ def make_source(d: Path, tag: int, n_tokens=4000, n_shards=2, vocab=1000, val_to
     """A shard dir whose train tokens encode (tag, position) so a window tells where it came from:
     token = 1 + (tag*131 + pos) % (vocab//2 - 1) in train, and ids >= vocab//2 in val."""
     info = info or tok_info(vocab)
-    dtype = dtype_for_vocab(info.vocab_size)
     half = vocab // 2
     rng = np.random.default_rng(tag)
+    shards = {}
     for split, total in (("train", n_tokens), ("val", val_tokens)):
         per = total // n_shards
         for j in range(n_shards):
-            with ShardWriter(d / split / f"{j:05d}", dtype, info.name, with_loss=with_loss) as w:
-                if docs is not None:
-                    for doc in docs[split][j::n_shards]:
-                        toks, mask = doc
-                        w.write(toks, mask if with_loss else None)
-                    continue
-                pos = np.arange(j * per, (j + 1) * per)
-                if split == "train":
-                    toks = 1 + (tag * 131 + pos) % (half - 1)
-                else:
-                    toks = half + (pos % (half - 1))
-                cuts = np.sort(rng.choice(np.arange(1, per), size=per // 50, replace=False))
-                for piece in np.split(toks, cuts):
-                    mask = (piece % 2).astype(np.uint8) if with_loss else None
-                    w.write(piece, mask)
-    write_manifest(d, build_manifest(d, info))
-    return str(d)
+            if docs is not None:
+                picked = docs[split][j::n_shards]
+                shards[f"{split}/{j:05d}"] = picked if with_loss else [toks for toks, _ in picked]
+                continue
+            pos = np.arange(j * per, (j + 1) * per)
+            if split == "train":
+                toks = 1 + (tag * 131 + pos) % (half - 1)
+            else:
+                toks = half + (pos % (half - 1))
+            cuts = np.sort(rng.choice(np.arange(1, per), size=per // 50, replace=False))
+            pieces = np.split(toks, cuts)
+            shards[f"{split}/{j:05d}"] = [(p, (p % 2).astype(np.uint8)) for p in pieces] if with_loss else pieces
+    return str(write_shards(d, shards, info, with_loss=with_loss))
 
 
 @pytest.fixture(scope="module")
@@ -233,13 +229,8 @@ def test_val_is_held_out(three):
 
 
 def _counting_source(d: Path, info: TokenizerInfo, base: int, n=3000):
-    dtype = dtype_for_vocab(info.vocab_size)
-    for split in ("train", "val"):
-        with ShardWriter(d / split / "00000", dtype, info.name) as w:
-            for piece in np.array_split(base + np.arange(n), 10):
-                w.write(piece)
-    write_manifest(d, build_manifest(d, info))
-    return str(d)
+    pieces = np.array_split(base + np.arange(n), 10)
+    return str(write_shards(d, {"train/00000": pieces, "val/00000": pieces}, info))
 
 
 def test_dtype_from_manifest_uint16_and_uint32(tmp_path):

@@ -244,15 +244,9 @@ def test_shard_with_ids_beyond_the_model_vocabulary_fails_before_step_0(tmp_path
     inside a training step, naming no shard."""
     import numpy as np
 
-    from shards.format import ShardWriter
-    from shards.manifest import build_manifest, write_manifest
-
     cur = trainhelp.tiny_curriculum(tmp_path)
     a = tmp_path / "data" / "a"
-    with ShardWriter(a / "val" / "00000", np.dtype("<u2"), "tiny") as w:
-        for _ in range(8):
-            w.write(np.r_[np.arange(1, 40), 70, 0])
-    write_manifest(a, build_manifest(a, trainhelp.TINY_TOKENIZER))
+    trainhelp.write_shards(a, {"val/00000": [np.r_[np.arange(1, 40), 70, 0]] * 8})
     rc, out, err = train([cur, "--run-dir", tmp_path / "r"], capsys)
     assert rc == 2 and "val/00000.ds" in err and "70" in err and "64" in err and "source 'a'" in err, err
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
@@ -368,18 +362,12 @@ def test_a_mixture_of_more_shards_than_open_files_allowed_trains(tmp_path):
 
     import numpy as np
 
-    from shards.format import ShardWriter
-    from shards.manifest import build_manifest, write_manifest
     from trainer.data import MixtureLoader
 
     d = tmp_path / "many"
     rng = np.random.default_rng(0)
-    for split, n in (("train", 80), ("val", 1)):
-        for j in range(n):
-            with ShardWriter(d / split / f"{j:05d}", np.dtype("<u2"), "tiny", with_loss=True) as w:
-                doc = rng.integers(1, trainhelp.VOCAB, 70)
-                w.write(doc, loss_mask=np.ones(70))
-    write_manifest(d, build_manifest(d, trainhelp.TINY_TOKENIZER))
+    trainhelp.write_shards(d, {f"{split}/{j:05d}": [(rng.integers(1, trainhelp.VOCAB, 70), np.ones(70))]
+                               for split, n in (("train", 80), ("val", 1)) for j in range(n)}, with_loss=True)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     in_use = len(os.listdir("/proc/self/fd"))
     resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 40, hard))  # room for 40 more, not 160 maps

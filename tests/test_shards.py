@@ -17,6 +17,7 @@ from shards.check import verify_dir
 from shards.format import ShardWriter, dtype_for_vocab, open_shard, read_metadata
 from shards.manifest import TokenizerInfo, build_manifest, find_shards, read_manifest, write_manifest
 from shards.reader import open_split
+from trainhelp import write_shards
 
 
 def random_docs(rng, n, vocab, max_len=50):
@@ -32,15 +33,13 @@ def info(vocab, name="synthetic"):
 def make_dir(root, vocab=65537, with_loss=False, seed=0, name="synthetic"):
     """train/00000, train/00001, val/00000 + manifest. Returns (dir, {rel: [docs]}, {rel: [masks]})."""
     rng = np.random.default_rng(seed)
-    written, masks = {}, {}
+    written, masks, shards = {}, {}, {}
     for rel, n in (("train/00000", 30), ("train/00001", 20), ("val/00000", 5)):
         docs = random_docs(rng, n, vocab)
         ms = [rng.integers(0, 2, size=len(d)).astype(np.uint8) for d in docs] if with_loss else [None] * n
-        with ShardWriter(root / rel, dtype_for_vocab(vocab), name, with_loss=with_loss) as w:
-            for d, m in zip(docs, ms):
-                w.write(d, loss_mask=m)
+        shards[rel] = list(zip(docs, ms)) if with_loss else docs
         written[rel + ".ds"], masks[rel + ".ds"] = docs, ms
-    write_manifest(root, build_manifest(root, info(vocab, name), source="test", seeds={"split_seed": 1337}))
+    write_shards(root, shards, info(vocab, name), with_loss=with_loss, source="test", seeds={"split_seed": 1337})
     return root, written, masks
 
 
@@ -251,10 +250,8 @@ def test_verify_detects(tmp_path, capsys, how, file, needle):
 
 def test_verify_detects_id_out_of_vocab(tmp_path, capsys):
     vocab = 151669
-    with ShardWriter(tmp_path / "train/00000", np.uint32, "t") as w:
-        w.write([1, 2, 3])
-        w.write([4, vocab + 5, 6])  # fits uint32, but not the vocabulary
-    write_manifest(tmp_path, build_manifest(tmp_path, info(vocab, "t"), splits=("train",)))
+    write_shards(tmp_path, {"train/00000": [[1, 2, 3], [4, vocab + 5, 6]]},  # fits uint32, but not the vocabulary
+                 info(vocab, "t"), splits=("train",))
     rc, out = run_cli(capsys, "verify", str(tmp_path))
     assert rc == 1 and f"token id {vocab + 5} >= vocab size {vocab} (first at position 4)" in out
 
@@ -269,11 +266,8 @@ def test_inspect_decodes_first_document(tmp_path, capsys):
 
     tok = get_tokenizer("qwen3")
     texts = real_texts(12)
-    for split, chunk in (("train", texts[:10]), ("val", texts[10:])):
-        with ShardWriter(tmp_path / split / "00000", dtype_for_vocab(tok.vocab_size), tok.name) as w:
-            for ids in tok.encode_documents(chunk):
-                w.write(ids)
-    write_manifest(tmp_path, build_manifest(tmp_path, tok.info(), source="pydoc"))
+    write_shards(tmp_path, {f"{split}/00000": tok.encode_documents(chunk) for split, chunk in (("train", texts[:10]), ("val", texts[10:]))},
+                 tok.info(), source="pydoc")
     rc, out = run_cli(capsys, "inspect", str(tmp_path), "--max-chars", "100000")
     assert rc == 0 and "qwen3" in out and "uint32" in out
     assert texts[0] + "<|endoftext|>" in out  # decoded, followed by EOS

@@ -28,11 +28,10 @@ pytest.importorskip("moto")
 from shards import storage  # noqa: E402
 from shards.s3 import _composite_sha256  # noqa: E402
 from shards.__main__ import add_storage_commands  # noqa: E402
-from shards.format import ShardWriter  # noqa: E402
-from shards.manifest import TokenizerInfo, build_manifest, read_manifest, write_manifest  # noqa: E402
+from shards.manifest import TokenizerInfo, read_manifest  # noqa: E402
 from shards.reader import open_split  # noqa: E402
 from shards.storage import StorageError  # noqa: E402
-from trainhelp import SECRET  # noqa: E402  (the s3 fixture's secret key: must never appear in any output)
+from trainhelp import SECRET, write_shards  # noqa: E402  (the s3 fixture's secret key: must never appear in any output)
 
 REPO = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
@@ -50,22 +49,13 @@ def make_dataset(directory: Path, big_mib: float = 0, small: int = 2, seed: int 
     of about `big_mib` MiB (to force multipart with 5 MiB parts)."""
     rng = np.random.default_rng(seed)
     tok = TokenizerInfo("test-tok", vocab_size=50_000, vocab_hash="0" * 64, eos_id=0)
-    dt = np.dtype("<u2")
-    names = [f"train/{i:05d}" for i in range(small)]
-    for i, name in enumerate(names):
-        with ShardWriter(directory / name, dt, tok.name) as w:
-            for _ in range(20 + i):
-                w.write(rng.integers(1, 50_000, size=int(rng.integers(50, 400))))
+    shards = {f"train/{i:05d}": [rng.integers(1, 50_000, size=int(rng.integers(50, 400))) for _ in range(20 + i)]
+              for i in range(small)}
     if big_mib:
-        with ShardWriter(directory / f"train/{small:05d}", dt, tok.name) as w:
-            per_doc = 100_000
-            for _ in range(int(big_mib * MiB / 2 / per_doc)):
-                w.write(rng.integers(1, 50_000, size=per_doc))
-    with ShardWriter(directory / "val/00000", dt, tok.name) as w:
-        for _ in range(5):
-            w.write(rng.integers(1, 50_000, size=int(rng.integers(50, 400))))
-    write_manifest(directory, build_manifest(directory, tok, source="test", seeds={"seed": seed}))
-    return directory
+        per_doc = 100_000
+        shards[f"train/{small:05d}"] = [rng.integers(1, 50_000, size=per_doc) for _ in range(int(big_mib * MiB / 2 / per_doc))]
+    shards["val/00000"] = [rng.integers(1, 50_000, size=int(rng.integers(50, 400))) for _ in range(5)]
+    return write_shards(directory, shards, tok, source="test", seeds={"seed": seed})
 
 
 def tree(directory: Path) -> dict[str, bytes]:
@@ -326,10 +316,8 @@ def test_sync_transfers_only_what_differs(s3, server, tmp_path):
 
     shutil.rmtree(src / "val")
     rng = np.random.default_rng(123)
-    with ShardWriter(src / "val/00000", np.dtype("<u2"), "test-tok") as w:
-        for _ in range(7):
-            w.write(rng.integers(1, 50_000, size=300))
-    write_manifest(src, build_manifest(src, read_manifest(src).tokenizer, source="test", seeds={"seed": 0}))
+    write_shards(src, {"val/00000": [rng.integers(1, 50_000, size=300) for _ in range(7)]}, read_manifest(src).tokenizer,
+                 source="test", seeds={"seed": 0})
     new = read_manifest(src).files
     changed = {rel for rel in new if old.get(rel) != new[rel]}
     assert changed and all(rel.startswith("val/") for rel in changed)

@@ -10,8 +10,7 @@ import pytest
 import torch
 import yaml
 
-from shards.format import ShardWriter
-from trainhelp import ROOT, VOCAB, env, make_sft_source, make_source, tiny_curriculum
+from trainhelp import ROOT, VOCAB, env, make_sft_source, make_source, tiny_curriculum, write_shards
 from trainer.models import build_model
 from trainer.run import compute_loss, forward_backward, main
 
@@ -58,9 +57,8 @@ def test_wrong_dtype(tmp_path, capsys):
     # a uint32 shard where the manifest of a small vocab says uint16
     bad = tmp_path / "data" / "c"
     make_source(bad, 3)
-    for split in ("train", "val"):
-        with ShardWriter(bad / split / "00000", np.dtype("<u4"), "tiny") as w:
-            w.write(np.arange(1, 50) % VOCAB)
+    write_shards(bad, {f"{split}/00000": [np.arange(1, 50) % VOCAB] for split in ("train", "val")}, dtype="<u4",
+                 manifest=False)
     m = json.loads((bad / "manifest.json").read_text())
     assert m["dtype"] == "uint16"
     rc, err = run_main(cur, capsys, f"data.sources.0.path={bad}", "--run-dir", str(tmp_path / "r"))

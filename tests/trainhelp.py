@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from shards.format import ShardWriter
+from shards.format import ShardWriter, dtype_for_vocab
 from shards.manifest import TokenizerInfo, build_manifest, write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,18 +58,38 @@ def make_bpe_json(path: Path, texts, vocab_size: int, specials=CHATML_SPECIALS) 
     return path
 
 
+def write_shards(d: Path, shards: dict, info: TokenizerInfo = TINY_TOKENIZER, *, dtype=None, name: str | None = None,
+                 with_loss: bool = False, manifest: bool = True, **manifest_kw) -> Path:
+    """The one synthetic-shard builder: each `shards` entry ("train/00000": documents) becomes one
+    shard under d, a document being an id array, or an (ids, loss mask) pair with with_loss; then
+    d/manifest.json describes everything under d for `info` (`manifest_kw` go to build_manifest;
+    manifest=False leaves it alone). `name` is the tokenizer name in the shards' own metadata and
+    `dtype` their id type (defaults: info's name, and the dtype its vocabulary needs)."""
+    dtype = np.dtype(dtype) if dtype is not None else dtype_for_vocab(info.vocab_size)
+    for rel, docs in shards.items():
+        with ShardWriter(d / rel, dtype, name or info.name, with_loss=with_loss) as w:
+            for doc in docs:
+                if with_loss:
+                    w.write(doc[0], loss_mask=doc[1])
+                else:
+                    w.write(doc)
+    if manifest:
+        write_manifest(d, build_manifest(d, info, **manifest_kw))
+    return d
+
+
 def make_source(d: Path, seed: int, docs: int = 60, val_docs: int = 8, info: TokenizerInfo = TINY_TOKENIZER) -> Path:
     """Tiny shard dir with learnable structure (arithmetic-progression documents); `info` goes into
     its manifest (the shards' own metadata keep the name "tiny")."""
     rng = np.random.default_rng(seed)
+    shards = {}
     for split, n in (("train", docs), ("val", val_docs)):
-        with ShardWriter(d / split / "00000", np.dtype("<u2"), "tiny") as w:
-            for _ in range(n):
-                start, step, length = rng.integers(1, VOCAB), rng.integers(1, 4), rng.integers(20, 60)
-                doc = (start + step * np.arange(length)) % (VOCAB - 1) + 1
-                w.write(np.append(doc, 0))
-    write_manifest(d, build_manifest(d, info))
-    return d
+        shards[f"{split}/00000"] = []
+        for _ in range(n):
+            start, step, length = rng.integers(1, VOCAB), rng.integers(1, 4), rng.integers(20, 60)
+            doc = (start + step * np.arange(length)) % (VOCAB - 1) + 1
+            shards[f"{split}/00000"].append(np.append(doc, 0))
+    return write_shards(d, shards, info, dtype="<u2", name="tiny")
 
 
 def make_sft_source(d: Path, seed: int = 0, docs: int = 40, val_docs: int = 8,
@@ -77,15 +97,15 @@ def make_sft_source(d: Path, seed: int = 0, docs: int = 40, val_docs: int = 8,
     """Shard dir of prompt + sorted-answer + EOS documents with `.ds.loss` masks (1 on answer and EOS).
     Several lengths to pick from make documents (and so micro-batches) of very different mask density."""
     rng = np.random.default_rng(seed)
+    shards = {}
     for split, n in (("train", docs), ("val", val_docs)):
-        with ShardWriter(d / split / "00000", np.dtype("<u2"), "tiny", with_loss=True) as w:
-            for _ in range(n):
-                p, a = int(rng.choice(prompt_lens)), int(rng.choice(answer_lens))
-                prompt = rng.integers(1, VOCAB, p)
-                answer = np.sort(rng.integers(1, VOCAB, a))
-                w.write(np.concatenate([prompt, answer, [0]]), loss_mask=np.r_[np.zeros(p), np.ones(a + 1)])
-    write_manifest(d, build_manifest(d, TINY_TOKENIZER))
-    return d
+        shards[f"{split}/00000"] = []
+        for _ in range(n):
+            p, a = int(rng.choice(prompt_lens)), int(rng.choice(answer_lens))
+            prompt = rng.integers(1, VOCAB, p)
+            answer = np.sort(rng.integers(1, VOCAB, a))
+            shards[f"{split}/00000"].append((np.concatenate([prompt, answer, [0]]), np.r_[np.zeros(p), np.ones(a + 1)]))
+    return write_shards(d, shards, dtype="<u2", name="tiny", with_loss=True)
 
 
 def tiny_curriculum(tmp_path: Path, **over) -> Path:
