@@ -11,7 +11,7 @@ import numpy as np
 import yaml
 
 from shards.manifest import TokenizerInfo
-from trainhelp import make_source, tiny_curriculum, write_shards
+from trainhelp import make_source, tiny_curriculum, train, write_shards
 
 SEQ, ROWS_PER_STEP = 32, 4  # tiny_curriculum: seq_len 32, micro_batch 2, grad_accum 2
 SCHEDULE = [{"at": 0.0, "weights": {"a": 0.9, "b": 0.1}}, {"at": 0.5, "weights": {"a": 0.5, "b": 0.5}},
@@ -31,15 +31,6 @@ def count_windows(d: Path) -> int:
     return sum(max(0, (f.stat().st_size // 2 - 1) // SEQ) for f in train_files(d))
 
 
-def dry_run(path, *extra, capsys, monkeypatch):
-    from trainer.run import main
-
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    rc = main([str(path), "--dry-run", "--json", *extra])
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
-
-
 def curriculum(tmp_path: Path, steps: int, **over) -> tuple[Path, dict]:
     a = make_source(tmp_path / "src" / "a", 1, docs=60)
     b = make_source(tmp_path / "src" / "b", 2, docs=400)
@@ -51,7 +42,7 @@ def curriculum(tmp_path: Path, steps: int, **over) -> tuple[Path, dict]:
 def test_budget_numbers_against_independent_counts(tmp_path, capsys, monkeypatch):
     steps = 60
     path, dirs = curriculum(tmp_path, steps)
-    rc, out, _ = dry_run(path, capsys=capsys, monkeypatch=monkeypatch)
+    rc, out, _ = train([path, "--dry-run", "--json"], capsys, monkeypatch)
     assert rc == 0
     got = {s["name"]: s for s in json.loads(out.strip().splitlines()[-1])["sources"]}
     rows = steps * ROWS_PER_STEP
@@ -70,7 +61,7 @@ def test_staged_curriculum_per_stage_and_summed(tmp_path, capsys, monkeypatch):
     raw = yaml.safe_load(path.read_text())
     raw["stages"] = [{"name": "one"}, {"name": "two", "train": {"steps": 20}}]
     path.write_text(yaml.safe_dump(raw))
-    rc, out, _ = dry_run(path, capsys=capsys, monkeypatch=monkeypatch)
+    rc, out, _ = train([path, "--dry-run", "--json"], capsys, monkeypatch)
     assert rc == 0
     j = json.loads(out.strip().splitlines()[-1])
     one, two = ({s["name"]: s for s in st["sources"]} for st in j["stages"])
@@ -86,7 +77,7 @@ def test_missing_or_empty_source_stops_the_dry_run(tmp_path, capsys, monkeypatch
     raw = yaml.safe_load(path.read_text())
     raw["data"]["sources"][1]["path"] = str(tmp_path / "not-built")
     path.write_text(yaml.safe_dump(raw))
-    rc, _, err = dry_run(path, capsys=capsys, monkeypatch=monkeypatch)
+    rc, _, err = train([path, "--dry-run", "--json"], capsys, monkeypatch)
     assert rc == 2 and err.strip().count("\n") == 0
     assert err.startswith("error: source 'b'") and "not-built" in err
     empty = tmp_path / "empty"
@@ -94,7 +85,7 @@ def test_missing_or_empty_source_stops_the_dry_run(tmp_path, capsys, monkeypatch
     write_shards(empty, {}, TokenizerInfo("tiny", 64, "tiny-hash", 0), splits=("train",))
     raw["data"]["sources"][1]["path"] = str(empty)
     path.write_text(yaml.safe_dump(raw))
-    rc, _, err = dry_run(path, capsys=capsys, monkeypatch=monkeypatch)
+    rc, _, err = train([path, "--dry-run", "--json"], capsys, monkeypatch)
     assert rc == 2 and err.startswith("error: source 'b'") and "no shards" in err
-    rc, out, _ = dry_run(path, "--skip-data", capsys=capsys, monkeypatch=monkeypatch)  # the rest still checks
+    rc, out, _ = train([path, "--dry-run", "--json", "--skip-data"], capsys, monkeypatch)  # the rest still checks
     assert rc == 0 and "sources" not in json.loads(out.strip().splitlines()[-1])

@@ -1,15 +1,13 @@
 """Curriculum loading: typed overrides, errors naming file and field, stages, derived batch sizes,
 and `--dry-run --json` on every shipped curriculum giving the cards' exact parameter counts."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from trainer.config import ConfigError, load_curriculum, resolve
+from trainhelp import run, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,13 +105,11 @@ CARDS = {
 
 @pytest.mark.parametrize("name", sorted(CARDS))
 def test_dry_run_json_every_curriculum(name, capsys, monkeypatch):
-    from trainer.run import main
-
     path = ROOT / "curricula" / name
     assert path.exists(), path
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert main([str(path), "--dry-run", "--json", "--skip-data"]) == 0  # shards not built here
-    lines = capsys.readouterr().out.strip().splitlines()
+    rc, out, _ = train([path, "--dry-run", "--json", "--skip-data"], capsys, monkeypatch)  # shards not built here
+    assert rc == 0
+    lines = out.strip().splitlines()
     out = json.loads(lines[-1])
     assert out["parameters"] == CARDS[name] and isinstance(out["parameters"], int)
     assert out["tokens_per_step"] > 0 and out["steps"] > 0
@@ -121,22 +117,16 @@ def test_dry_run_json_every_curriculum(name, capsys, monkeypatch):
 
 
 def test_dry_run_cli_json_last_line():
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("WORLD_SIZE", None)
-    r = subprocess.run([sys.executable, "-m", "trainer.run", "curricula/axiom-380m.yaml", "--dry-run", "--json", "--skip-data"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run(["curricula/axiom-380m.yaml", "--dry-run", "--json", "--skip-data"], timeout=120)  # a real process, exit 0
     out = json.loads(r.stdout.strip().splitlines()[-1])
     # the card's recipe: 327,680 tokens/step (1 x 1024 x 320), 24,414 steps for 8B tokens
     assert (out["parameters"], out["tokens_per_step"], out["steps"]) == (385_849_344, 327_680, 24_414)
 
 
 def test_model_section_error_names_file_and_field(tmp_path, capsys):
-    from trainer.run import main
-
     p = write(tmp_path, {**BASE, "model": {**BASE["model"], "n_layer": 2}})
-    assert main([str(p), "--dry-run"]) == 2
-    err = capsys.readouterr().err
+    rc, _, err = train([p, "--dry-run"], capsys)
+    assert rc == 2
     assert str(p) in err and "model.n_layer" in err and "n_layers" in err, err
 
 
@@ -160,11 +150,9 @@ def test_model_section_is_typed_and_checked_at_load(tmp_path):
 
 
 def test_multi_stage_dry_run_json_counts_all_stages(capsys, monkeypatch):
-    from trainer.run import main
-
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert main([str(ROOT / "curricula" / "argonne-3.0.yaml"), "--dry-run", "--json", "--skip-data"]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rc, out, _ = train([ROOT / "curricula" / "argonne-3.0.yaml", "--dry-run", "--json", "--skip-data"], capsys, monkeypatch)
+    assert rc == 0
+    out = json.loads(out.strip().splitlines()[-1])
     s1, s2 = out["stages"]
     assert (s1["stage"], s2["stage"]) == ("pretrain", "continued")
     assert s1["steps"] == 20_839_021_454 // 233_472 and s2["steps"] == 55_211_688_156 // 233_472

@@ -21,6 +21,7 @@ from pipelines.steps import assign_split
 from shards.manifest import read_manifest
 from shards.reader import open_split
 from shards.tokenizers import get_tokenizer
+from trainhelp import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -189,23 +190,20 @@ def test_url_filter_reads_the_url_inside_meta(monkeypatch):
 
 
 def test_atom_end_to_end(atom, tmp_path, capsys, monkeypatch):
-    from trainer.run import main
-
     root, _ = atom
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
     over = [f"data.sources.{i}.path={root / 'shards' / c}" for i, c in enumerate(CORPORA)] + [
         f"tokenizer.path={root / 'tok'}", "train.steps=3", "train.compile=false", "train.device=cpu",
         "train.dtype=fp32", "batch.seq_len=64", "batch.micro_batch=2", "batch.tokens_per_step=128",
         "schedule.warmup=1", "schedule.cooldown=1", "eval.every=0", "eval.batches=1", "checkpoint.every=0",
         "sample.max_new_tokens=4"]
     atom_yaml = str(ROOT / "curricula" / "atom.yaml")
-    assert main([atom_yaml, *over, "--dry-run", "--json"]) == 0
-    out = capsys.readouterr().out
+    rc, out, _ = train([atom_yaml, *over, "--dry-run", "--json"], capsys, monkeypatch)
+    assert rc == 0
     assert "data budget (train split)" in out
     budget = json.loads(out.strip().splitlines()[-1])["sources"]
     assert [b["name"] for b in budget] == list(CORPORA)
     for b, c in zip(budget, CORPORA):
         assert b["tokens_available"] == read_manifest(root / "shards" / c).splits["train"].tokens > 0
     assert sum(b["tokens_planned"] for b in budget) == 3 * 128
-    assert main([atom_yaml, *over, "--run-dir", str(tmp_path / "run")]) == 0
+    assert train([atom_yaml, *over, "--run-dir", tmp_path / "run"], capsys, monkeypatch)[0] == 0
     assert (tmp_path / "run" / "DONE").exists()

@@ -13,6 +13,7 @@ import torch
 
 import trainhelp
 import trainer.run as trun
+from trainhelp import train
 
 
 class Crash(Exception):
@@ -37,12 +38,6 @@ def crash_at(step: int):
         trun.set_lr = set_lr
 
 
-def train(args, capsys):
-    rc = trun.main([str(a) for a in args])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
 def eval_steps(run_dir) -> list[int]:
     with open(run_dir / "eval.csv", newline="") as f:
         return [int(r["step"]) for r in csv.DictReader(f) if r["source"] == "overall"]
@@ -59,7 +54,7 @@ def cur(tmp_path_factory):
 def straight(cur):
     """The uninterrupted run (once per module: tests copy it, never change it)."""
     run_dir = cur.parent / "straight"
-    assert trun.main([str(cur), "--run-dir", str(run_dir)]) == 0
+    assert train([cur, "--run-dir", run_dir])[0] == 0
     return run_dir
 
 
@@ -69,7 +64,7 @@ def straight(cur):
 def test_kill_before_the_first_checkpoint_then_resume_drops_the_dead_rows(cur, straight, tmp_path, capsys):
     run_dir = tmp_path / "run"
     with crash_at(3):
-        trun.main([str(cur), "--run-dir", str(run_dir)])
+        train([cur, "--run-dir", run_dir])
     assert max(trainhelp.train_losses(run_dir)) == 3 and eval_steps(run_dir) == [2]
     rc, out, err = train([cur, "--run-dir", run_dir, "--resume"], capsys)
     assert rc == 0, err
@@ -81,7 +76,7 @@ def test_kill_before_the_first_checkpoint_then_resume_drops_the_dead_rows(cur, s
 def test_deleted_checkpoints_restart_is_said(cur, straight, tmp_path, capsys):
     run_dir = tmp_path / "run"
     with crash_at(7):
-        trun.main([str(cur), "--run-dir", str(run_dir)])
+        train([cur, "--run-dir", run_dir])
     shutil.rmtree(run_dir / "checkpoints")
     rc, out, err = train([cur, "--run-dir", run_dir, "--resume"], capsys)
     assert rc == 0 and "no valid checkpoint" in out and "dropped" in out, out

@@ -10,7 +10,6 @@ from shards.tokenizers import get_tokenizer
 
 def test_end_of_run_sample_comes_from_the_trained_model(tmp_path, capsys, monkeypatch):
     import trainer.checkpoint as ck
-    from trainer import run
     from trainer.generate import GenerationConfig, generate, stop_ids
 
     tok_path = trainhelp.make_tokenizer_json(tmp_path / "tok.json")
@@ -26,8 +25,8 @@ def test_end_of_run_sample_comes_from_the_trained_model(tmp_path, capsys, monkey
     def no_reload(*a, **k):
         raise AssertionError("the sample loaded a second model instead of using the trained one")
     monkeypatch.setattr(ck, "load_model", no_reload)
-    assert run.main([str(cur), "--run-dir", str(tmp_path / "run")]) == 0
-    out = capsys.readouterr().out
+    rc, out, _ = trainhelp.train([cur, "--run-dir", tmp_path / "run"], capsys)
+    assert rc == 0
     sample = out.split("[sample]\n", 1)[1].splitlines()[0]
     monkeypatch.undo()
     model, cfg, _ = ck.load_model(tmp_path / "run")

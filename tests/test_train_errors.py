@@ -1,8 +1,6 @@
 """Bad input stops BEFORE training with one clear line naming the file/field (corrupted shard, wrong
 dtype, missing source, bad YAML field), and SFT's loss ignores masked-out targets."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,15 +8,9 @@ import pytest
 import torch
 import yaml
 
-from trainhelp import ROOT, VOCAB, env, make_sft_source, make_source, tiny_curriculum, write_shards
+from trainhelp import VOCAB, make_sft_source, make_source, run, tiny_curriculum, train, write_shards
 from trainer.models import build_model
-from trainer.run import compute_loss, forward_backward, main
-
-
-def run_main(cur, capsys, *extra):
-    rc = main([str(cur), *extra])
-    err = capsys.readouterr().err
-    return rc, err
+from trainer.run import compute_loss, forward_backward
 
 
 def assert_stopped_before_training(run_dir: Path):
@@ -27,7 +19,7 @@ def assert_stopped_before_training(run_dir: Path):
 
 def test_missing_source(tmp_path, capsys):
     cur = tiny_curriculum(tmp_path)
-    rc, err = run_main(cur, capsys, "data.sources.1.path=" + str(tmp_path / "nope"), "--run-dir", str(tmp_path / "r"))
+    rc, _, err = train([cur, "data.sources.1.path=" + str(tmp_path / "nope"), "--run-dir", str(tmp_path / "r")], capsys)
     assert rc == 2 and "source 'b'" in err and "nope" in err and "Traceback" not in err
     assert_stopped_before_training(tmp_path / "r")
 
@@ -36,7 +28,7 @@ def test_truncated_shard(tmp_path, capsys):
     cur = tiny_curriculum(tmp_path)
     ds = tmp_path / "data" / "a" / "train" / "00000.ds"
     ds.write_bytes(ds.read_bytes()[:-10])  # even byte count: only the manifest size check can catch it
-    rc, err = run_main(cur, capsys, "--run-dir", str(tmp_path / "r"))
+    rc, _, err = train([cur, "--run-dir", str(tmp_path / "r")], capsys)
     assert rc == 2 and "00000.ds" in err and "source 'a'" in err, err
     assert_stopped_before_training(tmp_path / "r")
 
@@ -47,7 +39,7 @@ def test_bit_flipped_shard_caught_by_checksums(tmp_path, capsys):
     raw = bytearray(ds.read_bytes())
     raw[100] ^= 0xFF  # same size, different content
     ds.write_bytes(bytes(raw))
-    rc, err = run_main(cur, capsys, "data.verify_checksums=true", "--run-dir", str(tmp_path / "r"))
+    rc, _, err = train([cur, "data.verify_checksums=true", "--run-dir", str(tmp_path / "r")], capsys)
     assert rc == 2 and "sha256" in err and str(ds) in err, err
     assert_stopped_before_training(tmp_path / "r")
 
@@ -61,7 +53,7 @@ def test_wrong_dtype(tmp_path, capsys):
                  manifest=False)
     m = json.loads((bad / "manifest.json").read_text())
     assert m["dtype"] == "uint16"
-    rc, err = run_main(cur, capsys, f"data.sources.0.path={bad}", "--run-dir", str(tmp_path / "r"))
+    rc, _, err = train([cur, f"data.sources.0.path={bad}", "--run-dir", str(tmp_path / "r")], capsys)
     assert rc == 2 and "uint16" in err and "uint32" in err and "00000.ds" in err, err
     assert_stopped_before_training(tmp_path / "r")
 
@@ -71,8 +63,7 @@ def test_bad_yaml_field_cli(tmp_path):
     d = yaml.safe_load(cur.read_text())
     d["optim"]["lr"] = "abc"
     cur.write_text(yaml.safe_dump(d))
-    r = subprocess.run([sys.executable, "-m", "trainer.run", str(cur), "--run-dir", str(tmp_path / "r")],
-                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    r = run([cur, "--run-dir", tmp_path / "r"], check=False, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip() == f"error: {cur}: optim.lr: expected a number, got 'abc'"
     assert_stopped_before_training(tmp_path / "r")
@@ -80,7 +71,7 @@ def test_bad_yaml_field_cli(tmp_path):
 
 def test_vocab_too_small_for_data(tmp_path, capsys):
     cur = tiny_curriculum(tmp_path)
-    rc, err = run_main(cur, capsys, "model.vocab_size=32", "--run-dir", str(tmp_path / "r"))
+    rc, _, err = train([cur, "model.vocab_size=32", "--run-dir", str(tmp_path / "r")], capsys)
     assert rc == 2 and "vocab_size" in err and "manifest.json" in err, err
 
 
@@ -161,8 +152,7 @@ def test_sft_training_end_to_end_with_loss_masks(tmp_path):
     d = make_sft_source(tmp_path / "sft")
     cur = tiny_curriculum(tmp_path, data={"sources": [{"name": "chat", "path": str(d)}], "packing": "document"},
                           train={"steps": 3, "seed": 1, "dtype": "fp32"}, checkpoint={"every": 0, "keep_last": 1})
-    r = subprocess.run([sys.executable, "-m", "trainer.run", str(cur), "--run-dir", str(tmp_path / "r")],
-                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    r = run([cur, "--run-dir", tmp_path / "r"], check=False, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in rows if x["type"] == "train"] == [1, 2, 3]
@@ -172,10 +162,10 @@ def test_sft_training_end_to_end_with_loss_masks(tmp_path):
 def test_existing_run_dir_needs_resume_or_overwrite(tmp_path, capsys):
     cur = tiny_curriculum(tmp_path, train={"steps": 1, "seed": 1, "dtype": "fp32"}, eval={"every": 0, "batches": 0})
     out = tmp_path / "r"
-    assert main([str(cur), "--run-dir", str(out)]) == 0
+    assert train([cur, "--run-dir", out])[0] == 0
     (out / "checkpoints" / "step_0000005").mkdir()  # a stale checkpoint --overwrite must remove
     capsys.readouterr()
-    rc, err = run_main(cur, capsys, "--run-dir", str(out))
+    rc, _, err = train([cur, "--run-dir", str(out)], capsys)
     assert rc == 2 and "already holds checkpoints" in err and "--overwrite" in err, err
-    assert main([str(cur), "--run-dir", str(out), "--overwrite"]) == 0
+    assert train([cur, "--run-dir", out, "--overwrite"])[0] == 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000001"]

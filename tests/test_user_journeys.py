@@ -54,20 +54,12 @@ def test_download_offline_is_one_line(tmp_path, monkeypatch, capsys):
 # ------------------------------------------------------------------------------------------ trainer
 
 
-def _run(args, capsys):
-    from trainer.run import main
-
-    rc = main([str(a) for a in args])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
 @pytest.fixture()
 def finished_run(tmp_path, capsys):
     cur = trainhelp.tiny_curriculum(tmp_path, train={"steps": 4, "seed": 7, "dtype": "fp32"},
                                     checkpoint={"every": 2, "keep_last": 3})
     run_dir = tmp_path / "run"
-    rc, out, err = _run([cur, "--run-dir", run_dir], capsys)
+    rc, out, err = trainhelp.train([cur, "--run-dir", run_dir], capsys)
     assert rc == 0, err
     return cur, run_dir
 
@@ -75,11 +67,11 @@ def finished_run(tmp_path, capsys):
 def test_resume_of_a_finished_run_with_more_steps_is_refused(finished_run, capsys):
     """It printed "already done" and exited 0 without training: the new train.steps was ignored."""
     cur, run_dir = finished_run
-    rc, out, err = _run([cur, "--run-dir", run_dir, "--resume", "train.steps=8"], capsys)
+    rc, out, err = trainhelp.train([cur, "--run-dir", run_dir, "--resume", "train.steps=8"], capsys)
     assert rc == 2
     assert "finished at step 4" in err and "train.init_from=" in err and len(err.strip().splitlines()) == 1, err
     # the same settings still resume as "done"
-    rc, out, err = _run([cur, "--run-dir", run_dir, "--resume"], capsys)
+    rc, out, err = trainhelp.train([cur, "--run-dir", run_dir, "--resume"], capsys)
     assert rc == 0 and "already done" in out
 
 
@@ -87,7 +79,7 @@ def test_resume_with_changed_settings_is_one_line(finished_run, capsys):
     """An unfinished run resumed with another train.steps: the loader's ValueError was a traceback."""
     cur, run_dir = finished_run
     (run_dir / "DONE").unlink()
-    rc, out, err = _run([cur, "--run-dir", run_dir, "--resume", "train.steps=9"], capsys)
+    rc, out, err = trainhelp.train([cur, "--run-dir", run_dir, "--resume", "train.steps=9"], capsys)
     assert rc == 2
     assert "cannot resume with these settings" in err and "train.steps 4" in err, err
     assert len(err.strip().splitlines()) == 1, err
@@ -101,7 +93,7 @@ def test_bad_tokenizer_path_fails_before_training(tmp_path, capsys):
     raw["sample"] = {"prompt": "hello", "max_new_tokens": 4}
     cur.write_text(yaml.safe_dump(raw))
     run_dir = tmp_path / "run"
-    rc, out, err = _run([cur, "--run-dir", run_dir, f"tokenizer.path={tmp_path / 'nope.json'}"], capsys)
+    rc, out, err = trainhelp.train([cur, "--run-dir", run_dir, f"tokenizer.path={tmp_path / 'nope.json'}"], capsys)
     assert rc == 2 and "nope.json" in err and "tokenizer" in err, err
     assert not (run_dir / "checkpoints").exists(), "trained before failing on the tokenizer"
 

@@ -140,6 +140,22 @@ def env() -> dict:
     return e
 
 
+def train(args, capsys=None, monkeypatch=None) -> tuple[int, str, str]:
+    """`trainer.run.main(ARGS)` in this process: (exit code, stdout, stderr), the output read from
+    `capsys` ("" without it). With `monkeypatch`, torchrun's variables are removed first (a dry run
+    reads WORLD_SIZE). `run` is the same launch as a real process, or several under torchrun."""
+    from trainer.run import main
+
+    if monkeypatch is not None:
+        for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+            monkeypatch.delenv(k, raising=False)
+    rc = main([str(a) for a in args])
+    if capsys is None:
+        return rc, "", ""
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
 def run(args, nproc: int = 1, check: bool = True, timeout: int = 240) -> subprocess.CompletedProcess:
     """`python -m trainer.run ARGS`, or the same under torchrun (gloo) with `nproc` CPU processes."""
     launcher = [sys.executable]
