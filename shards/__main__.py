@@ -8,6 +8,7 @@ Every command is an argparse sub-parser with `set_defaults(func=handler)`, `hand
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from .adopt import add_adopt_command
@@ -48,6 +49,19 @@ def _run(fn) -> int:
 
 
 def _cmd_upload(args) -> int:
+    if args.listing:  # not a dataset: the JSON {file: sha256} names what to send, and goes last
+        from pathlib import Path
+
+        from .storage import upload_files
+
+        def send():
+            try:
+                files = json.loads((Path(args.dir) / args.listing).read_text())
+            except (OSError, ValueError) as e:
+                raise StorageError(f"{Path(args.dir) / args.listing}: unreadable ({e})") from None
+            return upload_files(args.dir, args.uri, files, args.listing, **_kwargs(args))
+
+        return _run(send)
     return _run(lambda: upload(args.dir, args.uri, force=args.force, **_kwargs(args)))
 
 
@@ -66,6 +80,8 @@ def add_storage_commands(subparsers) -> None:
     p.add_argument("dir")
     p.add_argument("uri", metavar="s3://bucket/prefix")
     p.add_argument("--force", action="store_true", help="upload even without manifest.json (incomplete dataset)")
+    p.add_argument("--listing", metavar="FILE", help="not a dataset: FILE in DIR is a JSON {file: sha256} of what to "
+                                                    "send (a checkpoint's checksums.json), verified, FILE last")
     _common_args(p)
     p.set_defaults(func=_cmd_upload)
 

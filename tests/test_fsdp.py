@@ -1,6 +1,7 @@
 """FSDP2 (`train.parallel: fsdp`) on 2 CPU processes under torchrun (gloo has the all-gather and
 reduce-scatter FSDP2 needs): the same losses, grad norms, eval and weights as DDP, and a checkpoint
-(optimizer sharded through torch.distributed.checkpoint) that resumes at world size 1."""
+(optimizer sharded through torch.distributed.checkpoint) that resumes at world size 1. The FSDP runs
+also recompute each block in the backward (activation checkpointing), which must not change a number."""
 import json
 import shutil
 
@@ -13,6 +14,7 @@ from trainhelp import metric_rows, run, tiny_curriculum
 # tokens_per_step fixed, grad_accum following the world size: the run may resume at another world size
 COMMON = ["train.steps=4", "eval.every=2", "eval.batches=3", "checkpoint.every=2", "checkpoint.keep_last=2",
           "batch.tokens_per_step=256", "batch.grad_accum=null"]
+FSDP = ["train.parallel=fsdp", "train.activation_checkpointing=true"]
 
 
 def weights(run_dir, step):
@@ -32,7 +34,7 @@ def test_fsdp_matches_ddp_and_resumes_at_another_world_size(tmp_path):
     cur = tiny_curriculum(tmp_path)
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     run([cur, *COMMON, "--run-dir", ddp], nproc=2)
-    r = run([cur, *COMMON, "train.parallel=fsdp", "--run-dir", fsdp], nproc=2)
+    r = run([cur, *COMMON, *FSDP, "--run-dir", fsdp], nproc=2)
     assert "world 2" in r.stdout
     assert_rows_match(ddp, fsdp, [1, 2, 3, 4])
     w_ddp, w_fsdp = weights(ddp, 4), weights(fsdp, 4)
@@ -63,7 +65,7 @@ def test_fsdp_matches_ddp_and_resumes_at_another_world_size(tmp_path):
     (one / "DONE").unlink()
     r = run([cur, *COMMON, "--run-dir", one, "--resume"], check=False)  # ddp over a DCP optimizer state: refused
     assert r.returncode == 2 and "train.parallel=fsdp" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
-    r = run([cur, *COMMON, "train.parallel=fsdp", "--run-dir", one, "--resume"])
+    r = run([cur, *COMMON, *FSDP, "--run-dir", one, "--resume"])
     assert "[resume]" in r.stdout and "world 1" in r.stdout and "grad_accum 4" in r.stdout
     assert_rows_match(fsdp, one, [3, 4])
     w_one = weights(one, 4)

@@ -519,7 +519,9 @@ def build_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
     if dropped := s.metrics.truncate_after(s.start_step):
         log.info(f"[metrics] dropped {dropped} rows logged after step {s.start_step} by an interrupted run")
     if cfg.checkpoint.upload and d.main:
-        s.uploader = Uploader(cfg.checkpoint.upload, cfg.checkpoint.keep_last, cfg.checkpoint.endpoint_url)
+        uri = cfg.checkpoint.upload  # a stage of a multi-stage run: under its own folder, as locally
+        uri = f"{uri.rstrip('/')}/{stage_dir.name}" if cfg.name else uri
+        s.uploader = Uploader(uri, cfg.checkpoint.keep_last, cfg.checkpoint.endpoint_url)
     return s
 
 
@@ -756,7 +758,7 @@ def main(argv=None) -> int:
             elif init:  # a run, a checkpoint (weights suffice), an HF folder, hf://org/name or s3://
                 init_path = find_weights(resolve_hub(fetch_init(init, cfg)))
             if isinstance(args.resume, str):  # s3://: the checkpoint comes into this stage's checkpoints/ first
-                fetch_resume(args.resume, stage_dir, cfg, stage_dir.name if len(stages) > 1 else None)
+                fetch_resume(args.resume, stage_dir, cfg, stage_dir.name if cfg.name else None)
             if args.resume and (stage_dir / "DONE").exists():
                 prev_final = Path((stage_dir / "DONE").read_text().strip())
                 done = STEP_RE.match(prev_final.name)

@@ -3,9 +3,12 @@
 `checkpoint.upload: s3://bucket/run` pushes every finished checkpoint to URI/step_NNNNNNN/ with
 shards.storage's transfer code: each file checked against the checkpoint's checksums.json before it
 is sent and verified once stored (S3's own sha256), checksums.json last, so a remote checkpoint
-holding checksums.json is complete. Uploads run on one background thread, so training does not
-wait; the files are hard-linked into checkpoints/.upload/ first, so the local keep_last pruning
-cannot pull them away mid-transfer. After each upload the remote copies beyond the newest
+holding checksums.json is complete. A background thread runs each upload, one at a time, as a
+child process at low CPU priority (`nice python -m shards upload CKPT URI --listing checksums.json`),
+so neither the transfer's Python work nor its GIL lands on the training loop; the thread itself
+only waits, then applies keep_last remotely (a listing and a few deletes). The files are
+hard-linked into checkpoints/.upload/ first, so the local keep_last pruning cannot pull them away
+mid-transfer. After each upload the remote copies beyond the newest
 `keep_last` are deleted (checksums.json first). A failed upload is printed and training goes on; the
 end of the run waits for the queue and names any checkpoint that did not make it.
 
@@ -21,6 +24,8 @@ import json
 import os
 import queue
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -30,7 +35,7 @@ UPLOAD_STAGING = ".upload"  # under checkpoints/: hard links of what is queued
 
 
 class Uploader:
-    """One background thread uploading queued checkpoints in order (rank 0 only)."""
+    """Queued checkpoints uploaded in order, each by a child process (rank 0 only)."""
 
     def __init__(self, uri: str, keep_last: int, endpoint_url: str | None = None):
         from shards.storage import parse_s3_uri
@@ -38,7 +43,6 @@ class Uploader:
         parse_s3_uri(uri)  # a malformed URI fails here, before training
         self.uri, self.keep_last, self.endpoint_url = uri.rstrip("/"), keep_last, endpoint_url
         self.failed: list[str] = []
-        self.done: list[str] = []
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="checkpoint-upload", daemon=True)
         self._thread.start()
@@ -62,25 +66,27 @@ class Uploader:
     def _work(self) -> None:
         while (staged := self._queue.get()) is not None:
             try:
-                upload_checkpoint(staged, f"{self.uri}/{staged.name}", self.endpoint_url)
-                pruned = prune_remote(self.uri, self.keep_last, self.endpoint_url)
-                self.done.append(staged.name)
-                print(f"[upload] {staged.name} -> {self.uri}/{staged.name} (verified)"
-                      + (f"; removed {', '.join(pruned)} there (keep_last {self.keep_last})" if pruned else ""),
-                      flush=True)
+                self._push(staged)
             except Exception as e:  # noqa: BLE001 - an upload problem must not stop training
                 self.failed.append(staged.name)
-                print(f"[upload] FAILED {staged.name} -> {self.uri}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-                      " (the local checkpoint is kept; training goes on)", flush=True)
+                why = str(e).splitlines()[-1] if str(e) else type(e).__name__
+                print(f"[upload] FAILED {staged.name} -> {self.uri}: {why} (the local checkpoint is kept; "
+                      f"training goes on)", flush=True)
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
 
+    def _push(self, staged: Path) -> None:
+        cmd = ["nice", "-n", "10", sys.executable, "-m", "shards", "upload", str(staged), f"{self.uri}/{staged.name}",
+               "--listing", CHECKSUMS, "--no-progress"] + (["--endpoint-url", self.endpoint_url] if self.endpoint_url else [])
+        import shards
 
-def upload_checkpoint(ckpt: Path, uri: str, endpoint_url: str | None = None):
-    from shards.storage import upload_files
-
-    sums = json.loads((ckpt / CHECKSUMS).read_text())  # every file of the checkpoint, FSDP's optimizer/ too
-    return upload_files(ckpt, uri, sums, CHECKSUMS, endpoint_url, progress=False)
+        path = os.pathsep.join(filter(None, [str(Path(shards.__file__).parents[1]), os.environ.get("PYTHONPATH")]))
+        r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
+        if r.returncode != 0:
+            raise RuntimeError(r.stderr.strip().removeprefix("error: ") or f"exit {r.returncode}")
+        pruned = prune_remote(self.uri, self.keep_last, self.endpoint_url)
+        print(f"[upload] {staged.name} -> {self.uri}/{staged.name} (verified)"
+              + (f"; removed {', '.join(pruned)} there (keep_last {self.keep_last})" if pruned else ""), flush=True)
 
 
 def remote_checkpoints(uri: str, endpoint_url: str | None = None) -> list[str]:
@@ -146,7 +152,12 @@ def fetch_init(init: str | Path, cfg) -> str | Path:
 def fetch_resume(uri: str, stage_dir: Path, cfg, stage: str | None = None) -> Path:
     """--resume s3://...: the checkpoint into STAGE_DIR/checkpoints/, where --resume then finds and
     verifies it. A multi-stage run's stages live under URI/<stage folder>."""
-    if stage and not STEP_RE.match(uri.rstrip("/").rsplit("/", 1)[-1]):
+    if stage:
+        if STEP_RE.match(uri.rstrip("/").rsplit("/", 1)[-1]):
+            from .config import ConfigError
+
+            raise ConfigError(f"--resume {uri}: a multi-stage curriculum resumes from its run's URI (each stage "
+                              f"from its own folder under it), not from one checkpoint")
         uri = f"{uri.rstrip('/')}/{stage}"
     return _fetch(uri, Path(stage_dir) / "checkpoints", cfg, "--resume")
 
@@ -162,3 +173,4 @@ def _fetch(uri: str, dest_parent: Path, cfg, what: str, weights_only: bool = Fal
         raise ConfigError(f"{what} {uri}: {e}") from None
     print(f"[fetch] {uri} -> {p}", flush=True)
     return p
+
