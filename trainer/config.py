@@ -491,6 +491,39 @@ def from_dict(d: dict, file: str = "<dict>") -> Config:
     return cfg
 
 
+def _validate_data(cfg: Config, world_size: int, err) -> None:
+    """The sources and the mixture schedule: where the curriculum places each point is checked here,
+    its weights by MixtureSchedule (the loader's own check)."""
+    if not cfg.data.sources:
+        err("data.sources", "at least one source is needed")
+    names = [s.name for s in cfg.data.sources]
+    for i, s in enumerate(cfg.data.sources):
+        if not s.name:
+            err(f"data.sources.{i}.name", "missing")
+        if not s.path:
+            err(f"data.sources.{i}.path", "missing")
+    if len(set(names)) != len(names):
+        err("data.sources", f"duplicate source names {names}")
+    if not cfg.data.schedule and len(names) > 1:
+        err("data.schedule", "several sources need a mixture schedule")
+    total = cfg.total_tokens(world_size)
+    for i, p in enumerate(cfg.data.schedule):  # where the curriculum places each point
+        w = f"data.schedule.{i}"
+        if (p.at is None) == (p.tokens is None):
+            err(w, "give exactly one of `at` (fraction of the run) or `tokens`")
+        if p.at is not None and not 0 <= p.at <= 1:
+            err(f"{w}.at", f"a fraction of the run in [0, 1], got {p.at}")
+        if p.tokens is not None and not 0 <= p.tokens <= total:
+            err(f"{w}.tokens", f"must be within the run's {total} tokens, got {p.tokens}")
+    try:
+        MixtureSchedule(names, cfg.mixture(world_size), cfg.batch.seq_len)
+    except MixtureError as e:
+        w = f"data.schedule.{e.index}"
+        if e.unknown:
+            err(f"{w}.weights.{e.unknown[0]}", "not a source" + (did_you_mean(e.unknown[0], names) or f" (sources: {names})"))
+        err(f"{w}.{e.field}" if e.index is not None else "data.schedule", e.message)
+
+
 def validate(cfg: Config, world_size: int = 1, where: str = "") -> None:
     f = cfg.source_file
 
@@ -546,35 +579,7 @@ def validate(cfg: Config, world_size: int = 1, where: str = "") -> None:
         err("train.device", f"expected auto | cpu | cuda, got {cfg.train.device!r}")
     if not cfg.tokenizer.name and not cfg.tokenizer.path:
         err("tokenizer.name", "missing")
-    # data
-    if not cfg.data.sources:
-        err("data.sources", "at least one source is needed")
-    names = [s.name for s in cfg.data.sources]
-    for i, s in enumerate(cfg.data.sources):
-        if not s.name:
-            err(f"data.sources.{i}.name", "missing")
-        if not s.path:
-            err(f"data.sources.{i}.path", "missing")
-    if len(set(names)) != len(names):
-        err("data.sources", f"duplicate source names {names}")
-    if not cfg.data.schedule and len(names) > 1:
-        err("data.schedule", "several sources need a mixture schedule")
-    total = cfg.total_tokens(world_size)
-    for i, p in enumerate(cfg.data.schedule):  # where the curriculum places each point
-        w = f"data.schedule.{i}"
-        if (p.at is None) == (p.tokens is None):
-            err(w, "give exactly one of `at` (fraction of the run) or `tokens`")
-        if p.at is not None and not 0 <= p.at <= 1:
-            err(f"{w}.at", f"a fraction of the run in [0, 1], got {p.at}")
-        if p.tokens is not None and not 0 <= p.tokens <= total:
-            err(f"{w}.tokens", f"must be within the run's {total} tokens, got {p.tokens}")
-    try:  # the weights: the loader's own check, once, here
-        MixtureSchedule(names, cfg.mixture(world_size), cfg.batch.seq_len)
-    except MixtureError as e:
-        w = f"data.schedule.{e.index}"
-        if e.unknown:
-            err(f"{w}.weights.{e.unknown[0]}", "not a source" + (did_you_mean(e.unknown[0], names) or f" (sources: {names})"))
-        err(f"{w}.{e.field}" if e.index is not None else "data.schedule", e.message)
+    _validate_data(cfg, world_size, err)
     if cfg.data.packing not in ("stream", "document"):
         err("data.packing", f"expected stream | document, got {cfg.data.packing!r}")
     if cfg.eval.every < 0 or cfg.eval.batches < 0:
