@@ -118,6 +118,16 @@ def test_stage_switch_happens_where_configured(three):
     assert seen2.index("math") == pytest.approx(switch, abs=1)
 
 
+def test_points_are_taken_in_order_of_tokens(three):
+    """One rule for the config and the loader: points in any order are sorted by tokens (stable)."""
+    total = 16 * 4 * 2 * 300
+    ordered = loader(three, schedule=SCHED, total=total)
+    shuffled = loader(three, schedule=[SCHED[2], SCHED[0], SCHED[1]], total=total)
+    for step in (0, 77, 299):
+        assert ordered.batch(step)[3]["sources"] == shuffled.batch(step)[3]["sources"]
+    assert shuffled.weights_at(0.3 * total) == ordered.weights_at(0.3 * total)
+
+
 def test_batches_and_windows_come_from_the_shards(three):
     ld = loader(three)
     x, y, _, info = ld.batch(3, 1)

@@ -44,6 +44,19 @@ def test_bit_flipped_shard_caught_by_checksums(tmp_path, capsys):
     assert_stopped_before_training(tmp_path / "r")
 
 
+def test_checksum_run_names_a_size_change_without_hashing(tmp_path, capsys):
+    """data.verify_checksums goes through shards verify's file check: a file of another size is named
+    with both sizes (it used to be hashed and reported as a sha256 failure)."""
+    cur = tiny_curriculum(tmp_path)
+    ds = tmp_path / "data" / "b" / "train" / "00000.ds"
+    size = ds.stat().st_size
+    ds.write_bytes(ds.read_bytes()[:-10])
+    rc, _, err = train([cur, "data.verify_checksums=true", "--run-dir", str(tmp_path / "r")], capsys)
+    assert rc == 2 and f"{ds} is {size - 10} bytes, manifest says {size}" in err and "source 'b'" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert_stopped_before_training(tmp_path / "r")
+
+
 def test_wrong_dtype(tmp_path, capsys):
     cur = tiny_curriculum(tmp_path)
     # a uint32 shard where the manifest of a small vocab says uint16
