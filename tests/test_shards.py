@@ -248,6 +248,18 @@ def test_verify_detects(tmp_path, capsys, how, file, needle):
         assert run_cli(capsys, "verify", str(root), "--no-checksums")[0] == 0
 
 
+def test_open_and_verify_share_the_layout_rules(tmp_path):
+    """format.check_layout is the one rule: what verify lists, open_shard raises (an empty index under
+    tokens was accepted by open_shard and reported by verify)."""
+    root, _, _ = make_dir(tmp_path / "d", vocab=1000)
+    index = root / "train" / "00001.ds.index"
+    index.write_bytes(b"")
+    rep = verify_dir(root, checksums=False)
+    assert any("empty index for" in p for p in rep.problems["train/00001.ds.index"]), rep.problems
+    with pytest.raises(ValueError, match=r"00001\.ds\.index: index inconsistent with \d+ tokens in 00001\.ds: empty index"):
+        open_shard(root / "train" / "00001.ds")
+
+
 def test_verify_detects_id_out_of_vocab(tmp_path, capsys):
     vocab = 151669
     write_shards(tmp_path, {"train/00000": [[1, 2, 3], [4, vocab + 5, 6]]},  # fits uint32, but not the vocabulary
