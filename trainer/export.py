@@ -99,7 +99,7 @@ def write_card(out: Path, model, cfg: dict, ckpt: Path, config: dict, chat: bool
              f"Trained with ShardLoom. {model.num_params():,} parameters"
              + (f", {f['step']:,} steps, {f['tokens']:,} tokens." if f["step"] is not None else "."), "",
              "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-             f"tok = AutoTokenizer.from_pretrained(PATH)",
+             "tok = AutoTokenizer.from_pretrained(PATH)",
              "model = AutoModelForCausalLM.from_pretrained(PATH" + ("" if llama else ", trust_remote_code=True") + ")",
              "```", "",
              ("Stock `LlamaForCausalLM` (no remote code)." if llama else
