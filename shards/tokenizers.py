@@ -558,12 +558,12 @@ def _sentencepiece_to_hf(tok: "SentencePieceTokenizer"):
 
 
 def save_hf_tokenizer(tok: Tokenizer, out_dir: str | Path, chat_template: str | None = None,
-                      model_max_length: int | None = None) -> list[Path]:
+                      model_max_length: int | None = None) -> dict[str, int | None]:
     """Write `tok` as transformers loads it: tokenizer.json, tokenizer_config.json and
     special_tokens_map.json in out_dir. The document convention travels with it: a tokenizer that
     adds BOS per document gets a post-processor that prepends BOS (transformers' default
     add_special_tokens=True then matches our pipeline); EOS is the eos_token (generation stops there)
-    and also the pad token when the vocabulary has no pad of its own."""
+    and also the pad token when the vocabulary has no pad of its own. Returns the bos/eos/pad ids."""
     from tokenizers import processors
 
     out = Path(out_dir)
@@ -584,11 +584,11 @@ def save_hf_tokenizer(tok: Tokenizer, out_dir: str | Path, chat_template: str | 
               "model_max_length": model_max_length or 1_000_000}
     if chat_template:
         config["chat_template"] = chat_template
-    files = [out / "tokenizer.json", out / "tokenizer_config.json", out / "special_tokens_map.json"]
-    files[0].write_text(hf.to_str())
-    files[1].write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    files[2].write_text(json.dumps(specials, indent=2, sort_keys=True) + "\n")
-    return files
+    (out / "tokenizer.json").write_text(hf.to_str())
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2, sort_keys=True) + "\n")
+    vocab = hf.get_vocab(with_added_tokens=True)
+    return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": vocab[pad]}
 
 
 def hf_tokenizer_json(tok: Tokenizer | str, out: str | Path | None = None) -> str:
