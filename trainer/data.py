@@ -13,7 +13,7 @@ Contract (consumed by trainer/run.py):
     val_batches(source_path, seq_len, batch_size, n_batches, split="val") -> [(x, y, loss_mask), ...]
     iterate(loader, start_step) -> yields (x, y, state), nanochat-style (y = -1 where the mask is 0)
 
-Additions to the contract agreed in the brief (all keyword-only with defaults, so old calls still work):
+Beyond a plain window sampler (all keyword-only with defaults):
 `grad_accum` (rows per optimizer step = world_size * grad_accum * micro_batch; without it a step's
 token position, and so the schedule, is unknown), `packing`, `vocab_size` (the model's; ids must be
 below it), `reset_data_cursor()`.
