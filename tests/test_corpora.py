@@ -122,6 +122,8 @@ def test_subset_selects_the_hub_folder(corpus, monkeypatch, tmp_path):
 
     monkeypatch.setattr("pipelines.readers.check_hub_input", offline)
     mod = importlib.import_module(f"pipelines.{LAYOUT[corpus][0] if corpus in LAYOUT else corpus}")
+    if hasattr(mod, "check_hub_input"):  # bound by name at import (smoltalk): patch it there too
+        monkeypatch.setattr(mod, "check_hub_input", offline)
     argv = ["tokenize", "--subset", "data/CC-MAIN-2025-21/", "--output", str(tmp_path / "o")]
     rc = mod.main(argv) if corpus == "smoltalk" else mod.main(mod.CORPUS, argv)
     assert rc == 2 and seen == [f"hf://datasets/{mod.CORPUS.hub_repo}/data/CC-MAIN-2025-21"]
