@@ -703,6 +703,35 @@ def parse_args(argv):
     return args
 
 
+def dry_run(stages: list[Config], d: Dist, as_json: bool, skip_data: bool) -> None:
+    """Validate, build on the meta device, print each stage's summary and data budget (and with
+    as_json a last stdout line of JSON)."""
+    from .budget import curriculum_budget, print_budget, stage_budget
+
+    sums, budgets = [], []
+    for cfg in stages:
+        s = summary(cfg, d.world)
+        sums.append(s)
+        if d.main:
+            print_summary(s, cfg)
+        if not skip_data:  # a missing or empty source stops here (DataError, one line)
+            budgets.append(stage_budget(cfg, d.world))
+            s["sources"] = [dataclasses.asdict(b) for b in budgets[-1]]
+            if d.main:
+                print_budget(budgets[-1])
+    if as_json and d.main:
+        first = sums[0]
+        out = {k: first[k] for k in ("parameters", "tokens_per_step", "grad_accum", "world_size",
+                                     "flops_per_token")}
+        # steps/tokens: the whole curriculum (all stages); per-stage figures under "stages"
+        out["steps"] = sum(s["steps"] for s in sums)
+        out["tokens"] = sum(s["tokens"] for s in sums)
+        out["stages"] = sums
+        if budgets:  # the whole curriculum: a shard dir read in several stages sums up
+            out["sources"] = [dataclasses.asdict(b) for b in curriculum_budget(budgets)]
+        print(json.dumps(out))
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     d = Dist()
@@ -710,30 +739,7 @@ def main(argv=None) -> int:
     try:
         stages = load_curriculum(args.curriculum, args.overrides, world_size=d.world)
         if args.dry_run:
-            from .budget import curriculum_budget, print_budget, stage_budget
-
-            sums, budgets = [], []
-            for cfg in stages:
-                s = summary(cfg, d.world)
-                sums.append(s)
-                if d.main:
-                    print_summary(s, cfg)
-                if not args.skip_data:  # a missing or empty source stops here (DataError, one line)
-                    budgets.append(stage_budget(cfg, d.world))
-                    s["sources"] = [dataclasses.asdict(b) for b in budgets[-1]]
-                    if d.main:
-                        print_budget(budgets[-1])
-            if args.json and d.main:
-                first = sums[0]
-                out = {k: first[k] for k in ("parameters", "tokens_per_step", "grad_accum", "world_size",
-                                             "flops_per_token")}
-                # steps/tokens: the whole curriculum (all stages); per-stage figures under "stages"
-                out["steps"] = sum(s["steps"] for s in sums)
-                out["tokens"] = sum(s["tokens"] for s in sums)
-                out["stages"] = sums
-                if budgets:  # the whole curriculum: a shard dir read in several stages sums up
-                    out["sources"] = [dataclasses.asdict(b) for b in curriculum_budget(budgets)]
-                print(json.dumps(out))
+            dry_run(stages, d, args.json, args.skip_data)
             return 0
         check_sample_tokenizer(stages[-1])  # a bad tokenizer.path must not surface only after training
         run_dir = Path(args.run_dir or Path("runs") / Path(args.curriculum).stem)
