@@ -236,3 +236,32 @@ def test_model_card_carries_the_training_facts(tmp_path, chat_bpe_json):
                  "![loss, learning rate and mixture](training.png)", "Stock `LlamaForCausalLM`"):
         assert want in card, (want, card)
     assert (tmp_path / "e" / "training.png").read_bytes() == b"\x89PNG fake"
+
+
+def test_untied_llama_without_the_tie_key_keeps_its_head(tmp_path, chat_bpe_json):
+    """LlamaConfig's default is untied: a config.json without tie_word_embeddings must not drop lm_head."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from shards.tokenizers import get_tokenizer, save_hf_tokenizer
+    torch.manual_seed(0)
+    ref = LlamaForCausalLM(LlamaConfig(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       tie_word_embeddings=False)).eval()
+    ref.save_pretrained(tmp_path / "llama")
+    cfg = json.loads((tmp_path / "llama" / "config.json").read_text())
+    cfg.pop("tie_word_embeddings", None)
+    (tmp_path / "llama" / "config.json").write_text(json.dumps(cfg))
+    save_hf_tokenizer(get_tokenizer(str(chat_bpe_json)), tmp_path / "llama")
+    mine, _, _ = load_model(tmp_path / "llama")
+    ids = torch.randint(0, 384, (1, 12), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(mine(ids), ref(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_generation_config_matches_our_sampling():
+    g = hf.generation_config({"temperature": 0.0, "max_new_tokens": 8}, {"eos_token_id": 0}, [0])
+    assert g["do_sample"] is False and "temperature" not in g and g["top_k"] == 0
+    g = hf.generation_config({"temperature": 0.7, "top_p": 0.9}, {}, [0, 2])
+    assert g["do_sample"] is True and g["temperature"] == 0.7 and g["top_k"] == 0 and g["eos_token_id"] == [0, 2]
+    from transformers import GenerationConfig as HFGen
+    HFGen(**g).validate()  # transformers accepts what we write

@@ -48,7 +48,8 @@ def evaluate(src: str | Path, tasks: list[str], include_path: str | None = None,
             model="hf", model_args={"pretrained": str(model_dir), "trust_remote_code": remote, "dtype": "float32",
                                     "device": device},
             tasks=tasks, task_manager=manager, limit=limit, batch_size=batch_size, log_samples=False)
-    out = Path(output) if output else folder / "lm_eval.json"
+    # beside the checkpoint; a hub download is a cache, not a place to write results
+    out = Path(output) if output else (Path.cwd() if str(src).startswith("hf://") else folder) / "lm_eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=handle_non_serializable, sort_keys=True) + "\n")
     results["output_path"] = str(out)

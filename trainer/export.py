@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from shards.chat import CARD_SAMPLING, CHAT_TEMPLATE
+from shards.chat import CARD_SAMPLING, CHAT_TEMPLATE, IM_END, IM_START
 from shards.tokenizers import save_hf_tokenizer
 from trainer import hf
 from trainer.checkpoint import load_model
@@ -30,9 +30,12 @@ from trainer.generate import load_tokenizer, stop_ids
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-def is_chat(cfg: dict) -> bool:
-    """An SFT run (one conversation per row) or a folder that came with a chat template."""
-    return (cfg.get("data") or {}).get("packing") == "document" or bool((cfg.get("tokenizer") or {}).get("chat_template"))
+def is_chat(cfg: dict, tok) -> bool:
+    """A ChatML model: an SFT run (one conversation per row), or a folder whose template is ours,
+    and in either case a tokenizer with the ChatML tokens."""
+    template = (cfg.get("tokenizer") or {}).get("chat_template")
+    wants = (cfg.get("data") or {}).get("packing") == "document" or template == CHAT_TEMPLATE
+    return wants and {IM_START, IM_END} <= set(getattr(tok, "special_tokens", {}))
 
 
 def sample_settings(cfg: dict, chat: bool) -> dict:
@@ -47,11 +50,13 @@ def export(src: str | Path, out: str | Path, dtype: str | None = None, max_shard
     model, cfg, ckpt = load_model(src)
     tok = load_tokenizer(cfg)
     out = Path(out)
-    chat = is_chat(cfg)
-    ids = save_hf_tokenizer(tok, out, chat_template=CHAT_TEMPLATE if chat else None,
-                            model_max_length=model.config.max_seq_len)
+    chat = is_chat(cfg, tok)
+    stops = list(stop_ids(tok, chat))
+    # a folder's own (non-ChatML) template travels as it is
+    template = CHAT_TEMPLATE if chat else (cfg.get("tokenizer") or {}).get("chat_template")
+    ids = save_hf_tokenizer(tok, out, chat_template=template, model_max_length=model.config.max_seq_len)
     config = hf.write_model_folder(model, out, ids, DTYPES[dtype] if dtype else None, max_shard_size)
-    gen = hf.generation_config(sample_settings(cfg, chat), ids, list(stop_ids(tok, chat)))
+    gen = hf.generation_config(sample_settings(cfg, chat), ids, stops)
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
     if hf.is_hf_folder(ckpt):  # re-export: the card and plot travel as they are
         for name in ("README.md", "training.png"):

@@ -266,7 +266,9 @@ def _rope_theta(cfg: dict, file: Path) -> float:
     return float(rp.get("rope_theta", cfg.get("rope_theta", 10000.0)))
 
 
-def _dense_from_hf(cfg: dict, file: Path, **extra) -> dict:
+def _dense_from_hf(cfg: dict, file: Path, tied_default: bool, **extra) -> dict:
+    """Shapes from HF config.json keys; tied_default is what the format's own config class assumes
+    when the key is absent (LlamaConfig: untied; Argonne's: tied)."""
     d, h = _need(cfg, "hidden_size", file), _need(cfg, "num_attention_heads", file)
     return {"arch": "dense", "vocab_size": _need(cfg, "vocab_size", file), "d_model": d,
             "n_layers": _need(cfg, "num_hidden_layers", file), "n_heads": h,
@@ -274,7 +276,7 @@ def _dense_from_hf(cfg: dict, file: Path, **extra) -> dict:
             "ffn_dim": _need(cfg, "intermediate_size", file),
             "max_seq_len": cfg.get("max_position_embeddings", 1024), "rope_theta": _rope_theta(cfg, file),
             "rope_layout": "half", "norm_eps": cfg.get("rms_norm_eps", 1e-5),
-            "tie_embeddings": bool(cfg.get("tie_word_embeddings", True)), **extra}
+            "tie_embeddings": bool(cfg.get("tie_word_embeddings", tied_default)), **extra}
 
 
 def read_folder(folder: str | Path) -> tuple[dict, dict]:
@@ -296,18 +298,20 @@ def read_folder(folder: str | Path) -> tuple[dict, dict]:
         for key, want in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
             if cfg.get(key, want) != want:
                 raise FormatError(f"{file}: {key}={cfg[key]!r} is not supported (expected {want!r})")
-        section = _dense_from_hf(cfg, file)
+        section = _dense_from_hf(cfg, file, tied_default=False)
         sd = _rename(sd, section["n_layers"], LLAMA_TOP, LLAMA_BLOCK, "model.layers.{i}.", inverse=True)
     else:  # argonne2
         # The released weights were trained with full attention (their window lived only in an unused
         # flash-attn path): no window here, as in our argonne-3.0 preset.
-        section = _dense_from_hf(cfg, file, norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        section = _dense_from_hf(cfg, file, tied_default=True, norm_eps=cfg.get("rms_norm_eps", 1e-6),
                                  qk_norm=bool(cfg.get("qk_norm", True)), v_norm=bool(cfg.get("v_norm", True)),
                                  sandwich_norm=bool(cfg.get("sandwich_norm", True)),
                                  logit_softcap=float(cfg["logit_softcap"]) if cfg.get("logit_softcap") else None)
         sd = _rename(sd, section["n_layers"], ARGONNE_TOP, ARGONNE_BLOCK, "blocks.{i}.", inverse=True)
-    if section["tie_embeddings"]:
-        sd.pop("lm_head.weight", None)  # stored by some writers although tied
+    if section["tie_embeddings"] and "lm_head.weight" in sd:  # stored by some writers although tied
+        if not torch.equal(sd["lm_head.weight"], sd.get("embed.weight", sd["lm_head.weight"])):
+            raise FormatError(f"{file}: tie_word_embeddings is true but lm_head.weight differs from the embedding")
+        sd.pop("lm_head.weight")
     return section, sd
 
 
@@ -333,8 +337,9 @@ def fit_to(sd: dict, src_section: dict, model) -> dict:
 def tokenizer_section(folder: Path) -> dict:
     """The `tokenizer:` section for a folder's tokenizer.json, with the special tokens its
     tokenizer_config.json names (so EOS/BOS and the BOS convention survive the round trip)."""
-    if not (folder / "tokenizer.json").is_file():
-        raise FormatError(f"{folder}: no tokenizer.json (pass --tokenizer-path)")
+    if not (folder / "tokenizer.json").is_file():  # load_tokenizer names the problem unless a path is given
+        model = folder / "tokenizer.model"  # a SentencePiece folder (Llama 2 style)
+        return {"name": str(model.resolve())} if model.is_file() else {}
     tc = {}
     if (folder / "tokenizer_config.json").is_file():
         tc = json.loads((folder / "tokenizer_config.json").read_text())
@@ -354,13 +359,15 @@ GEN_KEYS = {"max_new_tokens": "max_new_tokens", "temperature": "temperature", "t
 
 
 def generation_config(sample: dict, ids: dict, stop_ids: list[int]) -> dict:
-    """generation_config.json from our sampling settings (None/neutral values left out)."""
-    neutral = {"top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0, "no_repeat_ngram": 0}
-    out = {"do_sample": True, "bos_token_id": ids.get("bos_token_id"), "pad_token_id": ids.get("pad_token_id"),
-           "eos_token_id": stop_ids[0] if len(stop_ids) == 1 else list(stop_ids)}
+    """generation_config.json from our sampling settings. top_k is always written (0 = off), since
+    transformers would otherwise apply its own default of 50; temperature 0 is greedy, as in ours."""
+    neutral = {"top_p": 1.0, "repetition_penalty": 1.0, "no_repeat_ngram": 0}
+    greedy = bool(sample.get("greedy")) or sample.get("temperature") == 0
+    out = {"do_sample": not greedy, "bos_token_id": ids.get("bos_token_id"), "pad_token_id": ids.get("pad_token_id"),
+           "eos_token_id": stop_ids[0] if len(stop_ids) == 1 else list(stop_ids), "top_k": sample.get("top_k") or 0}
     for ours, theirs in GEN_KEYS.items():
         v = sample.get(ours)
-        if v is not None and v != neutral.get(ours):
+        if v is not None and v != neutral.get(ours) and ours != "top_k" and not (greedy and ours == "temperature"):
             out[theirs] = v
     return {k: v for k, v in out.items() if v is not None}
 
@@ -371,4 +378,9 @@ def sample_defaults(folder: Path) -> dict:
     if not f.is_file():
         return {}
     g = json.loads(f.read_text())
-    return {ours: g[theirs] for ours, theirs in GEN_KEYS.items() if theirs in g}
+    out = {ours: g[theirs] for ours, theirs in GEN_KEYS.items() if theirs in g}
+    if not out.get("top_k"):  # 0 means off; ours says None
+        out.pop("top_k", None)
+    if g.get("do_sample") is False:
+        out["temperature"] = 0.0  # greedy
+    return out
