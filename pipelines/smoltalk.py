@@ -17,21 +17,16 @@ The command line is the shared one (`pipelines/cli.py`); only `download` and `to
 """
 from __future__ import annotations
 
-import time
-
 import numpy as np
-from datatrove.data import Document, DocumentsPipeline
-from datatrove.pipeline.base import PipelineStep
-from datatrove.utils.logging import logger
+from datatrove.data import Document
 
 from shards import chat
 from shards.chat import ROLES
-from shards.format import dtype_for_vocab
 
 from .cli import (Corpus, build_parser, check_args, corpus_for, logging_base, resolve_tokenizer, run_command,
                   stage_download, storage_options, tokenize_job)
 from .readers import CountingJsonlReader, CountingParquetReader, InputError, check_hub_input, resolve_input
-from .steps import POSITION_ID_FLAG, clean_rank_outputs, split_writers
+from .steps import POSITION_ID_FLAG, Encoded, TokenizeShards
 
 CORPUS = Corpus(
     name="smol-smoltalk",
@@ -112,72 +107,12 @@ def make_chat_reader(path: str, limit: int = -1, messages_key: str = "messages",
 # ------------------------------------------------------------------------------------- tokenizing
 
 
-class ChatTokenizeShards(PipelineStep):
-    """Write each conversation as one document of a `.ds` shard with a `.ds.loss` mask, into
-    OUTPUT/<split>/<rank:05d>.ds. Counted: <split>_documents, <split>_tokens, loss_tokens,
-    skipped_too_long (more than max_doc_tokens)."""
-
-    name = "💬 ChatML shards"
-    type = "🔢 - TOKENIZER"
-
-    def __init__(self, output_dir, tokenizer: str = "cl100k", tokenizer_path: str | None = None,
-                 splits=("train", "val"), max_doc_tokens: int = 1_000_000, batch_size: int = 256,
-                 num_threads: int | None = None, log_interval: float = 30.0):
-        super().__init__()
-        self.output_dir, self.tokenizer_name, self.tokenizer_path = str(output_dir), tokenizer, tokenizer_path
-        self.splits, self.max_doc_tokens, self.batch_size = tuple(splits), int(max_doc_tokens), batch_size
-        self.num_threads, self.log_interval = num_threads, log_interval
-
-    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        from shards.tokenizers import get_tokenizer
-
-        tok = get_tokenizer(self.tokenizer_name, path=self.tokenizer_path)
-        dtype = dtype_for_vocab(tok.vocab_size)
-        if removed := clean_rank_outputs(self.output_dir, rank, self.splits):
-            logger.info(f"task {rank}: removed {removed} files left by an earlier unfinished run")
-        docs = tokens = 0
-        start = last = time.perf_counter()
-
-        def flush(batch):
-            nonlocal docs, tokens
-            for doc, (ids, mask) in zip(batch, chat.encode(tok, [d.metadata["messages"] for d in batch], self.num_threads)):
-                if len(ids) > self.max_doc_tokens:
-                    self.stat_update("skipped_too_long")
-                    logger.warning(f"{doc.metadata.get('file_path')} row {doc.metadata.get('row')}: "
-                                   f"{len(ids):,} tokens > max_doc_tokens (skipped_too_long)")
-                    continue
-                split = doc.metadata.get("split", "train")
-                if split not in self.splits:
-                    raise ValueError(f"document {doc.id!r} tagged split={split!r}, not one of {self.splits}")
-                writers[split].write(ids, mask)
-                self.stat_update(f"{split}_documents")
-                self.stat_update(f"{split}_tokens", value=len(ids))
-                self.stat_update("loss_tokens", value=int(mask.sum()))
-                docs += 1
-                tokens += len(ids)
-
-        with split_writers(self.output_dir, rank, dtype, tok.name, with_loss=True) as writers:
-            batch = []
-            for doc in data:
-                batch.append(doc)
-                if len(batch) >= self.batch_size:
-                    with self.track_time(unit="batch"):
-                        flush(batch)
-                    batch = []
-                    if time.perf_counter() - last >= self.log_interval:
-                        last = time.perf_counter()
-                        self._progress(rank, docs, tokens, last - start)
-            if batch:
-                flush(batch)
-        self._progress(rank, docs, tokens, time.perf_counter() - start, done=True)
-        return
-        yield  # a generator: datatrove drains it
-
-    @staticmethod
-    def _progress(rank, docs, tokens, elapsed, done=False):
-        elapsed = max(elapsed, 1e-9)
-        logger.info(f"task {rank}{' done' if done else ''}: {docs:,} conversations ({docs / elapsed:,.0f}/s), "
-                    f"{tokens:,} tokens ({tokens / elapsed:,.0f}/s)")
+def encode_chatml(tok, texts, docs, num_threads=None) -> Encoded:
+    """`TokenizeShards`'s encoder for conversations: each document's `metadata["messages"]` in
+    ChatML with its loss mask (`shards.chat.encode`); `texts` (the rendered text) is not re-read."""
+    pairs = chat.encode(tok, [d.metadata["messages"] for d in docs], num_threads)
+    lengths = np.fromiter((len(ids) for ids, _ in pairs), dtype=np.int64, count=len(pairs))
+    return Encoded(np.concatenate([ids for ids, _ in pairs]), lengths, np.concatenate([m for _, m in pairs]))
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -187,6 +122,8 @@ def stage_tokenize(args, corpus: Corpus = CORPUS) -> str:
     source = args.input or f"{corpus.hub_input}/{HUB_GLOB}"
     reader = make_chat_reader(args.input or corpus.hub_input, args.limit, args.text_key, args.id_key,
                               storage_options(args))
+    if args.too_long != "skip":  # a cut conversation would end inside a turn, with no <|im_end|>
+        raise InputError("--too-long truncate does not apply to chat data: over-long conversations are skipped")
     tok_name, tok_path = resolve_tokenizer(args)
     from shards.tokenizers import get_tokenizer
 
@@ -196,8 +133,8 @@ def stage_tokenize(args, corpus: Corpus = CORPUS) -> str:
     except ValueError as e:
         raise InputError(str(e)) from None
     def step(out_dir, num_threads):
-        return ChatTokenizeShards(out_dir, tok_name, tok_path, max_doc_tokens=args.max_doc_tokens,
-                                  batch_size=args.batch_size, num_threads=num_threads)
+        return TokenizeShards(out_dir, tok_name, tok_path, max_doc_tokens=args.max_doc_tokens,
+                              batch_size=args.batch_size, num_threads=num_threads, encode=encode_chatml)
 
     extra = {"corpus": corpus.name, "format": "chatml", "tasks": args.tasks, "limit_per_task": args.limit,
              "im_start": im_start, "im_end": im_end,

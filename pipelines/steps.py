@@ -16,7 +16,9 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from datatrove.data import DocumentsPipeline
@@ -117,26 +119,25 @@ def clean_rank_outputs(output_dir: str | Path, rank: int, splits) -> int:
 
 
 class SplitWriters:
-    """One ShardWriter per split, OUTPUT/<split>/<rank:05d>.ds, opened on first `writers[split]`
+    """One ShardWriter per split, OUTPUT/<split>/<rank:05d>.ds, opened by the first `get(split, ...)`
     (a split no document goes to gets no empty shard)."""
 
-    def __init__(self, output_dir: str | Path, rank: int, dtype, tokenizer_name: str, with_loss: bool = False):
-        self.output_dir, self.rank, self.dtype = Path(output_dir), rank, dtype
-        self.tokenizer_name, self.with_loss = tokenizer_name, with_loss
+    def __init__(self, output_dir: str | Path, rank: int, dtype, tokenizer_name: str):
+        self.output_dir, self.rank, self.dtype, self.tokenizer_name = Path(output_dir), rank, dtype, tokenizer_name
         self.opened: dict[str, ShardWriter] = {}
 
-    def __getitem__(self, split: str) -> ShardWriter:
+    def get(self, split: str, with_loss: bool = False) -> ShardWriter:
         if split not in self.opened:
             self.opened[split] = ShardWriter(self.output_dir / split / f"{self.rank:05d}", self.dtype,
-                                           self.tokenizer_name, with_loss=self.with_loss)
+                                             self.tokenizer_name, with_loss=with_loss)
         return self.opened[split]
 
 
 @contextmanager
-def split_writers(output_dir: str | Path, rank: int, dtype, tokenizer_name: str, with_loss: bool = False):
+def split_writers(output_dir: str | Path, rank: int, dtype, tokenizer_name: str):
     """SplitWriters for one task: every shard is closed (renamed into place) if the block succeeds,
     and every one aborted (its .tmp files removed) on any exception, interrupts included."""
-    writers = SplitWriters(output_dir, rank, dtype, tokenizer_name, with_loss)
+    writers = SplitWriters(output_dir, rank, dtype, tokenizer_name)
     try:
         yield writers
         for split in sorted(writers.opened):
@@ -147,13 +148,40 @@ def split_writers(output_dir: str | Path, rank: int, dtype, tokenizer_name: str,
         raise
 
 
+@dataclass
+class Encoded:
+    """A batch of documents as the shard writer takes it: every document's ids concatenated, one
+    length per document, and a loss mask over the ids (None: every token trains)."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    loss: np.ndarray | None = None
+
+    def documents(self):
+        """(ids, mask or None) per document."""
+        cuts = np.cumsum(self.lengths)[:-1]
+        masks = np.split(self.loss, cuts) if self.loss is not None else [None] * len(self.lengths)
+        return zip(np.split(self.tokens, cuts), masks)
+
+
+def encode_text(tok, texts: list[str], docs: list, num_threads: int | None = None) -> Encoded:
+    """Plain documents: [BOS if the tokenizer's convention says so] + ids + [EOS] each, no mask."""
+    return Encoded(*tok.encode_documents_flat(texts, num_threads=num_threads))
+
+
 class TokenizeShards(PipelineStep):
     """Tokenize documents in batches and write `OUTPUT/<split>/<rank:05d>.ds` (datatrove layout).
 
-    Each document becomes [BOS if the tokenizer's convention says so] + ids + [EOS] (see
-    `shards.tokenizers`). Tokenisation runs in a background thread on every core (tiktoken /
-    tokenizers / sentencepiece release the GIL) while this thread reads the next batch and writes
-    the previous one. Counted skips (datatrove stats, and a log line for the first few):
+    `encode(tok, texts, docs, num_threads) -> Encoded` turns a batch into ids (and a loss mask):
+    `encode_text` by default, `pipelines.smoltalk.encode_chatml` for conversations, any module-level
+    function of that shape otherwise (it travels to the workers by reference). It returns the batch
+    concatenated rather than a list of (ids, mask) pairs because plain text is written as one array
+    per batch: per-document arrays cost more than tokenizing short documents. A shard stores loss
+    masks iff the encoder gives them.
+
+    Encoding runs in a background thread on every core (tiktoken / tokenizers / sentencepiece release
+    the GIL) while this thread reads the next batch and writes the previous one. Counted skips
+    (datatrove stats, and a log line for the first few):
       skipped_no_text       text missing or not a string
       skipped_empty         text empty or only whitespace
       skipped_invalid_utf8  text holds lone surrogates (un-encodable as UTF-8); or replaced, counted
@@ -161,6 +189,7 @@ class TokenizeShards(PipelineStep):
       skipped_too_long      more than max_doc_tokens tokens (too_long="skip", the default: a cut
                             document followed by EOS would teach a fake ending, and enormous
                             documents are mostly dumps/logs); truncated_too_long with "truncate"
+    and per task: <split>_documents, <split>_tokens, loss_tokens (masked encoders), tokens, documents.
     """
 
     name = "🧩 Token shards"
@@ -180,6 +209,7 @@ class TokenizeShards(PipelineStep):
         num_threads: int | None = None,
         log_interval: float = 30.0,
         max_logged_skips: int = 5,
+        encode: Callable[..., Encoded] = encode_text,
     ):
         super().__init__()
         if too_long not in ("skip", "truncate"):
@@ -200,7 +230,9 @@ class TokenizeShards(PipelineStep):
         self.num_threads = num_threads
         self.log_interval = log_interval
         self.max_logged_skips = max_logged_skips
+        self.encode = encode
         self._logged = 0
+        self._counts: dict[str, int] = {}
 
     def load_tokenizer(self):
         from shards.tokenizers import get_tokenizer
@@ -208,8 +240,12 @@ class TokenizeShards(PipelineStep):
         return get_tokenizer(self.tokenizer_name, path=self.tokenizer_path)
 
     # -- per-document checks (main thread, cheap) ------------------------------------------------
+    def _count(self, label: str, n: int = 1) -> None:
+        # counted locally and flushed once per task: per-document stat updates cost more than encoding
+        self._counts[label] = self._counts.get(label, 0) + n
+
     def _skip(self, label: str, doc, why: str) -> None:
-        self.stat_update(label)
+        self._count(label)
         if self._logged < self.max_logged_skips:
             self._logged += 1
             where = doc.metadata.get("file_path", "?") if doc is not None else "?"
@@ -230,12 +266,13 @@ class TokenizeShards(PipelineStep):
                 if self.invalid_utf8 == "skip":
                     self._skip("skipped_invalid_utf8", doc, f"not valid UTF-8 ({e.reason} at {e.start})")
                     return None
-                self.stat_update("replaced_invalid_utf8")
+                self._count("replaced_invalid_utf8")
                 text = text.encode("utf-8", "replace").decode("utf-8")
         return text
 
     def _valid_batches(self, data):
-        batch = []
+        """Batches of {split: (texts, docs)} holding batch_size documents that passed the checks."""
+        batch, n = {}, 0
         for doc in data:
             text = self._clean_text(doc)
             if text is None:
@@ -243,92 +280,88 @@ class TokenizeShards(PipelineStep):
             split = doc.metadata.get("split", self.default_split)
             if split not in self.splits:
                 raise ValueError(f"document {doc.id!r} tagged split={split!r}, not one of {self.splits}")
-            batch.append((split, text, doc))
-            if len(batch) >= self.batch_size:
+            texts, docs = batch.setdefault(split, ([], []))
+            texts.append(text)
+            docs.append(doc)
+            n += 1
+            if n >= self.batch_size:
                 yield batch
-                batch = []
+                batch, n = {}, 0
         if batch:
             yield batch
+
+    def _encode(self, tok, batch) -> dict:
+        """{split: (Encoded, docs)}: one encoder call per split."""
+        return {split: (self.encode(tok, texts, docs, self.num_threads), docs)
+                for split, (texts, docs) in batch.items()}
+
+    def _write(self, writers, encoded: dict, eos: int) -> None:
+        for split, (enc, docs) in encoded.items():
+            if (enc.lengths > self.max_doc_tokens).any():
+                enc = self._limit_length(enc, docs, eos)
+                if not len(enc.lengths):  # every document skipped: no shard for this split yet
+                    continue
+            n_tok = writers.get(split, with_loss=enc.loss is not None).write_flat(enc.tokens, enc.lengths, enc.loss)
+            self._count(f"{split}_documents", len(enc.lengths))
+            self._count(f"{split}_tokens", n_tok)
+            self._count("documents", len(enc.lengths))
+            self._count("tokens", n_tok)
+            if enc.loss is not None:
+                self._count("loss_tokens", int(enc.loss.sum()))
 
     # -- main loop --------------------------------------------------------------------------------
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         tok = self.load_tokenizer()
-        dtype = dtype_for_vocab(tok.vocab_size)
-        eos = tok.eos_id
         if removed := clean_rank_outputs(self.output_dir, rank, self.splits):
             logger.info(f"task {rank}: removed {removed} files left by an earlier unfinished run")
-        docs = tokens = 0
+        self._counts = {"documents": 0, "tokens": 0}
         start = last_log = time.perf_counter()
-
-        counts: dict[str, int] = {}
-
-        def count(label, n=1):
-            counts[label] = counts.get(label, 0) + n
-
-        def write(batch, encoded):
-            nonlocal docs, tokens
-            for split, (flat, lengths) in encoded.items():
-                if (lengths > self.max_doc_tokens).any():
-                    flat, lengths = self._limit_length(flat, lengths, [d for s, _, d in batch if s == split], eos)
-                    if not len(lengths):  # every document skipped: no shard for this split yet
-                        continue
-                n_tok = writers[split].write_flat(flat, lengths)
-                count(f"{split}_documents", len(lengths))
-                count(f"{split}_tokens", n_tok)
-                docs += len(lengths)
-                tokens += n_tok
-
-        def encode(batch):
-            """{split: (ids of its documents concatenated, lengths)}: one tokenizer call per split."""
-            texts: dict[str, list] = {}
-            for split, text, _doc in batch:
-                texts.setdefault(split, []).append(text)
-            return {split: tok.encode_documents_flat(t, num_threads=self.num_threads) for split, t in texts.items()}
-
         try:
-            with split_writers(self.output_dir, rank, dtype, tok.name) as writers, ThreadPoolExecutor(1) as pool:
+            with split_writers(self.output_dir, rank, dtype_for_vocab(tok.vocab_size), tok.name) as writers, \
+                    ThreadPoolExecutor(1) as pool:
                 pending = None
                 for batch in self._valid_batches(data):
                     with self.track_time(unit="batch"):
-                        future = pool.submit(encode, batch)
+                        future = pool.submit(self._encode, tok, batch)
                         if pending is not None:
-                            write(pending[0], pending[1].result())
-                        pending = (batch, future)
+                            self._write(writers, pending.result(), tok.eos_id)
+                        pending = future
                     now = time.perf_counter()
                     if now - last_log >= self.log_interval:
                         last_log = now
-                        self._log_progress(rank, docs, tokens, now - start)
+                        self._log_progress(rank, now - start)
                 if pending is not None:
                     with self.track_time(unit="batch"):
-                        write(pending[0], pending[1].result())
+                        self._write(writers, pending.result(), tok.eos_id)
         finally:
-            for label, n in sorted(counts.items()):
+            for label, n in sorted(self._counts.items()):
                 self.stat_update(label, value=n, unit="task")
-            self.stat_update("tokens", value=tokens, unit="task")
-            self.stat_update("documents", value=docs, unit="task")
-        self._log_progress(rank, docs, tokens, time.perf_counter() - start, final=True)
+        self._log_progress(rank, time.perf_counter() - start, final=True)
         return
         yield  # a generator: datatrove drains it
 
-    def _limit_length(self, flat, lengths, docs, eos):
+    def _limit_length(self, enc: Encoded, docs, eos) -> Encoded:
         """Documents over max_doc_tokens skipped (too_long="skip") or cut to max_doc_tokens - 1 ids
         plus EOS ("truncate"), each counted; the rest pass unchanged."""
-        keep, out = [], []
-        for d, doc in zip(np.split(flat, np.cumsum(lengths)[:-1]), docs):
+        ids_out, loss_out = [], []
+        for (d, m), doc in zip(enc.documents(), docs):
             if len(d) > self.max_doc_tokens:
                 if self.too_long == "skip":
                     self._skip("skipped_too_long", doc, f"{len(d):,} tokens > max_doc_tokens {self.max_doc_tokens:,}")
                     continue
-                self.stat_update("truncated_too_long")
+                self._count("truncated_too_long")
                 d = np.append(d[: self.max_doc_tokens - 1], np.asarray(eos, dtype=d.dtype))
-            out.append(d)
-            keep.append(len(d))
-        if not out:
-            return flat[:0], lengths[:0]
-        return np.concatenate(out), np.array(keep, dtype=np.int64)
+                m = None if m is None else np.append(m[: self.max_doc_tokens - 1], np.uint8(1))  # EOS trains, as in text
+            ids_out.append(d)
+            loss_out.append(m)
+        if not ids_out:
+            return Encoded(enc.tokens[:0], enc.lengths[:0], None if enc.loss is None else enc.loss[:0])
+        lengths = np.fromiter(map(len, ids_out), dtype=np.int64, count=len(ids_out))
+        return Encoded(np.concatenate(ids_out), lengths, None if enc.loss is None else np.concatenate(loss_out))
 
-    def _log_progress(self, rank, docs, tokens, elapsed, final=False):
+    def _log_progress(self, rank, elapsed, final=False):
         elapsed = max(elapsed, 1e-9)
+        docs, tokens = self._counts["documents"], self._counts["tokens"]
         logger.info(
             f"task {rank}{' done' if final else ''}: {docs:,} docs ({docs / elapsed:,.0f} docs/s), "
             f"{tokens:,} tokens ({tokens / elapsed:,.0f} tokens/s)"

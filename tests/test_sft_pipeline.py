@@ -200,15 +200,47 @@ def test_threads_and_batch_size_flags_reach_the_step(tmp_path, monkeypatch):
 
     seen = {}
 
-    class Spy(st.ChatTokenizeShards):
+    class Spy(st.TokenizeShards):
         def __init__(self, *a, **kw):
             seen.update(kw)
             super().__init__(*a, **kw)
 
-    monkeypatch.setattr(st, "ChatTokenizeShards", Spy)
+    monkeypatch.setattr(st, "TokenizeShards", Spy)
     convs = conversations()
     pq.write_table(pa.table({"messages": convs}), tmp_path / "chats.parquet")
     run(["tokenize", "--input", str(tmp_path / "chats.parquet"), "--output", str(tmp_path / "o"), "--tokenizer",
          "cl100k", "--tasks", "1", "--workers", "1", "--threads", "1", "--batch-size", "3"])
     assert seen["num_threads"] == 1 and seen["batch_size"] == 3
     assert (tmp_path / "o" / "manifest.json").exists()
+
+
+def test_one_tokenize_step_skips_long_conversations_and_counts_loss_tokens(tmp_path, capsys):
+    # Chat data goes through the same TokenizeShards as plain text, with the ChatML encoder: its
+    # too-long skip and stats are the text path's, and the shard keeps the masks.
+    convs = conversations()
+    pq.write_table(pa.table({"messages": convs}), tmp_path / "chats.parquet")
+    out = tmp_path / "o"
+    lengths = sorted(len(chat_ids) for chat_ids, _ in _reference_encode(convs))
+    limit = lengths[len(lengths) // 2]  # about half the conversations are longer
+    run(["tokenize", "--input", str(tmp_path / "chats.parquet"), "--output", str(out), "--tokenizer", "cl100k",
+         "--tasks", "1", "--workers", "1", "--val-fraction", "0", "--max-doc-tokens", str(limit)])
+    kept = [(ids, m) for ids, m in _reference_encode(convs) if len(ids) <= limit]
+    stats = dict(read_stats(str(out / "logs" / "tokenize")))
+    step = next(v for k, v in stats.items() if "Token shards" in k)
+    assert step["skipped_too_long"] == len(convs) - len(kept)
+    assert step["train_documents"] == len(kept)
+    assert step["loss_tokens"] == sum(int(m.sum()) for _, m in kept)
+    split = open_split(out, "train")
+    assert split.documents == len(kept)
+    assert np.array_equal(np.concatenate([s.tokens for s in split.shards]), np.concatenate([i for i, _ in kept]))
+    assert np.array_equal(np.concatenate([s.loss for s in split.shards]), np.concatenate([m for _, m in kept]))
+    assert main(["tokenize", "--input", str(tmp_path / "chats.parquet"), "--output", str(tmp_path / "o2"),
+                 "--too-long", "truncate"]) == 2
+    assert "--too-long truncate does not apply to chat data" in capsys.readouterr().err
+
+
+def _reference_encode(convs):
+    from shards import chat
+    from shards.tokenizers import get_tokenizer
+
+    return chat.encode(get_tokenizer("cl100k"), [[m for m in c if m["role"] != "system"] for c in convs])
