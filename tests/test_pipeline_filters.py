@@ -5,14 +5,14 @@ import gzip
 import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS", "")
-
-from pipelines.cli import main as cli_main, read_stats  # noqa: E402
-from pipelines.fineweb import CORPUS  # noqa: E402
+from pipelines.cli import main as cli_main, read_stats
+from pipelines.fineweb import CORPUS
 
 ENGLISH = (
     "The river town grew slowly over two hundred years, and its people learned to live with the floods "
@@ -64,6 +64,29 @@ def test_local_language_id_english_and_french(no_network):
     assert en.metadata["language"] == "en" and en.metadata["language_score"] >= 0.65
     assert not lf.filter(fr)
     assert fr.metadata["language"] == "fr" and fr.metadata["language_score"] > 0.65
+
+
+def test_url_filter_offline_without_env_and_import_leaves_env(monkeypatch, no_network):
+    """The URL filter needs no TLDEXTRACT_* variable to stay offline, and importing the filters
+    module does not touch the process environment."""
+    from datatrove.data import Document
+
+    from pipelines.filters import LocalURLFilter
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TLDEXTRACT")}
+    probe = ("import os; before = dict(os.environ); import pipelines.filters; "
+             "changed = sorted(set(os.environ.items()) ^ set(before.items())); print(changed)")
+    r = subprocess.run([sys.executable, "-c", probe], env=env, cwd=Path(__file__).resolve().parents[1],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[]"
+    for k in [k for k in os.environ if k.startswith("TLDEXTRACT")]:
+        monkeypatch.delenv(k)
+    f = LocalURLFilter()
+    assert f.tldextractor.suffix_list_urls == ()
+    assert f.tldextractor("https://news.example.co.uk/x").top_domain_under_public_suffix == "example.co.uk"
+    assert f.filter(Document(text="t", id="ok", metadata={"url": "https://example.org/history"})) is True
+    assert f.filter(Document(text="t", id="bad", metadata={"url": "https://example.com/bukkake/page"}))[0] is False
 
 
 def _read_removed(out: Path, name: str) -> list[str]:

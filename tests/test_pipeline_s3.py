@@ -4,11 +4,8 @@ shards.storage, manifest last."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
-
-os.environ.setdefault("TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS", "")
 
 pytest.importorskip("moto")
 pytest.importorskip("boto3")
