@@ -9,7 +9,7 @@ so neither the transfer's Python work nor its GIL lands on the training loop; th
 only waits, then applies keep_last remotely (a listing and a few deletes). The files are
 hard-linked into checkpoints/.upload/ first, so the local keep_last pruning cannot pull them away
 mid-transfer. After each upload the remote copies beyond the newest
-`keep_last` are deleted (checksums.json first). A failed upload is printed and training goes on; the
+`keep_last` are deleted (checksums.json first). A failed upload is logged and training goes on; the
 end of the run waits for the queue and names any checkpoint that did not make it.
 
 `--resume s3://bucket/run[/step_N]` and `train.init_from: s3://...` download a checkpoint (the
@@ -30,6 +30,7 @@ import threading
 from pathlib import Path
 
 from .checkpoint import CHECKSUMS, STEP_RE, WEIGHT_FILES
+from .log import log
 
 UPLOAD_STAGING = ".upload"  # under checkpoints/: hard links of what is queued
 
@@ -70,8 +71,8 @@ class Uploader:
             except Exception as e:  # noqa: BLE001 - an upload problem must not stop training
                 self.failed.append(staged.name)
                 why = str(e).splitlines()[-1] if str(e) else type(e).__name__
-                print(f"[upload] FAILED {staged.name} -> {self.uri}: {why} (the local checkpoint is kept; "
-                      f"training goes on)", flush=True)
+                log.warning(f"[upload] FAILED {staged.name} -> {self.uri}: {why} (the local checkpoint is kept; "
+                            f"training goes on)")
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
 
@@ -85,8 +86,8 @@ class Uploader:
         if r.returncode != 0:
             raise RuntimeError(r.stderr.strip().removeprefix("error: ") or f"exit {r.returncode}")
         pruned = prune_remote(self.uri, self.keep_last, self.endpoint_url)
-        print(f"[upload] {staged.name} -> {self.uri}/{staged.name} (verified)"
-              + (f"; removed {', '.join(pruned)} there (keep_last {self.keep_last})" if pruned else ""), flush=True)
+        log.info(f"[upload] {staged.name} -> {self.uri}/{staged.name} (verified)"
+                 + (f"; removed {', '.join(pruned)} there (keep_last {self.keep_last})" if pruned else ""))
 
 
 def remote_checkpoints(uri: str, endpoint_url: str | None = None) -> list[str]:
@@ -171,6 +172,6 @@ def _fetch(uri: str, dest_parent: Path, cfg, what: str, weights_only: bool = Fal
         p = fetch_checkpoint(uri, dest_parent, weights_only, cfg.checkpoint.endpoint_url)
     except StorageError as e:
         raise ConfigError(f"{what} {uri}: {e}") from None
-    print(f"[fetch] {uri} -> {p}", flush=True)
+    log.info(f"[fetch] {uri} -> {p}")
     return p
 
