@@ -21,42 +21,20 @@ Logs and completion markers: DIR/logs/<stage>/ unless --logging-dir.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-
-from shards.storage import storage_options as s3_storage_options
-
-from .filters import WEB_CHAIN
-from .cluster import queued
-from .readers import InputError, input_files, make_reader
-from shards.tokenizers import default_threads
 
 from shards.manifest import find_shards
 
+from .readers import InputError, input_files, make_reader
+from .spec import (SCORE_FLAGS, Corpus, Job, ReadSpec, Storage, is_remote, job_from_args,  # noqa: F401 - Corpus
+                   sub)
 from .steps import HashSplit, TokenizeShards, WriteManifest
 
 STAGES = ("download", "filter", "dedup", "split", "tokenize", "run")
-SCORE_FLAGS = {"min_score": "score", "min_int_score": "int_score"}  # argparse dest -> the column it thresholds
-
-
-@dataclass
-class Corpus:
-    name: str
-    hub_repo: str  # "HuggingFaceFW/fineweb"
-    hub_subset: str  # "sample/10BT": a folder of parquet files in the dataset repo
-    description: str = ""
-    text_key: str = "text"
-    id_key: str = "id"
-    chain: tuple[str, ...] = WEB_CHAIN  # pipelines.filters chain names: what `filter` / --filter apply
-    scores: tuple[str, ...] = ()  # numeric score columns that --min-score / --min-int-score may threshold
-
-    @property
-    def hub_input(self) -> str:
-        return f"hf://datasets/{self.hub_repo}/{self.hub_subset}"
 
 
 # ------------------------------------------------------------------------------------------ parser
@@ -123,44 +101,6 @@ def build_parser(corpus: Corpus) -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------- helpers
 
 
-def storage_kwargs(args) -> dict:
-    """--endpoint-url/--profile/--region as shards.storage's upload() and storage_options() take them."""
-    return dict(endpoint_url=args.endpoint_url, profile=args.profile, region=args.region)
-
-
-def storage_options(args) -> dict:
-    """fsspec options for s3:// input/output folders (no credentials: s3fs uses boto3's chain)."""
-    return s3_storage_options(**storage_kwargs(args))
-
-
-def is_remote(path: str) -> bool:
-    return "://" in str(path)
-
-
-def sub(base: str, *parts: str) -> str:
-    return "/".join([str(base).rstrip("/"), *parts])
-
-
-def parse_executor_args(items) -> dict:
-    import yaml
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InputError(f"--executor-arg {item!r}: expected KEY=VALUE")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
-def logging_base(args, corpus: Corpus) -> str:
-    if args.logging_dir:
-        return args.logging_dir
-    if is_remote(args.output):
-        return sub("logs", f"{corpus.name}-{hashlib.sha256(args.output.encode()).hexdigest()[:8]}")
-    return sub(args.output, "logs")
-
-
 def check_run_settings(logging_dir: str, settings: dict, reader=None) -> None:
     """Completion markers are only meaningful for the same settings and the same input files (names
     and sizes, listed from `reader`): refuse a changed rerun."""
@@ -194,46 +134,35 @@ def files_change(old, new) -> str:
                      for kind, names in kinds if names)
 
 
-def local_workers(args, tasks: int | None = None) -> int:
-    """Tasks a local run executes at once: --workers, or one per core up to the number of tasks."""
-    tasks = args.tasks if tasks is None else tasks
-    return args.workers if args.workers > 0 else min(tasks, default_threads())
-
-
-def make_executor(args, pipeline, logging_dir: str, tasks: int | None = None, depends=None,
+def make_executor(job: Job, pipeline, logging_dir: str, tasks: int | None = None, depends=None,
                   skip_completed: bool = True, job_name: str = "shardloom"):
-    tasks = args.tasks if tasks is None else tasks
-    extra = parse_executor_args(args.executor_arg)
+    ex = job.execution
+    tasks = ex.tasks if tasks is None else tasks
     from .cluster import warn_idle_tasks
 
     warn_idle_tasks(pipeline, tasks, job_name)
-    if args.executor == "local":
+    if ex.executor == "local":
         from datatrove.executor import LocalPipelineExecutor
 
-        workers = local_workers(args, tasks)
-        return LocalPipelineExecutor(pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=logging_dir,
-                                     depends=depends, skip_completed=skip_completed, **extra)
-    if args.executor == "slurm":
+        return LocalPipelineExecutor(pipeline, tasks=tasks, workers=min(ex.local_workers(tasks), tasks),
+                                     logging_dir=logging_dir, depends=depends, skip_completed=skip_completed,
+                                     **ex.extra)
+    if ex.executor == "slurm":
         from datatrove.executor import SlurmPipelineExecutor
 
-        if not args.slurm_partition and "partition" not in extra:
-            raise InputError("--executor slurm needs --slurm-partition (or --executor-arg partition=NAME)")
-        kw = dict(partition=args.slurm_partition, time=args.slurm_time, job_name=job_name) | extra
-        if args.workers > 0:
-            kw.setdefault("workers", args.workers)
-        from .cluster import venv_activate
-
-        if args.slurm_venv or kw.get("venv_path"):
-            kw["venv_path"] = venv_activate(args.slurm_venv or kw["venv_path"])
+        kw = dict(partition=ex.slurm_partition, time=ex.slurm_time, job_name=job_name) | ex.extra
+        if ex.workers > 0:
+            kw.setdefault("workers", ex.workers)
+        if ex.slurm_venv:
+            kw["venv_path"] = ex.slurm_venv
         # each job waits (afterok) for the one submitted before it: `run` submits its stages as a chain
-        args.slurm_last = SlurmPipelineExecutor(pipeline, tasks=tasks, logging_dir=logging_dir,
-                                                depends=depends or getattr(args, "slurm_last", None),
-                                                skip_completed=skip_completed, **kw)
-        return args.slurm_last
+        job.chain.last = SlurmPipelineExecutor(pipeline, tasks=tasks, logging_dir=logging_dir,
+                                               depends=depends or job.chain.last, skip_completed=skip_completed, **kw)
+        return job.chain.last
     from datatrove.executor import RayPipelineExecutor
 
-    return RayPipelineExecutor(pipeline, tasks=tasks, workers=args.workers, logging_dir=logging_dir,
-                               depends=depends, skip_completed=skip_completed, **extra)
+    return RayPipelineExecutor(pipeline, tasks=tasks, workers=ex.workers, logging_dir=logging_dir,
+                               depends=depends, skip_completed=skip_completed, **ex.extra)
 
 
 def read_stats(logging_dir: str) -> list[tuple[str, dict]]:
@@ -276,16 +205,23 @@ def print_stats(title: str, logging_dir: str, out=None) -> list[tuple[str, dict]
 # ------------------------------------------------------------------------------------------ stages
 
 
-def _reader(args, corpus, path=None):
-    path = path or args.input or corpus.hub_input
-    if path in getattr(args, "queued", ()):  # a queued Slurm job writes it: nothing to check yet
+def open_reader(job: Job, read: ReadSpec):
+    """The counted reader over `read.path`, checked (exists, readable, has the text column) before any
+    executor starts; a folder a queued Slurm job will write is read as that job writes it."""
+    if read.path in job.chain.queued:
         from .cluster import queued_reader
 
-        return queued_reader(args, path, storage_options(args))
-    reader = make_reader(path, limit=args.limit, text_key=args.text_key, id_key=args.id_key,
-                         invalid_utf8=args.invalid_utf8, storage_options=storage_options(args))
-    check_text_column(reader, args.text_key)
+        return queued_reader(read, job.storage.options())
+    reader = make_reader(read.path, limit=read.limit, text_key=read.text_key, id_key=read.id_key,
+                         invalid_utf8=read.invalid_utf8, storage_options=job.storage.options())
+    check_text_column(reader, read.text_key)
     return reader
+
+
+def our_output(read: ReadSpec, path: str) -> ReadSpec:
+    """Reading what an earlier stage of `run` wrote: datatrove's JsonlWriter keeps the text under `text`
+    and the id under `id` whatever the source columns were, and the --limit was applied on the raw input."""
+    return replace(read, path=path, limit=-1, text_key="text", id_key="id")
 
 
 def check_text_column(reader, text_key: str) -> None:
@@ -309,67 +245,19 @@ def check_text_column(reader, text_key: str) -> None:
                              "pass --text-key COLUMN")
 
 
-def _langs(args):
-    return None if args.languages.strip() == "any" else tuple(x.strip() for x in args.languages.split(","))
-
-
-def _scores(args) -> dict[str, float]:
-    return {col: getattr(args, flag) for flag, col in SCORE_FLAGS.items() if getattr(args, flag, None) is not None}
-
-
-def _filters(args, corpus, output, chain: bool = True):
-    """The score thresholds given, then the corpus's chain (when `chain`)."""
-    from .filters import build_filters
-
-    return build_filters(corpus.chain if chain else (), output, args.language_threshold, _langs(args),
-                         storage_options(args) or None, scores=_scores(args))
-
-
-def _filter_names(args, corpus, chain: bool = True):
-    from .filters import chain_names
-
-    return chain_names(corpus.chain if chain else (), args.language_threshold, _langs(args), scores=_scores(args))
-
-
-def corpus_for(args, corpus: Corpus) -> Corpus:
-    """The corpus as the flags select it (--subset), after checking the score flags fit it."""
-    for flag, column in SCORE_FLAGS.items():
-        if getattr(args, flag, None) is not None and column not in corpus.scores:
-            have = ", ".join(corpus.scores) or "none"
-            raise InputError(f"--{flag.replace('_', '-')}: {corpus.name} has no '{column}' column (its score columns: {have})")
-    return replace(corpus, hub_subset=args.subset.strip("/")) if getattr(args, "subset", None) else corpus
-
-
-def resolve_tokenizer(args) -> tuple[str, str | None]:
-    """(name_or_path, path) for shards.tokenizers.get_tokenizer; loads it once to fail early. A file
-    is given resolved, so the manifest names it from any folder (not relative to this one)."""
-    from shards.tokenizers import get_tokenizer, resolved_name
-
-    name, path = args.tokenizer, args.tokenizer_path
-    if path and name != "llama2" and (path.endswith(".json") or Path(path).is_dir()):
-        name, path = path, None  # --tokenizer-path tokenizer.json alone means "this file"
-    path = str(Path(path).expanduser().resolve()) if path else None
-    name = resolved_name(name)
-    try:
-        get_tokenizer(name, path=path)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        raise InputError(f"tokenizer: {e}") from None
-    return name, path
-
-
-def stage_download(args, corpus) -> str:
+def stage_download(job: Job) -> str:
     from huggingface_hub import snapshot_download
 
-    dest = args.output
+    corpus, dest = job.corpus, job.output
     pattern = f"{corpus.hub_subset}/*.parquet"
     allow = pattern
     try:
-        if args.max_files:
+        if job.max_files:
             from huggingface_hub import HfApi
 
             files = sorted(f for f in HfApi().list_repo_files(corpus.hub_repo, repo_type="dataset")
                            if f.startswith(corpus.hub_subset + "/") and f.endswith(".parquet"))
-            allow = files[: args.max_files]
+            allow = files[: job.max_files]
         print(f"mirroring {corpus.hub_repo}/{pattern} -> {dest}")
         snapshot_download(corpus.hub_repo, repo_type="dataset", allow_patterns=allow, local_dir=dest)
     except Exception as e:  # offline, DNS, auth, a typo in the repo: one line, not a hub traceback
@@ -379,107 +267,102 @@ def stage_download(args, corpus) -> str:
     return sub(dest, corpus.hub_subset)
 
 
-def stage_filter(args, corpus, input_path, output, logs) -> str:
+def stage_filter(job: Job, reader, output: str, logs: str) -> str:
     from datatrove.pipeline.writers import JsonlWriter
 
     from .filters import folder
 
-    reader = _reader(args, corpus, input_path)
-    check_run_settings(logs, reader=reader, settings=dict(stage="filter", input=input_path or corpus.hub_input, tasks=args.tasks,
-                                  limit=args.limit, filters=_filter_names(args, corpus)))
-    kept = folder(output, storage_options(args) or None, "kept")
-    pipeline = [reader, *_filters(args, corpus, output), JsonlWriter(kept, output_filename="${rank}.jsonl.gz")]
-    make_executor(args, pipeline, logs, job_name=f"{corpus.name}-filter").run()
-    if args.executor == "local":
-        print_stats(f"filter: {input_path or corpus.hub_input} -> {output}", logs)
+    check_run_settings(logs, reader=reader, settings=dict(stage="filter", input=job.read.path, tasks=job.execution.tasks,
+                                                          limit=job.read.limit, filters=job.filters.names()))
+    kept = folder(output, job.storage.options() or None, "kept")
+    pipeline = [reader, *job.filters.steps(output, job.storage), JsonlWriter(kept, output_filename="${rank}.jsonl.gz")]
+    make_executor(job, pipeline, logs, job_name=f"{job.corpus.name}-filter").run()
+    if job.execution.executor == "local":
+        print_stats(f"filter: {job.read.path} -> {output}", logs)
     return sub(output, "kept")
 
 
-def stage_dedup(args, corpus, input_path, output, logs) -> str:
+def stage_dedup(job: Job, reader, output: str, logs: str) -> str:
+    import copy
+
     from .filters import minhash_stages
 
-    reader = _reader(args, corpus, input_path)  # checks the input before anything starts
-    check_run_settings(logs, reader=reader, settings=dict(stage="dedup", input=input_path, tasks=args.tasks, limit=args.limit))
-    stages = minhash_stages(lambda: _reader(args, corpus, input_path), sub(output, "minhash"), output,
-                            storage_options(args) or None)
+    check_run_settings(logs, reader=reader, settings=dict(stage="dedup", input=job.read.path, tasks=job.execution.tasks,
+                                                          limit=job.read.limit))
+    # stages 1 and 4 read the same input; a copy, so the input is checked once
+    stages = minhash_stages(lambda: copy.deepcopy(reader), sub(output, "minhash"), output, job.storage.options() or None)
     prev = None
     for name, pipeline, tasks in stages:
-        prev = make_executor(args, pipeline, sub(logs, name), tasks=tasks, depends=prev,
-                             job_name=f"{corpus.name}-{name}")
+        prev = make_executor(job, pipeline, sub(logs, name), tasks=tasks, depends=prev,
+                             job_name=f"{job.corpus.name}-{name}")
     prev.run()  # runs its dependencies first (local), or submits the chain (slurm)
-    if args.executor == "local":
-        print_stats(f"dedup: {input_path} -> {output}", sub(logs, "minhash4_filter"))
+    if job.execution.executor == "local":
+        print_stats(f"dedup: {job.read.path} -> {output}", sub(logs, "minhash4_filter"))
     return sub(output, "kept")
 
 
-def stage_split(args, corpus, input_path, output, logs) -> str:
+def stage_split(job: Job, reader, output: str, logs: str) -> str:
     from datatrove.pipeline.writers import JsonlWriter
 
     from .filters import folder
 
-    reader = _reader(args, corpus, input_path)
-    check_run_settings(logs, reader=reader, settings=dict(stage="split", input=input_path or corpus.hub_input, tasks=args.tasks,
-                                  limit=args.limit, val_fraction=args.val_fraction, seed=args.split_seed,
-                                  key=args.split_key, filters=_filter_names(args, corpus, args.filter)))
-    pipeline = [reader, *_filters(args, corpus, output, args.filter),
-                HashSplit(args.val_fraction, args.split_seed, args.split_key),
-                JsonlWriter(folder(output, storage_options(args) or None), output_filename="${split}/${rank}.jsonl.gz")]
-    make_executor(args, pipeline, logs, job_name=f"{corpus.name}-split").run()
-    if args.executor == "local":
-        print_stats(f"split: {input_path or corpus.hub_input} -> {output}", logs)
+    sp, inline = job.split, job.tokenize is not None and job.tokenize.inline_filter
+    check_run_settings(logs, reader=reader, settings=dict(
+        stage="split", input=job.read.path, tasks=job.execution.tasks, limit=job.read.limit,
+        val_fraction=sp.val_fraction, seed=sp.seed, key=sp.key, filters=job.filters.names(inline)))
+    pipeline = [reader, *job.filters.steps(output, job.storage, inline), HashSplit(sp.val_fraction, sp.seed, sp.key),
+                JsonlWriter(folder(output, job.storage.options() or None), output_filename="${split}/${rank}.jsonl.gz")]
+    make_executor(job, pipeline, logs, job_name=f"{job.corpus.name}-split").run()
+    if job.execution.executor == "local":
+        print_stats(f"split: {job.read.path} -> {output}", logs)
     return output
 
 
-def stage_tokenize(args, corpus, input_path, output, logs, filters: list[str] | None = None) -> str:
-    reader = _reader(args, corpus, input_path)  # input errors surface here, before any executor
-    tok_name, tok_path = resolve_tokenizer(args)
-    applied = list(filters or []) + _filter_names(args, corpus, args.filter)
+def stage_tokenize(job: Job, reader, output: str, filters: list[str] | None = None) -> str:
+    tk = job.tokenize
+    applied = list(filters or []) + job.filters.names(tk.inline_filter)
 
     def step(out_dir, num_threads):
-        return TokenizeShards(out_dir, tok_name, tok_path, max_doc_tokens=args.max_doc_tokens,
-                              too_long=args.too_long, invalid_utf8=args.invalid_utf8, batch_size=args.batch_size,
-                              num_threads=num_threads)
+        return TokenizeShards(out_dir, tk.tokenizer, tk.path, max_doc_tokens=tk.max_doc_tokens, too_long=tk.too_long,
+                              invalid_utf8=tk.invalid_utf8, batch_size=tk.batch_size, num_threads=num_threads)
 
-    extra = {"corpus": corpus.name, "tasks": args.tasks, "split_key": args.split_key,
+    extra = {"corpus": job.corpus.name, "tasks": job.execution.tasks, "split_key": job.split.key,
              "split_rule": "val iff blake2b(key, key=str(seed)) as little-endian uint64 / 2**64 < val_fraction; "
                            "auto key = id, or text when the id is missing/position-based",
-             "max_doc_tokens": args.max_doc_tokens, "too_long": args.too_long, "invalid_utf8": args.invalid_utf8,
-             "limit_per_task": args.limit}
-    return tokenize_job(args, corpus, logs, reader, _filters(args, corpus, output, args.filter), step,
-                        source=input_path or corpus.hub_input, output=output, filters=applied, extra=extra,
-                        settings=dict(stage="tokenize", too_long=args.too_long, invalid_utf8=args.invalid_utf8,
+             "max_doc_tokens": tk.max_doc_tokens, "too_long": tk.too_long, "invalid_utf8": tk.invalid_utf8,
+             "limit_per_task": job.read.limit}
+    middle = job.filters.steps(output, job.storage, tk.inline_filter)  # score thresholds, then the chain if inline
+    return tokenize_job(job, reader, middle, step, output=output, filters=applied, extra=extra,
+                        settings=dict(stage="tokenize", too_long=tk.too_long, invalid_utf8=tk.invalid_utf8,
                                       filters=applied))
 
 
-def tokenize_job(args, corpus, logs, reader, middle: list, make_step, *, source: str, output: str,
-                 filters: list[str], extra: dict, settings: dict) -> str:
+def tokenize_job(job: Job, reader, middle: list, make_step, *, output: str, filters: list[str], extra: dict,
+                 settings: dict, source: str | None = None) -> str:
     """What every corpus's tokenize stage shares: reader -> middle steps -> HashSplit -> the step
     `make_step(out_dir, num_threads)` builds, then the manifest (in-process for local runs, a dependent
-    1-task job on Slurm/Ray), uploaded when `output` is s3://."""
-    tok_name, tok_path = resolve_tokenizer(args)
+    1-task job on Slurm/Ray), uploaded when `output` is s3://. `source` names the input in the
+    manifest (default: the path read)."""
+    tk, sp, ex, logs = job.tokenize, job.split, job.execution, job.logs
+    source = source or job.read.path
     remote = is_remote(output)
-    local_out = (args.staging_dir or sub(logs, "staging")) if remote else output
+    local_out = (job.staging_dir or sub(logs, "staging")) if remote else output
     check_run_settings(sub(logs, "tokenize"), reader=reader, settings=dict(
-        input=source, output=output, tasks=args.tasks, limit=args.limit, tokenizer=tok_name,
-        tokenizer_path=tok_path, val_fraction=args.val_fraction, split_seed=args.split_seed,
-        split_key=args.split_key, max_doc_tokens=args.max_doc_tokens, **settings))
+        input=source, output=output, tasks=ex.tasks, limit=job.read.limit, tokenizer=tk.tokenizer,
+        tokenizer_path=tk.path, val_fraction=sp.val_fraction, split_seed=sp.seed,
+        split_key=sp.key, max_doc_tokens=tk.max_doc_tokens, **settings))
     # The manifest marks completion: remove it before tasks start rewriting shards.
     Path(local_out, "manifest.json").unlink(missing_ok=True)
-    # Local: the cores this process may use, shared by the tasks running at once. Slurm/Ray: None, so
-    # each task uses what its own allocation (affinity mask) gives it, not the submitting node's count.
-    threads = args.threads or (max(1, default_threads() // local_workers(args)) if args.executor == "local" else None)
-    pipeline = [reader, *middle, HashSplit(args.val_fraction, args.split_seed, args.split_key),
-                make_step(local_out, threads)]
-    if tok_path or Path(tok_name).suffix in (".json", ".model"):
-        extra = {**extra, "tokenizer_path": tok_path or tok_name}
+    pipeline = [reader, *middle, HashSplit(sp.val_fraction, sp.seed, sp.key), make_step(local_out, ex.task_threads())]
+    if tk.file:
+        extra = {**extra, "tokenizer_path": tk.file}
     manifest_step = WriteManifest(
-        local_out, tok_name, tok_path, source=source, filters=filters,
-        seeds={"split_seed": args.split_seed, "val_fraction": args.val_fraction}, extra=extra,
-        upload_to=output if remote else None,
-        storage_kwargs=storage_kwargs(args) if remote else None,
+        local_out, tk.tokenizer, tk.path, source=source, filters=filters,
+        seeds={"split_seed": sp.seed, "val_fraction": sp.val_fraction}, extra=extra,
+        upload_to=output if remote else None, storage_kwargs=job.storage.kwargs() if remote else None,
     )
-    tokenize = make_executor(args, pipeline, sub(logs, "tokenize"), job_name=f"{corpus.name}-tokenize")
-    if args.executor == "local":
+    tokenize = make_executor(job, pipeline, sub(logs, "tokenize"), job_name=f"{job.corpus.name}-tokenize")
+    if ex.executor == "local":
         tokenize.run()  # raises if a task failed: then no manifest, the output stays "incomplete"
         stats = print_stats(f"tokenize: {source} -> {output}", sub(logs, "tokenize"))
         if not any(find_shards(local_out, split) for split in ("train", "val")):  # a shard opens on its first document
@@ -487,8 +370,8 @@ def tokenize_job(args, corpus, logs, reader, middle: list, make_step, *, source:
         deque(manifest_step.run(None, 0, 1), maxlen=0)
         print_manifest_summary(local_out)
     else:  # a dependent 1-task job writes the manifest once every tokenize task has finished
-        make_executor(args, [manifest_step], sub(logs, "manifest"), tasks=1, depends=tokenize,
-                      skip_completed=False, job_name=f"{corpus.name}-manifest").run()
+        make_executor(job, [manifest_step], sub(logs, "manifest"), tasks=1, depends=tokenize,
+                      skip_completed=False, job_name=f"{job.corpus.name}-manifest").run()
     return output
 
 
@@ -520,20 +403,6 @@ def print_manifest_summary(directory, out=None) -> None:
 # -------------------------------------------------------------------------------------------- main
 
 
-def check_args(args) -> None:
-    """The checks argparse cannot express, shared by every corpus command line."""
-    if args.tasks < 1:
-        raise InputError(f"--tasks must be >= 1, got {args.tasks}")
-    if not 0.0 <= args.val_fraction <= 1.0:
-        raise InputError(f"--val-fraction must be in [0, 1], got {args.val_fraction}")
-    if args.executor == "slurm":
-        from .cluster import check_sbatch, venv_activate
-
-        check_sbatch()
-        if args.slurm_venv:
-            args.slurm_venv = venv_activate(args.slurm_venv)
-
-
 def run_command(run, *args) -> int:
     """Exit status of run(*args): 0, or 2 with one "error: ..." line on stderr for bad input."""
     try:
@@ -544,45 +413,46 @@ def run_command(run, *args) -> int:
     return 0
 
 
-def run_stage(args, corpus: Corpus) -> None:
-    corpus = corpus_for(args, corpus)
-    logs = logging_base(args, corpus)
-    check_args(args)
-    if args.stage == "download":
-        stage_download(args, corpus)
-    elif args.stage == "filter":
-        stage_filter(args, corpus, args.input, args.output, sub(logs, "filter"))
-    elif args.stage == "dedup":
-        if not args.input:
-            raise InputError("dedup needs --input (e.g. the kept/ folder of a filter run)")
-        stage_dedup(args, corpus, args.input, args.output, sub(logs, "dedup"))
-    elif args.stage == "split":
-        stage_split(args, corpus, args.input, args.output, sub(logs, "split"))
-    elif args.stage == "tokenize":
-        stage_tokenize(args, corpus, args.input, args.output, logs)
-    else:  # run: filter -> [dedup] -> tokenize (hash split inside)
-        _reader(args, corpus)  # fail on a bad input before the first stage starts
-        resolve_tokenizer(args)
-        path = stage_filter(args, corpus, args.input, sub(args.output, "filtered"), sub(logs, "filter"))
-        if args.executor == "slurm":
-            queued(args, path)
-        if not is_remote(path) and not any(Path(path).glob("*.jsonl.gz")) and args.executor == "local":
-            raise InputError(f"the filter stage kept no documents (see the table above); nothing to tokenize in {path}")
-        if args.dedup:
-            path = stage_dedup(args, corpus, path, sub(args.output, "dedup"), sub(logs, "dedup"))
-            if args.executor == "slurm":
-                queued(args, path)
-        limit, args.limit = args.limit, -1  # the limit applied when reading the raw input
-        filters = _filter_names(args, corpus) + (["datatrove.MinhashDedup(4 stages)"] if args.dedup else [])
-        args.filter = False
-        thresholds = {flag: getattr(args, flag) for flag in SCORE_FLAGS}  # applied by the filter stage
-        for flag in SCORE_FLAGS:
-            setattr(args, flag, None)
-        stage_tokenize(args, corpus, path, sub(args.output, "shards"), logs, filters=filters)
-        args.limit = limit
-        for flag, value in thresholds.items():
-            setattr(args, flag, value)
+def run_stage(job: Job) -> None:
+    if job.stage == "download":
+        stage_download(job)
+        return
+    if job.stage == "dedup" and job.read.path == job.corpus.hub_input:
+        raise InputError("dedup needs --input (e.g. the kept/ folder of a filter run)")
+    reader = open_reader(job, job.read)  # input errors surface here, before any executor
+    logs = job.logs
+    if job.stage == "filter":
+        stage_filter(job, reader, job.output, sub(logs, "filter"))
+    elif job.stage == "dedup":
+        stage_dedup(job, reader, job.output, sub(logs, "dedup"))
+    elif job.stage == "split":
+        stage_split(job, reader, job.output, sub(logs, "split"))
+    elif job.stage == "tokenize":
+        stage_tokenize(job, reader, job.output)
+    else:
+        stage_run(job, reader)
+
+
+def stage_run(job: Job, reader) -> None:
+    """filter -> [dedup] -> tokenize (hash split inside). Later stages read what the earlier wrote, with
+    the limit and score thresholds already applied by the filter stage."""
+    path = stage_filter(job, reader, sub(job.output, "filtered"), sub(job.logs, "filter"))
+    slurm = job.execution.executor == "slurm"
+    if slurm:
+        job.chain.queued.add(path)
+    if not is_remote(path) and not any(Path(path).glob("*.jsonl.gz")) and job.execution.executor == "local":
+        raise InputError(f"the filter stage kept no documents (see the table above); nothing to tokenize in {path}")
+    applied = job.filters.names() + (["datatrove.MinhashDedup(4 stages)"] if job.dedup else [])
+    if job.dedup:
+        dedup = replace(job, read=our_output(job.read, path))
+        path = stage_dedup(dedup, open_reader(dedup, dedup.read), sub(job.output, "dedup"), sub(job.logs, "dedup"))
+        if slurm:
+            job.chain.queued.add(path)
+    rest = replace(job, read=our_output(job.read, path), filters=replace(job.filters, scores=()),
+                   tokenize=replace(job.tokenize, inline_filter=False))
+    stage_tokenize(rest, open_reader(rest, rest.read), sub(job.output, "shards"), filters=applied)
 
 
 def main(corpus: Corpus, argv=None) -> int:
-    return run_command(run_stage, build_parser(corpus).parse_args(argv), corpus)
+    args = build_parser(corpus).parse_args(argv)
+    return run_command(lambda: run_stage(job_from_args(args, corpus)))

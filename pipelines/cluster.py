@@ -3,7 +3,7 @@
 - `run --executor slurm` chains its stages (filter -> dedup -> tokenize -> manifest) as dependent
   Slurm jobs through the executors' own `depends=` (datatrove turns it into `--dependency=afterok:ID`):
   every stage after the first reads a folder that a queued job will write, so its input cannot be
-  checked at submit time (`queued`, `queued_reader`).
+  checked at submit time (`SlurmChain.queued` in pipelines.spec, `queued_reader`).
 - `sbatch` missing from PATH is one line before anything is submitted (`check_sbatch`).
 - datatrove writes `source VENV_PATH` into each job script, so it wants the activate script; a venv
   folder given with `--slurm-venv .venv` (or `venv_path=.venv`) becomes `/abs/.venv/bin/activate`.
@@ -35,18 +35,13 @@ def venv_activate(path: str, flag: str = "--slurm-venv") -> str:
     return str(script.resolve())
 
 
-def queued(args, path: str) -> None:
-    """Mark `path` as the output of a job that is queued, not finished (a Slurm chain)."""
-    args.queued = getattr(args, "queued", set()) | {path}
-
-
-def queued_reader(args, path: str, storage_options: dict | None):
-    """The reader for a folder a queued job will write (the JSONL.gz our stages write, `text`/`id`);
-    it lists its files when its own job starts."""
+def queued_reader(read, storage_options: dict | None):
+    """The reader for a folder a queued job will write (the JSONL.gz our stages write, `text`/`id`;
+    `read` a pipelines.spec.ReadSpec); it lists its files when its own job starts."""
     from .filters import folder
 
-    return CountingJsonlReader(folder(path, storage_options or None), limit=args.limit, text_key="text",
-                               id_key="id", glob_pattern="**/*.json*", invalid_utf8=args.invalid_utf8)
+    return CountingJsonlReader(folder(read.path, storage_options or None), limit=read.limit, text_key="text",
+                               id_key="id", glob_pattern="**/*.json*", invalid_utf8=read.invalid_utf8)
 
 
 def count_input_files(reader) -> int | None:

@@ -23,9 +23,9 @@ from datatrove.data import Document
 from shards import chat
 from shards.chat import ROLES
 
-from .cli import (Corpus, build_parser, check_args, corpus_for, logging_base, resolve_tokenizer, run_command,
-                  stage_download, storage_options, tokenize_job)
+from .cli import build_parser, run_command, stage_download, tokenize_job
 from .readers import CountingJsonlReader, CountingParquetReader, InputError, check_hub_input, resolve_input
+from .spec import Corpus, Job, job_from_args
 from .steps import POSITION_ID_FLAG, Encoded, TokenizeShards
 
 CORPUS = Corpus(
@@ -118,49 +118,44 @@ def encode_chatml(tok, texts, docs, num_threads=None) -> Encoded:
 # ------------------------------------------------------------------------------------------ stages
 
 
-def stage_tokenize(args, corpus: Corpus = CORPUS) -> str:
-    source = args.input or f"{corpus.hub_input}/{HUB_GLOB}"
-    reader = make_chat_reader(args.input or corpus.hub_input, args.limit, args.text_key, args.id_key,
-                              storage_options(args))
-    if args.too_long != "skip":  # a cut conversation would end inside a turn, with no <|im_end|>
+def stage_tokenize(job: Job) -> str:
+    source = job.read.path if job.read.path != job.corpus.hub_input else f"{job.corpus.hub_input}/{HUB_GLOB}"
+    reader = make_chat_reader(job.read.path, job.read.limit, job.read.text_key, job.read.id_key, job.storage.options())
+    tk = job.tokenize
+    if tk.too_long != "skip":  # a cut conversation would end inside a turn, with no <|im_end|>
         raise InputError("--too-long truncate does not apply to chat data: over-long conversations are skipped")
-    tok_name, tok_path = resolve_tokenizer(args)
-    from shards.tokenizers import get_tokenizer
-
-    tok = get_tokenizer(tok_name, path=tok_path)
     try:
-        im_start, im_end = chat.chat_ids(tok)
+        im_start, im_end = chat.chat_ids(tk.load())
     except ValueError as e:
         raise InputError(str(e)) from None
-    def step(out_dir, num_threads):
-        return TokenizeShards(out_dir, tok_name, tok_path, max_doc_tokens=args.max_doc_tokens,
-                              batch_size=args.batch_size, num_threads=num_threads, encode=encode_chatml)
 
-    extra = {"corpus": corpus.name, "format": "chatml", "tasks": args.tasks, "limit_per_task": args.limit,
-             "im_start": im_start, "im_end": im_end,
+    def step(out_dir, num_threads):
+        return TokenizeShards(out_dir, tk.tokenizer, tk.path, max_doc_tokens=tk.max_doc_tokens,
+                              batch_size=tk.batch_size, num_threads=num_threads, encode=encode_chatml)
+
+    extra = {"corpus": job.corpus.name, "format": "chatml", "tasks": job.execution.tasks,
+             "limit_per_task": job.read.limit, "im_start": im_start, "im_end": im_end,
              "system_turns": "dropped", "no_eos": True,
              "loss_mask": "1 on assistant turns incl. <|im_start|>assistant\\n header, <|im_end|> and trailing \\n"}
-    return tokenize_job(args, corpus, logging_base(args, corpus), reader, [], step, source=source,
-                        output=args.output, filters=["chatml-row-checks"], extra=extra,
-                        settings=dict(stage="sft-tokenize", batch_size=args.batch_size))
+    return tokenize_job(job, reader, [], step, source=source, output=job.output, filters=["chatml-row-checks"],
+                        extra=extra, settings=dict(stage="sft-tokenize", batch_size=tk.batch_size))
 
 
-def run_stage(args) -> None:
-    check_args(args)
-    corpus = corpus_for(args, CORPUS)  # --subset
-    if args.stage == "download":
-        stage_download(args, corpus)
-    elif args.stage == "tokenize":
-        stage_tokenize(args, corpus)
+def run_stage(job: Job) -> None:
+    if job.stage == "download":
+        stage_download(job)
+    elif job.stage == "tokenize":
+        stage_tokenize(job)
     else:
-        raise InputError(f"stage {args.stage!r} does not apply to chat data (use download or tokenize)")
+        raise InputError(f"stage {job.stage!r} does not apply to chat data (use download or tokenize)")
 
 
 def main(argv=None) -> int:
     p = build_parser(CORPUS)
     p.prog = "python -m pipelines.smoltalk"
     p.set_defaults(tokenizer="cl100k", output=f"out/{CORPUS.name}")
-    return run_command(run_stage, p.parse_args(argv))
+    args = p.parse_args(argv)
+    return run_command(lambda: run_stage(job_from_args(args, CORPUS)))
 
 
 if __name__ == "__main__":  # LocalPipelineExecutor uses forkserver: workers re-import this module

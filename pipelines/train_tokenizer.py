@@ -118,7 +118,7 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    from .cli import storage_options
+    from .spec import Storage
     from .readers import InputError
 
     args = parse_args(argv)
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     try:
         if len(keys) != len(args.input):
             raise TrainError(f"--text-key: {len(args.text_key)} keys for {len(args.input)} inputs (give 1 or one each)")
-        texts = iter_inputs(args.input, keys, args.limit_docs, storage_options(args) or None, not args.no_progress)
+        texts = iter_inputs(args.input, keys, args.limit_docs, Storage.from_args(args).options() or None, not args.no_progress)
         path = train(texts, args.output, args.vocab_size, args.min_frequency, progress=not args.no_progress)
     except (InputError, TrainError) as e:
         print(f"error: {e}", file=sys.stderr)

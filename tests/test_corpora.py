@@ -15,7 +15,8 @@ from datatrove.data import Document
 
 from corpus_samples import CORPORA, LAYOUT, ROWS, TEXT_KEY, _texts, finemath, fineweb_edu, write_all, write_sample
 from pipelines import train_tokenizer
-from pipelines.cli import build_parser, read_stats, _filter_names
+from pipelines.cli import build_parser, read_stats
+from pipelines.spec import job_from_args
 from pipelines.readers import InputError
 from pipelines.steps import assign_split
 from shards.manifest import read_manifest
@@ -150,7 +151,7 @@ def test_filter_chain_per_corpus():
     for corpus, names in want.items():
         mod = importlib.import_module(f"pipelines.{LAYOUT[corpus][0] if corpus in LAYOUT else corpus}")
         args = build_parser(mod.CORPUS).parse_args(["filter"])
-        assert [n.split("(")[0] for n in _filter_names(args, mod.CORPUS)] == names, corpus
+        assert [n.split("(")[0] for n in job_from_args(args, mod.CORPUS).filters.names()] == names, corpus
 
 
 def test_why_math_and_synthetic_text_skip_the_prose_heuristics():
@@ -209,3 +210,20 @@ def test_atom_end_to_end(atom, tmp_path, capsys, monkeypatch):
     assert sum(b["tokens_planned"] for b in budget) == 3 * 128
     assert train([atom_yaml, *over, "--run-dir", tmp_path / "run"], capsys, monkeypatch)[0] == 0
     assert (tmp_path / "run" / "DONE").exists()
+
+
+def test_run_tokenizes_what_the_filter_stage_kept_whatever_the_text_column(atom, tmp_path):
+    # UltraData-Math keeps its text under `content`; the filter stage writes datatrove JSONL (`text`),
+    # which is what `run`'s tokenize stage must read.
+    import gzip
+
+    root, samples = atom
+    out = tmp_path / "o"
+    assert run("ultradata-math", "run", "--input", samples["ultradata-math"], "--output", out,
+               "--tokenizer", root / "tok", "--val-fraction", 0, "--workers", 1) == 0
+    kept = [json.loads(line)["text"] for f in (out / "filtered" / "kept").glob("*.jsonl.gz")
+            for line in gzip.open(f, "rt")]
+    assert kept
+    tok = get_tokenizer(str(root / "tok"))
+    decoded = [tok.decode(d[:-1].tolist()) for d in open_split(out / "shards", "train").documents_iter()]
+    assert sorted(decoded) == sorted(kept)

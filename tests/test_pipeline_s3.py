@@ -37,16 +37,20 @@ def test_tokenize_s3_in_s3_out(tmp_path, s3, server):
 
 def test_cli_storage_flags():
     """--endpoint-url/--profile/--region become shards.storage's options (R2 gets region "auto"
-    unless --region says otherwise); storage_kwargs, what the manifest step hands upload(), carries
+    unless --region says otherwise); Storage.kwargs, what the manifest step hands upload(), carries
     the same three."""
-    from pipelines.cli import build_parser, storage_kwargs, storage_options
+    from pipelines.cli import build_parser
+    from pipelines.spec import Storage
     from pipelines.fineweb import CORPUS
 
     r2 = "https://acct.r2.cloudflarestorage.com"
     parse = build_parser(CORPUS).parse_args
+
+    def storage_options(args):
+        return Storage.from_args(args).options()
     assert storage_options(parse(["tokenize"])) == {}
     assert storage_options(parse(["tokenize", "--endpoint-url", r2, "--profile", "p"])) == {
         "client_kwargs": {"endpoint_url": r2, "region_name": "auto"}, "profile": "p"}
     args = parse(["tokenize", "--endpoint-url", "http://127.0.0.1:9", "--region", "eu-west-1"])
     assert storage_options(args) == {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9", "region_name": "eu-west-1"}}
-    assert storage_kwargs(args) == {"endpoint_url": "http://127.0.0.1:9", "profile": None, "region": "eu-west-1"}
+    assert Storage.from_args(args).kwargs() == {"endpoint_url": "http://127.0.0.1:9", "profile": None, "region": "eu-west-1"}
