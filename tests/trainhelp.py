@@ -1,16 +1,19 @@
 """The tests' one helpers module (as OLMo-core's test/data/fixtures.py): synthetic shard dirs, tiny
 tokenizers, a tiny curriculum, the trainer launcher (in this process, in a subprocess, or under
-torchrun), and the S3 server behind conftest's `server`/`s3` fixtures. Imported as `import trainhelp`
-(conftest.py puts tests/ on sys.path)."""
+torchrun on one node or several), and the S3 server behind conftest's `server`/`s3` fixtures.
+Imported as `import trainhelp` (conftest.py puts tests/ on sys.path)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -132,6 +135,13 @@ def tiny_curriculum(tmp_path: Path, **over) -> Path:
     return p
 
 
+def free_port() -> int:
+    """A port nothing listens on now (the OS picks it), for a server or a rendezvous on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def env() -> dict:
     """The test's environment without any torchrun variables, one thread per process."""
     e = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -156,16 +166,41 @@ def train(args, capsys=None, monkeypatch=None) -> tuple[int, str, str]:
     return rc, cap.out, cap.err
 
 
-def run(args, nproc: int = 1, check: bool = True, timeout: int = 240) -> subprocess.CompletedProcess:
-    """`python -m trainer.run ARGS`, or the same under torchrun (gloo) with `nproc` CPU processes."""
+def run(args, nproc: int = 1, nnodes: int = 1, check: bool = True, timeout: int = 240) -> subprocess.CompletedProcess:
+    """`python -m trainer.run ARGS`; with `nproc` > 1 the same under torchrun (gloo, --standalone) with
+    nproc CPU processes; with `nnodes` > 1, nnodes torchrun launchers of nproc processes each, meeting
+    at a c10d rendezvous on 127.0.0.1 as separate machines would. The nodes' outputs are joined in node
+    order and the exit code is the first node's that is not 0; `timeout` covers the whole launch (every
+    launcher is killed when it runs out)."""
     launcher = [sys.executable]
-    if nproc > 1:
+    if nnodes > 1:
+        launcher += ["-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}",
+                     "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=shardloom-test",
+                     "--rdzv-conf=timeout=60"]
+    elif nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    r = subprocess.run([*launcher, "-m", "trainer.run", *map(str, args)], cwd=ROOT, env=env(),
-                       capture_output=True, text=True, timeout=timeout)
+    cmd = [*launcher, "-m", "trainer.run", *map(str, args)]
+    with contextlib.ExitStack() as stack:  # files, not pipes: a node never blocks on a full pipe nobody reads
+        files = [(stack.enter_context(tempfile.TemporaryFile("w+")), stack.enter_context(tempfile.TemporaryFile("w+")))
+                 for _ in range(nnodes)]
+        procs = [subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=out, stderr=err, text=True) for out, err in files]
+        try:
+            deadline = time.monotonic() + timeout
+            for p in procs:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        for f in (f for pair in files for f in pair):
+            f.seek(0)
+        outs = [(out.read(), err.read()) for out, err in files]
+    codes = [p.returncode for p in procs]
     if check:
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    return r
+        assert codes == [0] * nnodes, (codes, "\n---\n".join(o[-2000:] + e[-3000:] for o, e in outs))
+    return subprocess.CompletedProcess(cmd, next((c for c in codes if c != 0), 0),
+                                       "\n".join(o for o, _ in outs), "\n".join(e for _, e in outs))
 
 
 # Fault injection from outside the training loop: the child patches trainer.run.set_lr (called once
@@ -210,18 +245,12 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 SECRET = "sEcReT-" + uuid.uuid4().hex  # the s3 fixture's secret key: must never appear in any output
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class StoppableS3:
     """moto's server app on 127.0.0.1:port; stop() closes the listener and severs every open
     connection; start() again serves the same (surviving) storage on the same port."""
 
     def __init__(self):
-        self.port = _free_port()
+        self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._server = None
         self._thread = None
