@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from trainer.run import main
+import trainhelp
 from trainhelp import metric_rows, tiny_curriculum
 
 SETTINGS = ["train.steps=4", "eval.every=2", "eval.batches=1", "checkpoint.every=0"]
@@ -20,7 +20,7 @@ def test_tensorboard_holds_what_metrics_jsonl_holds(tmp_path):
 
     cur = tiny_curriculum(tmp_path)
     run_dir, tb = tmp_path / "run", tmp_path / "tb"
-    assert main([str(cur), *SETTINGS, f"logging.tensorboard={tb}", "--run-dir", str(run_dir)]) == 0
+    assert trainhelp.train([cur, *SETTINGS, f"logging.tensorboard={tb}", "--run-dir", run_dir])[0] == 0
     ea = EventAccumulator(str(tb))
     ea.Reload()
 
@@ -69,8 +69,8 @@ def test_wandb_offline_run_history_holds_the_losses(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     cur = tiny_curriculum(tmp_path)
     run_dir = tmp_path / "run"
-    assert main([str(cur), *SETTINGS, "logging.wandb.project=shardloom-test", "logging.wandb.name=tiny",
-                 "--run-dir", str(run_dir)]) == 0
+    assert trainhelp.train([cur, *SETTINGS, "logging.wandb.project=shardloom-test", "logging.wandb.name=tiny",
+                            "--run-dir", run_dir])[0] == 0
     files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1, files
     history = {h["_step"]: h for h in wandb_history(files[0])}
