@@ -9,8 +9,7 @@ import pytest
 
 pytest.importorskip("moto")
 
-from trainer.run import main  # noqa: E402
-from trainhelp import tiny_curriculum, train_losses  # noqa: E402
+from trainhelp import tiny_curriculum, train, train_losses  # noqa: E402
 
 SETTINGS = ["train.steps=6", "checkpoint.every=2", "checkpoint.keep_last=2", "eval.every=0", "eval.batches=1"]
 
@@ -28,8 +27,8 @@ def test_upload_resume_and_init_from_s3(s3, server, tmp_path, capsys):
     cur = tiny_curriculum(tmp_path)
     up = [f"checkpoint.upload=s3://{bucket}/runs/tiny", f"checkpoint.endpoint_url={server.endpoint}"]
     a = tmp_path / "a"
-    assert main([str(cur), *SETTINGS, *up, "--run-dir", str(a)]) == 0
-    out = capsys.readouterr().out
+    rc, out, _ = train([cur, *SETTINGS, *up, "--run-dir", a], capsys)
+    assert rc == 0
     assert out.count("(verified)") == 3 and "FAILED" not in out, out[-3000:]
     # remote retention follows keep_last: steps 4 and 6 remain, byte for byte the local checkpoints
     remote = remote_files(client, bucket, "runs/tiny")
@@ -41,19 +40,19 @@ def test_upload_resume_and_init_from_s3(s3, server, tmp_path, capsys):
 
     # --resume from the remote step-4 checkpoint in a fresh run dir: steps 5-6 as the uninterrupted run
     b = tmp_path / "b"
-    assert main([str(cur), *SETTINGS, "--run-dir", str(b), "--resume", f"s3://{bucket}/runs/tiny/step_0000004",
-                 f"checkpoint.endpoint_url={server.endpoint}"]) == 0
-    out = capsys.readouterr().out
+    rc, out, _ = train([cur, *SETTINGS, "--run-dir", b, "--resume", f"s3://{bucket}/runs/tiny/step_0000004",
+                        f"checkpoint.endpoint_url={server.endpoint}"], capsys)
+    assert rc == 0
     assert "[resume]" in out and f"[fetch] s3://{bucket}/runs/tiny/step_0000004 -> " in out  # trainer.log, rank 0
     la, lb = train_losses(a), train_losses(b)
     assert sorted(lb) == [5, 6] and all(lb[s] == la[s] for s in lb), (la, lb)
 
     # train.init_from an s3:// run: its newest checkpoint's weights (only), through the cache
     c = tmp_path / "c"
-    assert main([str(cur), "train.steps=1", "eval.batches=0", f"train.init_from=s3://{bucket}/runs/tiny",
-                 f"checkpoint.endpoint_url={server.endpoint}", f"data.cache_dir={tmp_path / 'cache'}",
-                 "--run-dir", str(c)]) == 0
-    out = capsys.readouterr().out
+    rc, out, _ = train([cur, "train.steps=1", "eval.batches=0", f"train.init_from=s3://{bucket}/runs/tiny",
+                        f"checkpoint.endpoint_url={server.endpoint}", f"data.cache_dir={tmp_path / 'cache'}",
+                        "--run-dir", c], capsys)
+    assert rc == 0
     cached = tmp_path / "cache" / "checkpoints" / bucket / "runs" / "tiny" / "step_0000006"
     assert f"[init] model weights from {cached}" in out
     assert (cached / "model.safetensors").read_bytes() == (a / "checkpoints" / "step_0000006" / "model.safetensors").read_bytes()
@@ -61,8 +60,8 @@ def test_upload_resume_and_init_from_s3(s3, server, tmp_path, capsys):
 
     # a bucket that does not exist: the upload fails, said in one line; training is not stopped
     d = tmp_path / "d"
-    assert main([str(cur), "train.steps=2", "checkpoint.every=0", "eval.batches=0", "checkpoint.upload=s3://no-such-bucket/x",
-                 f"checkpoint.endpoint_url={server.endpoint}", "--run-dir", str(d)]) == 0
-    out = capsys.readouterr().out
+    rc, out, _ = train([cur, "train.steps=2", "checkpoint.every=0", "eval.batches=0", "checkpoint.upload=s3://no-such-bucket/x",
+                        f"checkpoint.endpoint_url={server.endpoint}", "--run-dir", d], capsys)
+    assert rc == 0
     assert "[upload] FAILED step_0000002" in out and (d / "DONE").exists()
     assert json.loads((d / "checkpoints" / "step_0000002" / "checksums.json").read_text())
