@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import pytest
 from pipelines.cli import main as cli_main
 from pipelines.fineweb import CORPUS
 from test_pipeline import paragraphs, shard_files, write_corpus
+from trainhelp import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TOK = ["--tokenizer", "cl100k", "--val-fraction", "0.2"]
@@ -164,18 +164,12 @@ def test_slurm_tokenize_chain_on_a_one_node_cluster_equals_local(slurm, corpus, 
 # -------------------------------------------------------------------------------------------- ray
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """`ray start --head --block` on 127.0.0.1, in its own process group (killed if it does not stop)."""
     pytest.importorskip("ray", reason="ray is not installed (an optional extra: pip install -e '.[ray]')")
     ray_bin = Path(sys.executable).with_name("ray")
-    port = _free_port()
+    port = free_port()
     temp = Path("/tmp") / f"ray-t{port}"  # ray's socket paths must stay short
     head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                              f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
