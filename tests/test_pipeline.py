@@ -381,3 +381,25 @@ def test_parquet_input_and_position_ids(tmp_path, texts, bpe):
     assert val == sorted(t for t in rows if assign_split(t, 1337, 0.3) == "val")  # text-keyed: no ids
     s = _stats(tmp_path / "out")
     assert s["key_text"] == 300 and s.get("key_id", 0) == 0
+
+
+def test_batched_reader_stats_equal_per_document_updates():
+    # The counted readers merge doc_len and timing statistics in bulk; the result must be what
+    # datatrove's per-document MetricStats.update gives.
+    import random
+
+    from datatrove.utils.stats import MetricStats
+
+    from pipelines.readers import metric_stats
+
+    rng = random.Random(0)
+    values = [rng.randint(1, 5000) for _ in range(1000)]
+    one_by_one = MetricStats()
+    for v in values:
+        one_by_one.update(v)
+    bulk = MetricStats()
+    for i in range(0, len(values), 300):  # several flushes, as a long task does
+        bulk = bulk + metric_stats(values[i:i + 300], "doc")
+    assert bulk.total == one_by_one.total == sum(values) and bulk.n == one_by_one.n
+    assert (bulk.min, bulk.max) == (one_by_one.min, one_by_one.max)
+    assert bulk.mean == pytest.approx(one_by_one.mean) and bulk.variance == pytest.approx(one_by_one.variance)

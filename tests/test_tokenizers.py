@@ -317,3 +317,17 @@ def test_unregistered_name_with_path_loads_that_file(tmp_path):
     assert labelled.eos_id == hf.token_to_id("<|endoftext|>")
     with pytest.raises(ValueError, match="unknown tokenizer 'nope'"):
         get_tokenizer("nope")
+
+
+def test_bpe_ranks_file_parsed_and_a_bad_line_named(tmp_path):
+    import base64
+
+    from shards.tokenizers import load_bpe_ranks
+
+    good = tmp_path / "ok.tiktoken"
+    good.write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % i for i, t in enumerate([b"a", b"b", b"ab", b"\xff"])))
+    assert load_bpe_ranks(good) == {b"a": 0, b"b": 1, b"ab": 2, b"\xff": 3}
+    bad = tmp_path / "bad.tiktoken"
+    bad.write_bytes(base64.b64encode(b"a") + b" 0\n\n" + base64.b64encode(b"b") + b"\n")
+    with pytest.raises(ValueError, match=r"bad.tiktoken:3: malformed line"):
+        load_bpe_ranks(bad)
