@@ -166,12 +166,15 @@ def train(args, capsys=None, monkeypatch=None) -> tuple[int, str, str]:
     return rc, cap.out, cap.err
 
 
-def run(args, nproc: int = 1, nnodes: int = 1, check: bool = True, timeout: int = 240) -> subprocess.CompletedProcess:
+def run(args, nproc: int = 1, nnodes: int = 1, check: bool = True, timeout: int = 240,
+        kill_at: int | None = None) -> subprocess.CompletedProcess:
     """`python -m trainer.run ARGS`; with `nproc` > 1 the same under torchrun (gloo, --standalone) with
     nproc CPU processes; with `nnodes` > 1, nnodes torchrun launchers of nproc processes each, meeting
     at a c10d rendezvous on 127.0.0.1 as separate machines would. The nodes' outputs are joined in node
     order and the exit code is the first node's that is not 0; `timeout` covers the whole launch (every
-    launcher is killed when it runs out)."""
+    launcher is killed when it runs out). `kill_at`: one process that SIGKILLs itself as that step begins."""
+    if kill_at is not None and nproc * nnodes > 1:
+        raise ValueError("kill_at runs one plain process: torchrun cannot launch a -c program")
     launcher = [sys.executable]
     if nnodes > 1:
         launcher += ["-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc_per_node={nproc}",
@@ -179,7 +182,8 @@ def run(args, nproc: int = 1, nnodes: int = 1, check: bool = True, timeout: int 
                      "--rdzv-conf=timeout=60"]
     elif nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [*launcher, "-m", "trainer.run", *map(str, args)]
+    program = ["-m", "trainer.run"] if kill_at is None else ["-c", _KILL_AT, str(kill_at)]
+    cmd = [*launcher, *program, *map(str, args)]
     with contextlib.ExitStack() as stack:  # files, not pipes: a node never blocks on a full pipe nobody reads
         files = [(stack.enter_context(tempfile.TemporaryFile("w+")), stack.enter_context(tempfile.TemporaryFile("w+")))
                  for _ in range(nnodes)]
@@ -222,8 +226,7 @@ sys.exit(run.main(sys.argv[2:]))
 def run_killed_at(step: int, args, timeout: int = 240) -> subprocess.CompletedProcess:
     """`python -m trainer.run ARGS`, SIGKILLed (uncatchable, nothing flushed or cleaned up) as step
     `step` begins: steps 0..step-1 are done."""
-    r = subprocess.run([sys.executable, "-c", _KILL_AT, str(step), *map(str, args)], cwd=ROOT, env=env(),
-                       capture_output=True, text=True, timeout=timeout)
+    r = run(args, check=False, timeout=timeout, kill_at=step)
     assert r.returncode == -9, (r.returncode, r.stdout[-2000:] + r.stderr[-3000:])
     return r
 
