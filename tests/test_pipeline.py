@@ -403,3 +403,19 @@ def test_batched_reader_stats_equal_per_document_updates():
     assert bulk.total == one_by_one.total == sum(values) and bulk.n == one_by_one.n
     assert (bulk.min, bulk.max) == (one_by_one.min, one_by_one.max)
     assert bulk.mean == pytest.approx(one_by_one.mean) and bulk.variance == pytest.approx(one_by_one.variance)
+
+
+def test_fast_dependency_check_answers_as_datatrove_does():
+    import importlib.metadata
+
+    from datatrove.utils import _import_utils
+
+    import pipelines.readers  # noqa: F401 - installs the fast check
+
+    def datatrove_rule(name):  # datatrove's own scan over every installed distribution
+        return True if any((d.metadata.get("Name") or "").lower() == name for d in importlib.metadata.distributions()) else None
+
+    names = ["orjson", "pyarrow", "tldextract", "pyahocorasick", "fasttext-numpy2-wheel", "fasttext", "PyYAML",
+             "pyyaml", "no-such-distribution-xyz"]
+    assert [_import_utils._is_distribution_available(n) for n in names] == [datatrove_rule(n) for n in names]
+    assert _import_utils._is_distribution_available("orjson") is True
