@@ -122,6 +122,16 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def vouched_by(st: os.stat_result, record: os.stat_result | None) -> bool:
+    """Does a record (manifest.json, checksums.json: written after hashing the files it lists, its
+    sizes already compared) still describe a file of stat `st`, so that its recorded sha256 can stand
+    in for hashing it again? Its content must be older than the record by at least one timestamp tick
+    (a same-size rewrite in the record's own tick, or any later, shows as an mtime not below it), and
+    nothing about it may have changed since the record was written (ctime: an edit whose mtime was set
+    back, a replaced inode). Bit rot keeps both: `shards verify DIR` hashes everything."""
+    return record is not None and st.st_mtime_ns < record.st_mtime_ns and st.st_ctime_ns <= record.st_ctime_ns
+
+
 def read_manifest(directory: str | Path) -> Manifest:
     p = Path(directory) / MANIFEST
     if not p.exists():

@@ -7,9 +7,18 @@
     storage_options(...)                  fsspec/s3fs options for datatrove s3:// folders
 
 Every transfer moves only what differs. "Differs" is decided by size and sha256 against the
-manifest, never by mtime: a local file is skipped when it hashes to the manifest's sha256; a remote
-object is skipped when the checksum S3 itself computed on receipt (`ChecksumSHA256`, uploaded with
-`ChecksumAlgorithm="SHA256"`) matches the local bytes. So rerunning an interrupted transfer is the
+manifest: a local file is skipped when it hashes to the manifest's sha256; a remote object is skipped
+when the checksum S3 itself computed on receipt (`ChecksumSHA256`, uploaded with
+`ChecksumAlgorithm="SHA256"`) matches the local bytes.
+
+Each file is hashed once, not once per transfer: the manifest (or checkpoint's checksums.json)
+beside a local file is a record written after hashing it, so a file of the listed size that the
+record vouches for (`shards.manifest.vouched_by`: content older than the record by a timestamp
+tick, unchanged since) takes the recorded sha256 instead of being read again. Upload uses that for
+its pre-send check; download for the local copy it would keep (every rank and split of a training
+run asks for the same cache), and a download that had to hash or fetch renews the local record's
+timestamps, since every file it lists has just been verified. Anything rewritten after its record
+is hashed as before. So rerunning an interrupted transfer is the
 resume: finished files are verified and skipped, stale multipart uploads under the prefix are
 aborted (we never resume half a multipart: a part boundary/size mix-up is worse than re-sending one
 file), downloads land in `NAME.part` and are renamed only after their sha256 matches.
@@ -20,12 +29,14 @@ matched the manifest, so equal means the stored bytes are the manifest's bytes. 
 object AWS rejects a body whose sha256 differs from the `x-amz-checksum-sha256` header we sent
 (moto only stores the header). When a server returns no checksum at all, the object's
 `x-amz-meta-sha256` (which we write) and its size are compared instead — weaker: it shows the object
-is ours, not that its bytes survived; `download` always re-hashes, so a reader is never fooled.
+is ours, not that its bytes survived; `download` hashes every fetched file, so a reader is never
+fooled.
 
 The S3 client underneath (credential chain, secret-free error messages, retries) is `shards.s3`.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -37,7 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from .manifest import MANIFEST, Manifest, sha256_file
+from .manifest import MANIFEST, Manifest, sha256_file, vouched_by
 # The client layer lives in shards.s3; its public names stay importable from here.
 from .s3 import StorageError, _Remote, default_region, is_s3_uri, parse_s3_uri, storage_options  # noqa: F401
 
@@ -104,8 +115,21 @@ def _transfer_config(workers: int, threshold: int, chunksize: int):
                           max_concurrency=max(1, min(4, workers)), use_threads=True)
 
 
-def _local_matches(path: Path, size: int, sha: str) -> bool:
-    return path.is_file() and path.stat().st_size == size and sha256_file(path) == sha
+def _local_state(path: Path, size: int, sha: str, record: os.stat_result | None) -> str:
+    """A local copy against its listing: "vouched" (its record stands in for hashing it), "hashed"
+    (it hashes to sha) or "differs"."""
+    if not path.is_file():
+        return "differs"
+    st = path.stat()
+    if st.st_size != size:
+        return "differs"
+    if vouched_by(st, record):
+        return "vouched"
+    return "hashed" if sha256_file(path) == sha else "differs"
+
+
+def _record_stat(path: Path) -> os.stat_result | None:
+    return path.stat() if path.is_file() else None
 
 
 
@@ -169,14 +193,18 @@ def _upload(local_dir: Path, uri: str, expected: dict[str, tuple[int, str]], las
     """Check the local files against `expected` ({rel: (bytes, sha256 or "")}), send what the
     destination lacks, then `last_bytes` as `last` (none when None)."""
     mpath = local_dir / last
+    record = _record_stat(mpath) if last_bytes is not None else None
 
     # 1. the local copy must be what its manifest says, or we would publish corrupt data
     def local_check(rel: str) -> tuple[str, str]:
         path, (size, sha) = local_dir / rel, expected[rel]
         if not path.is_file():
             raise StorageError(f"{path}: listed in {mpath} but missing")
-        if path.stat().st_size != size:
-            raise StorageError(f"{path}: {path.stat().st_size} bytes, manifest says {size}")
+        st = path.stat()
+        if st.st_size != size:
+            raise StorageError(f"{path}: {st.st_size} bytes, manifest says {size}")
+        if sha and vouched_by(st, record):  # hashed when the manifest was written, unchanged since
+            return rel, sha
         got = sha256_file(path)
         if sha and got != sha:
             raise StorageError(f"{path}: sha256 {got[:12]}… does not match the manifest ({sha[:12]}…); "
@@ -303,11 +331,13 @@ def download_files(uri: str, local_dir: str | Path, last: str, files_of, endpoin
     mpath = local_dir / last
     if mpath.exists() and mpath.read_bytes() != manifest_bytes:
         mpath.unlink()  # the local copy is about to change: it must not look complete meanwhile
+    record = _record_stat(mpath)
     summary = TransferSummary("download", remote.uri, str(local_dir), files=len(expected))
 
     for rel in expected:  # leftovers of an interrupted run are never trusted
         (local_dir / (rel + ".part")).unlink(missing_ok=True)
-    present = _pool_map(lambda rel: _local_matches(local_dir / rel, *expected[rel]), list(expected), workers)
+    states = _pool_map(lambda rel: _local_state(local_dir / rel, *expected[rel], record), list(expected), workers)
+    present = [state != "differs" for state in states]
     todo = sorted((rel for rel, ok in zip(expected, present) if not ok), key=lambda r: -expected[r][0])
     summary.skipped = [rel for rel, ok in zip(expected, present) if ok]
     config = _transfer_config(workers, multipart_threshold, multipart_chunksize)
@@ -349,6 +379,10 @@ def download_files(uri: str, local_dir: str | Path, last: str, files_of, endpoin
         os.replace(tmp, mpath)
         summary.transferred.append(last)
         summary.bytes_transferred += len(manifest_bytes)
+    elif todo or "hashed" in states:
+        # every listed file was verified just now: the record vouches for them from here on
+        with contextlib.suppress(OSError):  # a read-only copy stays as it is (and is hashed next time)
+            os.utime(mpath)
     summary.seconds = time.time() - t0
     log.info(summary.line())
     return summary
@@ -413,8 +447,8 @@ def fetch_to_cache(uri: str, cache_dir: str | Path, endpoint_url: str | None = N
                    profile: str | None = None, region: str | None = None, **kwargs) -> Path:
     """Local, verified copy of the dataset at URI under CACHE_DIR/<bucket>/<prefix>; returns its path.
 
-    A cache hit (cached manifest identical to the remote one, every file hashing to it) transfers
-    nothing. We copy rather than read byte ranges because the trainer memory-maps shards and samples
+    A cache hit (cached manifest identical to the remote one, every file vouched for by it or
+    hashing to it) transfers nothing, and hashes nothing once the cached manifest vouches for all. We copy rather than read byte ranges because the trainer memory-maps shards and samples
     windows at random: range reads would cost one round trip per window, and a verified local copy
     is what makes resume exact and the sha256 check meaningful."""
     return fetch_to_cache_with_summary(uri, cache_dir, endpoint_url, profile, region, **kwargs)[0]

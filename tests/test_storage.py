@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -350,7 +351,7 @@ def test_fetch_to_cache_hit_and_miss(s3, server, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", server.endpoint)
     assert storage.fetch_to_cache(uri, cache, progress=False) == path
 
-    # a corrupted cached file is noticed (hashed, not trusted by mtime) and only it is fetched again
+    # a corrupted cached file is noticed (rewritten after the cached manifest: hashed) and only it is fetched again
     f = path / "train/00000.ds"
     data = bytearray(f.read_bytes())
     data[0] ^= 1
@@ -358,6 +359,77 @@ def test_fetch_to_cache_hit_and_miss(s3, server, tmp_path, monkeypatch):
     _, repair = storage.fetch_to_cache_with_summary(uri, cache, endpoint_url=server.endpoint, **FAST)
     assert repair.transferred == ["train/00000.ds"] and tree(path) == tree(src)
     assert open_split(path, "val").documents == 5
+
+
+def _count_hashes(monkeypatch) -> list[str]:
+    """Every file shards.storage hashes with sha256_file, as a path relative to its directory's root."""
+    seen, lock, real = [], threading.Lock(), storage.sha256_file
+
+    def counting(path, *a, **k):
+        with lock:
+            seen.append(Path(path).as_posix())
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(storage, "sha256_file", counting)
+    return seen
+
+
+def _settle(record: Path, files) -> None:
+    """Rewrite `record`'s timestamps a clock tick after every file's (a manifest job runs after the
+    tokenize job): the state a real pipeline leaves."""
+    deadline = time.time() + 5
+    while True:
+        os.utime(record)
+        if all(f.stat().st_mtime_ns < record.stat().st_mtime_ns for f in files) or time.time() > deadline:
+            return
+        time.sleep(0.01)
+
+
+def _rewrite_keeping_mtime(f: Path) -> None:
+    """Same size, one byte flipped, mtime set back: only the ctime shows the change."""
+    st = f.stat()
+    data = bytearray(f.read_bytes())
+    data[0] ^= 1
+    f.write_bytes(bytes(data))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_each_file_is_hashed_once_while_its_record_vouches(s3, server, tmp_path, monkeypatch):
+    """A settled shard dir uploads without hashing a file again (its manifest vouches, and S3's own
+    sha256 of the stored bytes is checked against the manifest); a download hashes each file once,
+    and later fetches of the cache (every rank, every split) hash nothing. A same-size rewrite with
+    its mtime set back is still hashed and caught, on either side."""
+    client, bucket = s3
+    src = make_dataset(tmp_path / "src")
+    files = [src / rel for rel in read_manifest(src).files]
+    _settle(src / "manifest.json", files)
+    hashed = _count_hashes(monkeypatch)
+    uri = f"s3://{bucket}/once"
+    up = storage.upload(src, uri, endpoint_url=server.endpoint, **FAST)
+    assert len(up.transferred) == len(files) + 1 and hashed == []
+
+    cache = tmp_path / "cache"
+    path, first = storage.fetch_to_cache_with_summary(uri, cache, endpoint_url=server.endpoint, **FAST)
+    assert sorted(hashed) == sorted(f"{(path / rel).as_posix()}.part" for rel in read_manifest(src).files)
+    record = (path / "manifest.json").stat().st_mtime_ns
+    same_tick = sorted(p.as_posix() for p in path.rglob("*.*") if p.name != "manifest.json"
+                       and p.stat().st_mtime_ns >= record)
+    time.sleep(0.02)
+    hashed.clear()
+    storage.fetch_to_cache(uri, cache, endpoint_url=server.endpoint, **FAST)  # the val split, or rank 1
+    assert sorted(hashed) == same_tick  # files written in the manifest's own tick: hashed, then vouched for
+    hashed.clear()
+    for _ in range(3):
+        assert storage.fetch_to_cache_with_summary(uri, cache, endpoint_url=server.endpoint, **FAST)[1].transferred == []
+    assert hashed == []
+
+    _rewrite_keeping_mtime(path / "train/00001.ds")
+    _, repair = storage.fetch_to_cache_with_summary(uri, cache, endpoint_url=server.endpoint, **FAST)
+    assert repair.transferred == ["train/00001.ds"] and tree(path) == tree(src)
+
+    _rewrite_keeping_mtime(src / "val/00000.ds")
+    with pytest.raises(StorageError, match=r"val/00000\.ds: sha256 .* does not match the manifest"):
+        storage.upload(src, f"s3://{bucket}/other", endpoint_url=server.endpoint, **FAST)
 
 
 def test_incomplete_local_dir_and_missing_remote_manifest(s3, server, tmp_path):
