@@ -133,6 +133,24 @@ def test_sharded_export_loads(tmp_path, chat_bpe_json):
         torch.testing.assert_close(theirs(ids).logits, ours(ids), rtol=0, atol=1e-5)
         back, _, _ = load_model(out)  # our own reader takes the sharded folder too
         torch.testing.assert_close(back(ids), ours(ids), rtol=0, atol=0)
+    # an export that fails part-way leaves the folder's previous weights whole
+    import trainer.hf as hf
+
+    def half_written(sd, folder, *a):
+        (folder / "model-00001-of-00002.safetensors").write_bytes(b"partial")
+        raise OSError("disk full")
+
+    before = _files(out)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hf, "save_weights", half_written)
+        with pytest.raises(OSError, match="disk full"):
+            export(run, out)
+    assert _files(out) == before and [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    # re-exported unsharded: no stray shards or index from the sharded export
+    export(run, out)
+    assert sorted(p.name for p in out.glob("model*.safetensors*")) == ["model.safetensors"]
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(out)[0](ids), ours(ids), rtol=0, atol=0)
 
 
 def _files(d: Path) -> dict[str, bytes]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -191,12 +192,24 @@ def write_model_folder(model, out: Path, tok_info: dict, dtype: torch.dtype | No
                        max_shard_size: str = "2GB") -> dict:
     """config.json + weights (+ modeling code for shardloom exports) into `out`. Returns config.json."""
     out.mkdir(parents=True, exist_ok=True)
-    for old in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
-        old.unlink()  # a previous export with another shard count must not leave strays
     config = hf_config(model, tok_info)
     if dtype is not None:
         config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
-    save_weights(hf_state_dict(model), out, dtype, max_shard_size)
+    # Written beside the folder's current weights and swapped in once complete: a failed or killed
+    # export leaves the previous one whole, and one with another shard count leaves no strays.
+    staging = out / ".export-weights.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        save_weights(hf_state_dict(model), staging, dtype, max_shard_size)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for old in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
+        old.unlink()
+    for new in sorted(staging.iterdir()):
+        new.replace(out / new.name)
+    staging.rmdir()
     if config["model_type"] == "shardloom":
         copy_modeling_code(out)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
