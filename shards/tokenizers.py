@@ -374,6 +374,18 @@ def _llama2(path=None) -> Tokenizer:
 # --------------------------------------------------------------------------------- HF tokenizers
 
 
+def post_processor_bos(path: str | Path) -> str | None:
+    """The token a tokenizer.json's post-processor puts before every text, if it puts one (Llama 3's
+    `<|begin_of_text|>` comes this way, with no `add_bos_token` in its tokenizer_config.json)."""
+    from tokenizers import Tokenizer as HFTok
+
+    tok = HFTok.from_file(str(path))
+    plain, full = tok.encode("a", add_special_tokens=False).ids, tok.encode("a", add_special_tokens=True).ids
+    if len(full) > len(plain) and full[1:1 + len(plain)] == plain:
+        return tok.id_to_token(full[0])
+    return None
+
+
 class HFTokenizer(Tokenizer):
     """Any `tokenizer.json` (HF `tokenizers`). EOS is looked up by its usual names among the added
     tokens unless `eos=` is given (any vocab string, or an id); BOS likewise, recorded if found but

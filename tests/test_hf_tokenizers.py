@@ -48,3 +48,32 @@ def test_transformers_own_llama_conversion_differs_where_ours_does_not(tmp_path)
     assert theirs(text, add_special_tokens=False)["input_ids"] != tok.encode(text)
     save_hf_tokenizer(tok, tmp_path / "ours")
     assert AutoTokenizer.from_pretrained(tmp_path / "ours")(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+
+
+def test_bos_added_by_the_post_processor_survives_an_import(tmp_path):
+    # Llama 3 style: tokenizer_config.json has no add_bos_token; the tokenizer.json post-processor
+    # prepends <|begin_of_text|>. Importing the folder must keep that convention.
+    import json
+
+    from tokenizers import Tokenizer, processors
+
+    from trainer.generate import load_tokenizer
+    from trainer.hf import tokenizer_section
+    from trainhelp import make_bpe_json
+
+    specials = ("<|begin_of_text|>", "<|end_of_text|>")
+    folder = tmp_path / "llama3ish"
+    path = make_bpe_json(folder / "tokenizer.json", real_texts()[:200], 400, specials=specials)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|end_of_text|>"}))
+    plain = tokenizer_section(folder)
+    assert plain["add_bos"] is False  # no post-processor yet: nothing prepended
+    hf = Tokenizer.from_file(str(path))
+    hf.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)])
+    hf.save(str(path))
+    section = tokenizer_section(folder)
+    assert section["bos"] == "<|begin_of_text|>" and section["add_bos"] is True
+    tok = load_tokenizer({"tokenizer": section})
+    assert tok.encode_document("hello world") == [0, *hf.encode("hello world", add_special_tokens=False).ids, 1]
+    # an explicit add_bos_token: false wins over the post-processor
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|end_of_text|>", "add_bos_token": False}))
+    assert tokenizer_section(folder)["add_bos"] is False

@@ -359,9 +359,14 @@ def tokenizer_section(folder: Path) -> dict:
 
     def token(v):
         return v.get("content") if isinstance(v, dict) else v
+    bos, add_bos = token(tc.get("bos_token")), tc.get("add_bos_token")
+    if add_bos is None:  # no stated convention: the post-processor's (transformers applies it too)
+        from shards.tokenizers import post_processor_bos
+
+        if prepended := post_processor_bos(folder / "tokenizer.json"):
+            bos, add_bos = prepended, True
     return {"name": str((folder / "tokenizer.json").resolve()), "eos": token(tc.get("eos_token")),
-            "bos": token(tc.get("bos_token")), "add_bos": bool(tc.get("add_bos_token", False)),
-            "chat_template": tc.get("chat_template")}
+            "bos": bos, "add_bos": bool(add_bos), "chat_template": tc.get("chat_template")}
 
 
 # ------------------------------------------------------------------------------------ sampling settings
