@@ -71,6 +71,12 @@ def test_wandb_offline_run_history_holds_the_losses(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     assert trainhelp.train([cur, *SETTINGS, "logging.wandb.project=shardloom-test", "logging.wandb.name=tiny",
                             "--run-dir", run_dir])[0] == 0
+    import wandb
+
+    # finish() can return before wandb's service process has written the last records to the offline
+    # file (a read right after it once found no history); teardown waits for the service, as the
+    # trainer's own process exit does
+    wandb.teardown()
     files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1, files
     history = {h["_step"]: h for h in wandb_history(files[0])}
