@@ -192,11 +192,33 @@ def _upload(local_dir: Path, uri: str, expected: dict[str, tuple[int, str]], las
             multipart_chunksize: int, max_attempts: int, file_attempts: int, progress: bool) -> TransferSummary:
     """Check the local files against `expected` ({rel: (bytes, sha256 or "")}), send what the
     destination lacks, then `last_bytes` as `last` (none when None)."""
-    mpath = local_dir / last
-    record = _record_stat(mpath) if last_bytes is not None else None
+    record = _record_stat(local_dir / last) if last_bytes is not None else None
+    shas = _check_local(local_dir, expected, last, record, workers)
+    remote = _Remote(uri, endpoint_url, profile, region, workers, max_attempts, file_attempts)
+    remote.check_bucket()
+    summary = TransferSummary("upload", remote.uri, str(local_dir), files=len(expected))
+    summary.aborted_multipart = remote.abort_multipart()
+    todo, summary.skipped, last_stored = _stored_already(remote, local_dir, expected, shas, last, last_bytes,
+                                                         multipart_chunksize, workers)
+    config = _transfer_config(workers, multipart_threshold, multipart_chunksize)
+    _transfer_all(todo, expected, summary, f"upload {remote.uri}", progress, workers,
+                  lambda rel, bar: _send(remote, local_dir / rel, rel, expected[rel][0], shas[rel], config,
+                                         multipart_chunksize, bar))
+    summary.aborted_multipart += remote.abort_multipart()  # nothing half-made stays behind
+    if last_bytes is not None and not last_stored:
+        _put_last(remote, last, last_bytes, summary)
+    summary.seconds = time.time() - t0
+    log.info(summary.line())
+    return summary
 
-    # 1. the local copy must be what its manifest says, or we would publish corrupt data
-    def local_check(rel: str) -> tuple[str, str]:
+
+def _check_local(local_dir: Path, expected: dict[str, tuple[int, str]], last: str, record: os.stat_result | None,
+                 workers: int) -> dict[str, str]:
+    """The local copy must be what its manifest says, or we would publish corrupt data: {rel: sha256},
+    the recorded one where the record vouches for the file, else what it hashes to."""
+    mpath = local_dir / last
+
+    def check(rel: str) -> tuple[str, str]:
         path, (size, sha) = local_dir / rel, expected[rel]
         if not path.is_file():
             raise StorageError(f"{path}: listed in {mpath} but missing")
@@ -211,68 +233,74 @@ def _upload(local_dir: Path, uri: str, expected: dict[str, tuple[int, str]], las
                                f"run `python -m shards verify {local_dir}`")
         return rel, got
 
-    shas = dict(_pool_map(local_check, list(expected), workers))
+    return dict(_pool_map(check, list(expected), workers))
 
-    # 2. what the destination already holds
-    remote = _Remote(uri, endpoint_url, profile, region, workers, max_attempts, file_attempts)
-    remote.check_bucket()
-    summary = TransferSummary("upload", remote.uri, str(local_dir), files=len(expected))
-    summary.aborted_multipart = remote.abort_multipart()
+
+def _stored_already(remote: _Remote, local_dir: Path, expected: dict[str, tuple[int, str]], shas: dict[str, str],
+                    last: str, last_bytes: bytes | None, chunksize: int,
+                    workers: int) -> tuple[list[str], list[str], bool]:
+    """(files to send, files the destination already holds verified, whether its `last` stays). A
+    remote `last` that is about to be stale is taken down first."""
     listing = remote.list_objects()
-    mkey = remote.key(last)
 
-    def already_there(rel: str) -> bool:
+    def there(rel: str) -> bool:
         size = expected[rel][0]
         return listing.get(remote.key(rel)) == size and remote.object_matches(
-            rel, local_dir / rel, size, shas[rel], multipart_chunksize)
+            rel, local_dir / rel, size, shas[rel], chunksize)
 
-    present = _pool_map(already_there, list(expected), workers)
+    present = _pool_map(there, list(expected), workers)
     todo = [rel for rel, ok in zip(expected, present) if not ok]
-    summary.skipped = [rel for rel, ok in zip(expected, present) if ok]
+    skipped = [rel for rel, ok in zip(expected, present) if ok]
+    mkey = remote.key(last)
     if mkey in listing and (todo or last_bytes is None or remote.get_bytes(last) != last_bytes):
         # files are about to change (or an older dataset lives here): take the manifest down first so
         # that nobody meanwhile sees a "complete" dataset whose manifest does not match its files
         remote.call(f"removing stale {remote.url(last)}", remote.client.delete_object,
                     Bucket=remote.bucket, Key=mkey)
-        listing.pop(mkey)
+        return todo, skipped, False
+    return todo, skipped, mkey in listing
 
-    # 3. send what differs, biggest first so the pool stays busy
-    todo.sort(key=lambda r: -expected[r][0])
-    config = _transfer_config(workers, multipart_threshold, multipart_chunksize)
-    bar = _progress(sum(expected[r][0] for r in todo), f"upload {remote.uri}", progress)
+
+def _transfer_all(todo: list[str], expected: dict, summary: TransferSummary, desc: str, progress: bool,
+                  workers: int, one) -> None:
+    """`one(rel, bar)` for every file in todo, biggest first so the pool stays busy, behind one
+    progress bar; each file that completes is counted in summary."""
+    bar = _progress(sum(expected[r][0] for r in todo), desc, progress)
     lock = threading.Lock()
 
-    def send(rel: str) -> None:
-        key, path = remote.key(rel), local_dir / rel
-        extra = {"ChecksumAlgorithm": "SHA256", "Metadata": {"sha256": shas[rel]}}
-        remote.retry(f"uploading {path} to {remote.url(rel)}",
-                     lambda: remote.client.upload_file(str(path), remote.bucket, key, ExtraArgs=extra,
-                                                       Config=config, Callback=bar.update),
-                     before_retry=lambda: remote.abort_multipart(key))
-        if not remote.object_matches(rel, path, expected[rel][0], shas[rel], multipart_chunksize):
-            raise StorageError(f"{remote.url(rel)}: stored object does not match {path} after upload "
-                               f"(checksum mismatch); rerun to retry")
+    def run(rel: str) -> None:
+        one(rel, bar)
         with lock:
             summary.transferred.append(rel)
             summary.bytes_transferred += expected[rel][0]
 
     try:
-        _pool_map(send, todo, workers)
+        _pool_map(run, sorted(todo, key=lambda r: -expected[r][0]), workers)
     finally:
         bar.close()
-    summary.aborted_multipart += remote.abort_multipart()  # nothing half-made stays behind
 
-    # 4. the manifest, last: its presence says "complete"
-    if last_bytes is not None and mkey not in listing:
-        sha = hashlib.sha256(last_bytes).hexdigest()
-        remote.retry(f"uploading {remote.url(last)}",
-                     lambda: remote.client.put_object(Bucket=remote.bucket, Key=mkey, Body=last_bytes,
-                                                      ChecksumAlgorithm="SHA256", Metadata={"sha256": sha}))
-        summary.transferred.append(last)
-        summary.bytes_transferred += len(last_bytes)
-    summary.seconds = time.time() - t0
-    log.info(summary.line())
-    return summary
+
+def _send(remote: _Remote, path: Path, rel: str, size: int, sha: str, config, chunksize: int, bar) -> None:
+    """One file up, then the stored object checked against sha (S3's own checksum of what it got)."""
+    key = remote.key(rel)
+    extra = {"ChecksumAlgorithm": "SHA256", "Metadata": {"sha256": sha}}
+    remote.retry(f"uploading {path} to {remote.url(rel)}",
+                 lambda: remote.client.upload_file(str(path), remote.bucket, key, ExtraArgs=extra,
+                                                   Config=config, Callback=bar.update),
+                 before_retry=lambda: remote.abort_multipart(key))
+    if not remote.object_matches(rel, path, size, sha, chunksize):
+        raise StorageError(f"{remote.url(rel)}: stored object does not match {path} after upload "
+                           f"(checksum mismatch); rerun to retry")
+
+
+def _put_last(remote: _Remote, last: str, last_bytes: bytes, summary: TransferSummary) -> None:
+    """The manifest, last: its presence says "complete"."""
+    sha = hashlib.sha256(last_bytes).hexdigest()
+    remote.retry(f"uploading {remote.url(last)}",
+                 lambda: remote.client.put_object(Bucket=remote.bucket, Key=remote.key(last), Body=last_bytes,
+                                                  ChecksumAlgorithm="SHA256", Metadata={"sha256": sha}))
+    summary.transferred.append(last)
+    summary.bytes_transferred += len(last_bytes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,13 +339,35 @@ def download_files(uri: str, local_dir: str | Path, last: str, files_of, endpoin
     local_dir = Path(local_dir)
     remote = _Remote(uri, endpoint_url, profile, region, workers, max_attempts, file_attempts)
     remote.check_bucket()
+    last_bytes, expected = _remote_listing(remote, last, files_of)
+
+    local_dir.mkdir(parents=True, exist_ok=True)
+    mpath = local_dir / last
+    if mpath.exists() and mpath.read_bytes() != last_bytes:
+        mpath.unlink()  # the local copy is about to change: it must not look complete meanwhile
+    summary = TransferSummary("download", remote.uri, str(local_dir), files=len(expected))
+    todo, summary.skipped, hashed = _local_copies(local_dir, expected, _record_stat(mpath), workers)
+    config = _transfer_config(workers, multipart_threshold, multipart_chunksize)
+    try:
+        _transfer_all(todo, expected, summary, f"download {remote.uri}", progress, workers,
+                      lambda rel, bar: _fetch(remote, local_dir / rel, rel, expected[rel][1], config, bar))
+    finally:
+        for rel in todo:  # a failed or interrupted file leaves no .part behind
+            (local_dir / (rel + ".part")).unlink(missing_ok=True)
+    _write_last(local_dir, last, last_bytes, summary, renew=bool(todo) or hashed)
+    summary.seconds = time.time() - t0
+    log.info(summary.line())
+    return summary
+
+
+def _remote_listing(remote: _Remote, last: str, files_of) -> tuple[bytes, dict[str, tuple[int, str]]]:
+    """The remote `last` and the files it lists, each in the bucket at its listed size: {rel: (bytes, sha256)}."""
     listing = remote.list_objects()
-    mkey = remote.key(last)
-    if mkey not in listing:
+    if remote.key(last) not in listing:
         what = "not a ShardLoom dataset, or its upload" if last == MANIFEST else "no upload here, or it"
         raise StorageError(f"{remote.url(last)} not found: {what} has not finished ({last} is uploaded last)")
-    manifest_bytes = remote.get_bytes(last)
-    expected = {_safe_rel(rel, remote.url(last)): v for rel, v in files_of(manifest_bytes, remote.url(last)).items()}
+    last_bytes = remote.get_bytes(last)
+    expected = {_safe_rel(rel, remote.url(last)): v for rel, v in files_of(last_bytes, remote.url(last)).items()}
     for rel, (size, sha) in expected.items():
         have = listing.get(remote.key(rel))
         if have is None:
@@ -326,66 +376,53 @@ def download_files(uri: str, local_dir: str | Path, last: str, files_of, endpoin
             raise StorageError(f"{remote.url(rel)}: object is {have} bytes, the manifest says {size} "
                                f"(tampered or partially replaced dataset)")
         expected[rel] = (have, sha)
+    return last_bytes, expected
 
-    local_dir.mkdir(parents=True, exist_ok=True)
-    mpath = local_dir / last
-    if mpath.exists() and mpath.read_bytes() != manifest_bytes:
-        mpath.unlink()  # the local copy is about to change: it must not look complete meanwhile
-    record = _record_stat(mpath)
-    summary = TransferSummary("download", remote.uri, str(local_dir), files=len(expected))
 
+def _local_copies(local_dir: Path, expected: dict[str, tuple[int, str]], record: os.stat_result | None,
+                  workers: int) -> tuple[list[str], list[str], bool]:
+    """(files to fetch, files already here and verified, whether any had to be hashed for that)."""
     for rel in expected:  # leftovers of an interrupted run are never trusted
         (local_dir / (rel + ".part")).unlink(missing_ok=True)
     states = _pool_map(lambda rel: _local_state(local_dir / rel, *expected[rel], record), list(expected), workers)
-    present = [state != "differs" for state in states]
-    todo = sorted((rel for rel, ok in zip(expected, present) if not ok), key=lambda r: -expected[r][0])
-    summary.skipped = [rel for rel, ok in zip(expected, present) if ok]
-    config = _transfer_config(workers, multipart_threshold, multipart_chunksize)
-    bar = _progress(sum(expected[r][0] for r in todo), f"download {remote.uri}", progress)
-    lock = threading.Lock()
+    todo = [rel for rel, state in zip(expected, states) if state == "differs"]
+    skipped = [rel for rel, state in zip(expected, states) if state != "differs"]
+    return todo, skipped, "hashed" in states
 
-    def fetch(rel: str) -> None:
-        size, sha = expected[rel]
-        final = local_dir / rel
-        part = final.with_name(final.name + ".part")
-        final.parent.mkdir(parents=True, exist_ok=True)
 
-        def once():
-            # download_fileobj writes ranges in place into a file we own: no temp names of its own
-            with open(part, "wb") as f:
-                remote.client.download_fileobj(remote.bucket, remote.key(rel), f, Config=config,
-                                               Callback=bar.update)
+def _fetch(remote: _Remote, final: Path, rel: str, sha: str, config, bar) -> None:
+    """One file down to NAME.part, renamed into place only once it hashes to sha."""
+    part = final.with_name(final.name + ".part")
+    final.parent.mkdir(parents=True, exist_ok=True)
 
-        remote.retry(f"downloading {remote.url(rel)}", once)
-        got = sha256_file(part)
-        if got != sha:
-            part.unlink(missing_ok=True)
-            raise StorageError(f"{rel}: sha256 mismatch after download from {remote.url(rel)}: got {got[:16]}…, "
-                               f"manifest says {sha[:16]}… — the stored object does not match its manifest")
-        os.replace(part, final)
-        with lock:
-            summary.transferred.append(rel)
-            summary.bytes_transferred += size
+    def once():
+        # download_fileobj writes ranges in place into a file we own: no temp names of its own
+        with open(part, "wb") as f:
+            remote.client.download_fileobj(remote.bucket, remote.key(rel), f, Config=config, Callback=bar.update)
 
-    try:
-        _pool_map(fetch, todo, workers)
-    finally:
-        bar.close()
-        for rel in todo:  # a failed or interrupted file leaves no .part behind
-            (local_dir / (rel + ".part")).unlink(missing_ok=True)
+    remote.retry(f"downloading {remote.url(rel)}", once)
+    got = sha256_file(part)
+    if got != sha:
+        part.unlink(missing_ok=True)
+        raise StorageError(f"{rel}: sha256 mismatch after download from {remote.url(rel)}: got {got[:16]}…, "
+                           f"manifest says {sha[:16]}… — the stored object does not match its manifest")
+    os.replace(part, final)
+
+
+def _write_last(local_dir: Path, last: str, last_bytes: bytes, summary: TransferSummary, renew: bool) -> None:
+    """The listing file, last (atomically). One already in place is kept; when this run hashed or
+    fetched files its timestamps are renewed: every file it lists was verified just now, so it
+    vouches for them from here on."""
+    mpath = local_dir / last
     if not mpath.exists():
-        tmp = mpath.with_name(last + ".tmp")
-        tmp.write_bytes(manifest_bytes)
+        tmp = mpath.with_name(mpath.name + ".tmp")
+        tmp.write_bytes(last_bytes)
         os.replace(tmp, mpath)
         summary.transferred.append(last)
-        summary.bytes_transferred += len(manifest_bytes)
-    elif todo or "hashed" in states:
-        # every listed file was verified just now: the record vouches for them from here on
+        summary.bytes_transferred += len(last_bytes)
+    elif renew:
         with contextlib.suppress(OSError):  # a read-only copy stays as it is (and is hashed next time)
             os.utime(mpath)
-    summary.seconds = time.time() - t0
-    log.info(summary.line())
-    return summary
 
 
 def sync(src: str | Path, dst: str | Path, endpoint_url: str | None = None, profile: str | None = None,
