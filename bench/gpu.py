@@ -86,15 +86,11 @@ def synthetic_source(folder: Path, vocab: int, tokens: int) -> Path:
     """A shard dir of uniform random ids below `vocab` (throughput does not depend on the text)."""
     import numpy as np
 
-    from shards.format import ShardWriter, dtype_for_vocab
-    from shards.manifest import TokenizerInfo, build_manifest, write_manifest
+    from shards.manifest import TokenizerInfo, write_source
 
     info = TokenizerInfo("synthetic", vocab, "synthetic", eos_id=0)
-    rng = np.random.default_rng(0)
-    with ShardWriter(folder / "train" / "00000", dtype_for_vocab(vocab), info.name) as w:
-        w.write_many(np.array_split(rng.integers(1, vocab, tokens), max(1, tokens // 4096)))
-    write_manifest(folder, build_manifest(folder, info))
-    return folder
+    ids = np.random.default_rng(0).integers(1, vocab, tokens)
+    return write_source(folder, {"train/00000": np.array_split(ids, max(1, tokens // 4096))}, info)
 
 
 def load_row_config(row: Row, smoke: bool):

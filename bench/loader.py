@@ -25,8 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shards.format import ShardWriter, dtype_for_vocab  # noqa: E402
-from shards.manifest import TokenizerInfo, build_manifest, write_manifest  # noqa: E402
+from shards.manifest import TokenizerInfo, write_source  # noqa: E402
 from trainer.data import MixtureLoader, MixturePoint, SourceSpec  # noqa: E402
 
 
@@ -41,15 +40,13 @@ def make_sources(root: Path, names, tokens_per_source: int, vocab: int, docs_per
     rng = np.random.default_rng(0)
     per = tokens_per_source // shards
     for name in names:
-        d = root / name
+        docs = {}
         for split, n in (("train", per), ("val", max(per // 100, 4096))):
             for j in range(shards if split == "train" else 1):
                 toks = rng.integers(0, vocab - 1, n, dtype=np.int64)
                 cuts = np.sort(rng.choice(np.arange(1, n), size=min(docs_per_shard, n - 1), replace=False))
-                with ShardWriter(d / split / f"{j:05d}", dtype_for_vocab(vocab), info.name) as w:
-                    for doc in np.split(toks, cuts):
-                        w.write(doc)
-        write_manifest(d, build_manifest(d, info))
+                docs[f"{split}/{j:05d}"] = np.split(toks, cuts)
+        write_source(root / name, docs, info)
     return info
 
 

@@ -37,20 +37,18 @@ ATOM = dict(arch="dense", vocab_size=4096, d_model=192, n_layers=7, n_heads=3, n
 
 
 def synth_shards(d: Path, seed: int = 0, tokens: int = 400_000) -> Path:
-    from shards.format import ShardWriter
-    from shards.manifest import TokenizerInfo, build_manifest, write_manifest
+    from shards.manifest import TokenizerInfo, write_source
 
     rng = np.random.default_rng(seed)
     info = TokenizerInfo(name="bench", vocab_size=4096, vocab_hash="bench", eos_id=0)
+    shards = {}
     for split, n in (("train", tokens), ("val", tokens // 50)):
-        with ShardWriter(d / split / "00000", np.dtype("<u2"), "bench") as w:
-            done = 0
-            while done < n:
-                doc = rng.integers(1, 4096, int(rng.integers(50, 500)))
-                w.write(doc)
-                done += len(doc)
-    write_manifest(d, build_manifest(d, info))
-    return d
+        docs, done = [], 0
+        while done < n:
+            docs.append(rng.integers(1, 4096, int(rng.integers(50, 500))))
+            done += len(docs[-1])
+        shards[f"{split}/00000"] = docs
+    return write_source(d, shards, info, dtype="<u2")
 
 
 def curriculum(path: Path, shards: str, a: argparse.Namespace) -> Path:

@@ -205,3 +205,24 @@ def build_manifest(
         seeds=dict(seeds or {}),
         extra=dict(extra or {}),
     )
+
+
+def write_source(directory: str | Path, shards: dict, info: TokenizerInfo, *, dtype=None, name: str | None = None,
+                 with_loss: bool = False, manifest: bool = True, **manifest_kw) -> Path:
+    """A shard source from documents already tokenized: each `shards` entry ("train/00000": documents)
+    becomes one shard under `directory`, a document being an id array, or an (ids, loss mask) pair
+    with `with_loss`; then the manifest for `info` (`manifest_kw` go to build_manifest; manifest=False
+    leaves it unwritten). `name` is the tokenizer name in the shards' own metadata and `dtype` their
+    id type (defaults: info's name, and what its vocabulary needs)."""
+    import numpy as np
+
+    from .format import ShardWriter, dtype_for_vocab
+
+    directory = Path(directory)
+    dtype = np.dtype(dtype) if dtype is not None else dtype_for_vocab(info.vocab_size)
+    for rel, docs in shards.items():
+        with ShardWriter(directory / rel, dtype, name or info.name, with_loss=with_loss) as w:
+            w.write_many([d[0] for d in docs], [d[1] for d in docs]) if with_loss else w.write_many(list(docs))
+    if manifest:
+        write_manifest(directory, build_manifest(directory, info, **manifest_kw))
+    return directory

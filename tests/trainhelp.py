@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from shards.format import ShardWriter, dtype_for_vocab
-from shards.manifest import TokenizerInfo, build_manifest, write_manifest
+from shards.manifest import TokenizerInfo, write_source
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 64
@@ -61,24 +60,9 @@ def make_bpe_json(path: Path, texts, vocab_size: int, specials=CHATML_SPECIALS) 
     return path
 
 
-def write_shards(d: Path, shards: dict, info: TokenizerInfo = TINY_TOKENIZER, *, dtype=None, name: str | None = None,
-                 with_loss: bool = False, manifest: bool = True, **manifest_kw) -> Path:
-    """The one synthetic-shard builder: each `shards` entry ("train/00000": documents) becomes one
-    shard under d, a document being an id array, or an (ids, loss mask) pair with with_loss; then
-    d/manifest.json describes everything under d for `info` (`manifest_kw` go to build_manifest;
-    manifest=False leaves it alone). `name` is the tokenizer name in the shards' own metadata and
-    `dtype` their id type (defaults: info's name, and the dtype its vocabulary needs)."""
-    dtype = np.dtype(dtype) if dtype is not None else dtype_for_vocab(info.vocab_size)
-    for rel, docs in shards.items():
-        with ShardWriter(d / rel, dtype, name or info.name, with_loss=with_loss) as w:
-            for doc in docs:
-                if with_loss:
-                    w.write(doc[0], loss_mask=doc[1])
-                else:
-                    w.write(doc)
-    if manifest:
-        write_manifest(d, build_manifest(d, info, **manifest_kw))
-    return d
+def write_shards(d: Path, shards: dict, info: TokenizerInfo = TINY_TOKENIZER, **kw) -> Path:
+    """The one synthetic-shard builder: shards.manifest.write_source with the tiny tokenizer by default."""
+    return write_source(d, shards, info, **kw)
 
 
 def make_source(d: Path, seed: int, docs: int = 60, val_docs: int = 8, info: TokenizerInfo = TINY_TOKENIZER) -> Path:
