@@ -306,7 +306,7 @@ def stage_split(job: Job, reader, output: str, logs: str) -> str:
 
     from .filters import folder
 
-    sp, inline = job.split, job.tokenize is not None and job.tokenize.inline_filter
+    sp, inline = job.split, job.filters.inline
     check_run_settings(logs, reader=reader, settings=dict(
         stage="split", input=job.read.path, tasks=job.execution.tasks, limit=job.read.limit,
         val_fraction=sp.val_fraction, seed=sp.seed, key=sp.key, filters=job.filters.names(inline)))
@@ -320,7 +320,7 @@ def stage_split(job: Job, reader, output: str, logs: str) -> str:
 
 def stage_tokenize(job: Job, reader, output: str, filters: list[str] | None = None) -> str:
     tk = job.tokenize
-    applied = list(filters or []) + job.filters.names(tk.inline_filter)
+    applied = list(filters or []) + job.filters.names(job.filters.inline)
 
     def step(out_dir, num_threads):
         return TokenizeShards(out_dir, tk.tokenizer, tk.path, max_doc_tokens=tk.max_doc_tokens, too_long=tk.too_long,
@@ -331,7 +331,7 @@ def stage_tokenize(job: Job, reader, output: str, filters: list[str] | None = No
                            "auto key = id, or text when the id is missing/position-based",
              "max_doc_tokens": tk.max_doc_tokens, "too_long": tk.too_long, "invalid_utf8": tk.invalid_utf8,
              "limit_per_task": job.read.limit}
-    middle = job.filters.steps(output, job.storage, tk.inline_filter)  # score thresholds, then the chain if inline
+    middle = job.filters.steps(output, job.storage, job.filters.inline)  # score thresholds, then the chain if inline
     return tokenize_job(job, reader, middle, step, output=output, filters=applied, extra=extra,
                         settings=dict(stage="tokenize", too_long=tk.too_long, invalid_utf8=tk.invalid_utf8,
                                       filters=applied))
@@ -448,8 +448,7 @@ def stage_run(job: Job, reader) -> None:
         path = stage_dedup(dedup, open_reader(dedup, dedup.read), sub(job.output, "dedup"), sub(job.logs, "dedup"))
         if slurm:
             job.chain.queued.add(path)
-    rest = replace(job, read=our_output(job.read, path), filters=replace(job.filters, scores=()),
-                   tokenize=replace(job.tokenize, inline_filter=False))
+    rest = replace(job, read=our_output(job.read, path), filters=replace(job.filters, scores=(), inline=False))
     stage_tokenize(rest, open_reader(rest, rest.read), sub(job.output, "shards"), filters=applied)
 
 

@@ -67,12 +67,14 @@ class ReadSpec:
 
 @dataclass(frozen=True)
 class FilterSpec:
-    """The corpus's filter chain and the score thresholds (column, minimum) given."""
+    """The corpus's filter chain and the score thresholds (column, minimum) given. The `filter` stage
+    applies both; split and tokenize apply the thresholds, and the chain too when `inline` (--filter)."""
 
     chain: tuple[str, ...]
     language_threshold: float = 0.65
     languages: tuple[str, ...] | None = ("en",)  # None: any language
     scores: tuple[tuple[str, float], ...] = ()
+    inline: bool = False
 
     def names(self, chain: bool = True) -> list[str]:
         """What the manifest and the settings record: thresholds, then the chain when `chain`."""
@@ -103,7 +105,6 @@ class TokenizeSpec:
     too_long: str = "skip"
     invalid_utf8: str = "skip"
     batch_size: int = 1000
-    inline_filter: bool = False  # --filter: apply the filter chain before tokenizing
 
     def load(self):
         from shards.tokenizers import get_tokenizer  # cached: the same object every call
@@ -199,7 +200,7 @@ def job_from_args(args, corpus: Corpus) -> Job:
     return Job(
         stage=args.stage, corpus=corpus, output=args.output, logs=logging_base(args.logging_dir, args.output, corpus),
         read=ReadSpec(args.input or corpus.hub_input, args.limit, args.text_key, args.id_key, args.invalid_utf8),
-        filters=FilterSpec(corpus.chain, args.language_threshold, languages, scores),
+        filters=FilterSpec(corpus.chain, args.language_threshold, languages, scores, args.filter),
         split=SplitSpec(args.val_fraction, args.split_seed, args.split_key),
         tokenize=tokenize_spec(args) if args.stage in ("tokenize", "run") else None,
         execution=execution, storage=Storage.from_args(args), staging_dir=args.staging_dir,
@@ -224,8 +225,7 @@ def exec_spec(args) -> ExecSpec:
 
 def tokenize_spec(args) -> TokenizeSpec:
     name, path = resolve_tokenizer(args.tokenizer, args.tokenizer_path)
-    return TokenizeSpec(name, path, args.max_doc_tokens, args.too_long, args.invalid_utf8, args.batch_size,
-                        args.filter)
+    return TokenizeSpec(name, path, args.max_doc_tokens, args.too_long, args.invalid_utf8, args.batch_size)
 
 
 def resolve_tokenizer(name: str, path: str | None) -> tuple[str, str | None]:

@@ -160,3 +160,24 @@ def test_minhash_dedup_stage(tmp_path, no_network):
     removed = _read_removed(out, "minhash")
     assert len(removed) == 1 and removed[0] in ("a", "a-copy")
     assert sorted(kept + removed) == sorted(r["id"] for r in rows)
+
+
+def test_split_with_filter_applies_the_chain_inline(tmp_path, no_network):
+    rows = [{"id": "en", "text": ENGLISH, "url": "https://example.org/en"},
+            {"id": "fr", "text": FRENCH, "url": "https://example.fr/fr"}]
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (inp / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def split_ids(out):
+        ids = []
+        for f in sorted(out.glob("*/*.jsonl.gz")):
+            with gzip.open(f, "rt") as fh:
+                ids += [json.loads(line)["id"] for line in fh]
+        return sorted(ids)
+
+    base = ["split", "--input", str(inp), "--workers", "1", "--val-fraction", "0"]
+    assert cli_main(CORPUS, [*base, "--output", str(tmp_path / "plain")]) == 0
+    assert split_ids(tmp_path / "plain") == ["en", "fr"]
+    assert cli_main(CORPUS, [*base, "--output", str(tmp_path / "filtered"), "--filter"]) == 0
+    assert split_ids(tmp_path / "filtered") == ["en"]
