@@ -129,3 +129,14 @@ def s3(server, monkeypatch, tmp_path):
     client.create_bucket(Bucket=bucket)
     yield client, bucket
     server.post("/moto-api/reset")
+
+
+@pytest.fixture(autouse=True)
+def _loguru_to_the_live_stderr():
+    """datatrove's in-process executor ends by pointing loguru at whatever sys.stderr is then: inside a
+    test using capsys/capfd, a capture stream closed when that test ends, so a later test's first
+    datatrove log line prints 'Logging error in Loguru Handler' into its own captured stderr. After
+    each test, point loguru back at the stderr that stays open."""
+    yield
+    if "datatrove.utils.logging" in sys.modules:
+        sys.modules["datatrove.utils.logging"].setup_default_logger()
