@@ -30,8 +30,8 @@ from pathlib import Path
 from shards.manifest import find_shards
 
 from .readers import InputError, input_files, make_reader
-from .spec import (SCORE_FLAGS, Corpus, Job, ReadSpec, Storage, is_remote, job_from_args,  # noqa: F401 - Corpus
-                   sub)
+from .spec import Corpus  # noqa: F401 - the corpus modules take it from here, beside main
+from .spec import SCORE_FLAGS, Job, ReadSpec, is_remote, job_from_args, sub
 from .steps import HashSplit, TokenizeShards, WriteManifest
 
 STAGES = ("download", "filter", "dedup", "split", "tokenize", "run")
@@ -324,16 +324,16 @@ def stage_tokenize(job: Job, reader, output: str, filters: list[str] | None = No
 
     def step(out_dir, num_threads):
         return TokenizeShards(out_dir, tk.tokenizer, tk.path, max_doc_tokens=tk.max_doc_tokens, too_long=tk.too_long,
-                              invalid_utf8=tk.invalid_utf8, batch_size=tk.batch_size, num_threads=num_threads)
+                              invalid_utf8=job.read.invalid_utf8, batch_size=tk.batch_size, num_threads=num_threads)
 
     extra = {"corpus": job.corpus.name, "tasks": job.execution.tasks, "split_key": job.split.key,
              "split_rule": "val iff blake2b(key, key=str(seed)) as little-endian uint64 / 2**64 < val_fraction; "
                            "auto key = id, or text when the id is missing/position-based",
-             "max_doc_tokens": tk.max_doc_tokens, "too_long": tk.too_long, "invalid_utf8": tk.invalid_utf8,
+             "max_doc_tokens": tk.max_doc_tokens, "too_long": tk.too_long, "invalid_utf8": job.read.invalid_utf8,
              "limit_per_task": job.read.limit}
     middle = job.filters.steps(output, job.storage, job.filters.inline)  # score thresholds, then the chain if inline
     return tokenize_job(job, reader, middle, step, output=output, filters=applied, extra=extra,
-                        settings=dict(stage="tokenize", too_long=tk.too_long, invalid_utf8=tk.invalid_utf8,
+                        settings=dict(stage="tokenize", too_long=tk.too_long, invalid_utf8=job.read.invalid_utf8,
                                       filters=applied))
 
 
@@ -417,8 +417,6 @@ def run_stage(job: Job) -> None:
     if job.stage == "download":
         stage_download(job)
         return
-    if job.stage == "dedup" and job.read.path == job.corpus.hub_input:
-        raise InputError("dedup needs --input (e.g. the kept/ folder of a filter run)")
     reader = open_reader(job, job.read)  # input errors surface here, before any executor
     logs = job.logs
     if job.stage == "filter":

@@ -45,7 +45,10 @@ def use_fast_dependency_check() -> None:
     per process, most of a one-file run's start-up after imports. The same answer from one lookup."""
     from datatrove.utils import _import_utils
 
-    if getattr(_import_utils._is_distribution_available, "__wrapped__", None) is not _distribution_installed:
+    current = getattr(_import_utils, "_is_distribution_available", None)
+    if current is None:  # a datatrove without it: nothing to speed up
+        return
+    if getattr(current, "__wrapped__", None) is not _distribution_installed:
         _import_utils._is_distribution_available = functools.lru_cache(_distribution_installed)
 
 
@@ -92,6 +95,8 @@ class _CountingMixin:
     STATS_EVERY = 4096
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
+        # The last batch is merged when the reader is drained or closed: datatrove drains the pipeline
+        # before it saves a task's stats, and a step that stopped early would close this generator.
         try:
             yield from super().run(data, rank, world_size)
         finally:
@@ -113,7 +118,9 @@ class _CountingMixin:
         times = self.__dict__.get("_row_times")
         if times:
             t = self.stats.time_stats
-            self.stats.time_stats = MetricStats.__add__(t, metric_stats(times, t.unit, type(t)))  # one task's own
+            # MetricStats' merge, not TimingStats': these are more rows of this same task, and the
+            # timer's own `+` would count them as another task in its per-task figures
+            self.stats.time_stats = MetricStats.__add__(t, metric_stats(times, t.unit, type(t)))
             times.clear()
 
     def _timed(self, seconds: float) -> None:

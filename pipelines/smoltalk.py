@@ -17,6 +17,8 @@ The command line is the shared one (`pipelines/cli.py`); only `download` and `to
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 from datatrove.data import Document
 
@@ -120,10 +122,12 @@ def encode_chatml(tok, texts, docs, num_threads=None) -> Encoded:
 
 def stage_tokenize(job: Job) -> str:
     source = job.read.path if job.read.path != job.corpus.hub_input else f"{job.corpus.hub_input}/{HUB_GLOB}"
-    reader = make_chat_reader(job.read.path, job.read.limit, job.read.text_key, job.read.id_key, job.storage.options())
     tk = job.tokenize
     if tk.too_long != "skip":  # a cut conversation would end inside a turn, with no <|im_end|>
         raise InputError("--too-long truncate does not apply to chat data: over-long conversations are skipped")
+    if job.read.invalid_utf8 != "skip":  # the chat reader checks every turn itself
+        raise InputError("--invalid-utf8 replace does not apply to chat data: such rows are skipped_invalid_utf8")
+    reader = make_chat_reader(job.read.path, job.read.limit, job.read.text_key, job.read.id_key, job.storage.options())
     try:
         im_start, im_end = chat.chat_ids(tk.load())
     except ValueError as e:
@@ -155,6 +159,9 @@ def main(argv=None) -> int:
     p.prog = "python -m pipelines.smoltalk"
     p.set_defaults(tokenizer="cl100k", output=f"out/{CORPUS.name}")
     args = p.parse_args(argv)
+    if args.stage not in ("download", "tokenize"):  # before the flags' own checks
+        print(f"error: stage {args.stage!r} does not apply to chat data (use download or tokenize)", file=sys.stderr)
+        return 2
     return run_command(lambda: run_stage(job_from_args(args, CORPUS)))
 
 

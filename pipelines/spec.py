@@ -62,7 +62,7 @@ class ReadSpec:
     limit: int = -1  # documents per task (datatrove semantics)
     text_key: str = "text"
     id_key: str = "id"
-    invalid_utf8: str = "skip"
+    invalid_utf8: str = "skip"  # what the reader and the tokenize step do with text that is not UTF-8
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,6 @@ class TokenizeSpec:
     path: str | None = None  # the file for a named tokenizer (llama2's tokenizer.model), resolved
     max_doc_tokens: int = 1_000_000
     too_long: str = "skip"
-    invalid_utf8: str = "skip"
     batch_size: int = 1000
 
     def load(self):
@@ -159,7 +158,8 @@ class SlurmChain:
 
 @dataclass
 class Job:
-    """One command line, parsed: the stage to run and everything it needs."""
+    """One command line, parsed: the stage to run and everything it needs. A stage of `run` gets a
+    copy made with dataclasses.replace, which shares `chain`: every stage extends the same Slurm chain."""
 
     stage: str
     corpus: Corpus  # --subset applied
@@ -192,6 +192,8 @@ def job_from_args(args, corpus: Corpus) -> Job:
         raise InputError(f"--tasks must be >= 1, got {args.tasks}")
     if not 0.0 <= args.val_fraction <= 1.0:
         raise InputError(f"--val-fraction must be in [0, 1], got {args.val_fraction}")
+    if args.stage == "dedup" and not args.input:
+        raise InputError("dedup needs --input (e.g. the kept/ folder of a filter run)")
     corpus = corpus_for(args, corpus)
     execution = exec_spec(args)
     scores = tuple((col, getattr(args, flag)) for flag, col in SCORE_FLAGS.items()
@@ -225,7 +227,7 @@ def exec_spec(args) -> ExecSpec:
 
 def tokenize_spec(args) -> TokenizeSpec:
     name, path = resolve_tokenizer(args.tokenizer, args.tokenizer_path)
-    return TokenizeSpec(name, path, args.max_doc_tokens, args.too_long, args.invalid_utf8, args.batch_size)
+    return TokenizeSpec(name, path, args.max_doc_tokens, args.too_long, args.batch_size)
 
 
 def resolve_tokenizer(name: str, path: str | None) -> tuple[str, str | None]:

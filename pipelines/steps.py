@@ -177,7 +177,9 @@ class TokenizeShards(PipelineStep):
     function of that shape otherwise (it travels to the workers by reference). It returns the batch
     concatenated rather than a list of (ids, mask) pairs because plain text is written as one array
     per batch: per-document arrays cost more than tokenizing short documents. A shard stores loss
-    masks iff the encoder gives them.
+    masks iff the encoder gives them. `texts` are the documents' texts after the checks below (with
+    invalid_utf8="replace", repaired); an encoder that reads `docs` instead (ChatML reads each
+    conversation's turns) must have had its input checked by its reader.
 
     Encoding runs in a background thread on every core (tiktoken / tokenizers / sentencepiece release
     the GIL) while this thread reads the next batch and writes the previous one. Counted skips

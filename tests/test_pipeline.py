@@ -419,3 +419,34 @@ def test_fast_dependency_check_answers_as_datatrove_does():
              "pyyaml", "no-such-distribution-xyz"]
     assert [_import_utils._is_distribution_available(n) for n in names] == [datatrove_rule(n) for n in names]
     assert _import_utils._is_distribution_available("orjson") is True
+
+
+def _encode_masking_odd_positions(tok, texts, docs, num_threads=None):
+    from pipelines.steps import Encoded, encode_text
+
+    enc = encode_text(tok, texts, docs, num_threads)
+    return Encoded(enc.tokens, enc.lengths, (np.arange(len(enc.tokens)) % 2).astype(np.uint8))
+
+
+def test_tokenize_step_with_a_masked_encoder_truncates_ids_and_mask_together(tmp_path, bpe):
+    from datatrove.data import Document
+
+    from shards.tokenizers import get_tokenizer
+
+    tok = get_tokenizer(bpe)
+    texts = ["short one", "a much longer document " * 20, "another short"]
+    full = [tok.encode_document(t) for t in texts]
+    limit = max(len(full[0]), len(full[2])) + 1
+    assert len(full[1]) > limit
+    step = TokenizeShards(tmp_path / "o", bpe, max_doc_tokens=limit, too_long="truncate",
+                          encode=_encode_masking_odd_positions)
+    list(step.run(iter(Document(text=t, id=str(i)) for i, t in enumerate(texts)), rank=0, world_size=1))
+    shard = open_shard(tmp_path / "o" / "train" / "00000.ds")
+    flat_mask = (np.arange(sum(map(len, full))) % 2).astype(np.uint8)
+    masks = np.split(flat_mask, np.cumsum([len(f) for f in full])[:-1])
+    assert shard.documents == 3 and step.stats["truncated_too_long"].total == 1
+    assert shard.document(0).tolist() == full[0] and shard.document(2).tolist() == full[2]
+    assert shard.document(1).tolist() == full[1][: limit - 1] + [tok.eos_id]
+    loss = [np.asarray(shard.loss[shard.offsets[i]:shard.offsets[i + 1]]) for i in range(3)]
+    assert loss[0].tolist() == masks[0].tolist() and loss[2].tolist() == masks[2].tolist()
+    assert loss[1].tolist() == masks[1][: limit - 1].tolist() + [1]  # the EOS it ends with trains
