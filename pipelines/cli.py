@@ -40,14 +40,14 @@ STAGES = ("download", "filter", "dedup", "split", "tokenize", "run")
 # ------------------------------------------------------------------------------------------ parser
 
 
-def build_parser(corpus: Corpus) -> argparse.ArgumentParser:
+def build_parser(corpus: Corpus, stages: tuple[str, ...] = STAGES) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=f"python -m pipelines.{corpus.name.replace('-', '_')}",
         description=f"{corpus.description or corpus.name}: raw text -> filtered JSONL -> token shards "
                     f"(datatrove). Default input: {corpus.hub_input}",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("stage", choices=STAGES, help="download | filter | dedup | split | tokenize | run (every stage)")
+    p.add_argument("stage", choices=stages, help=" | ".join(stages) + (" (run: every stage)" if "run" in stages else ""))
     io = p.add_argument_group("input/output")
     io.add_argument("--input", help="local parquet/jsonl/jsonl.gz/jsonl.zst file or folder, or s3:// URI "
                                     f"(default: {corpus.hub_input})")

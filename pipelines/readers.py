@@ -95,6 +95,7 @@ class _CountingMixin:
     STATS_EVERY = 4096
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
+        self._doc_lens, self._row_times = [], []
         # The last batch is merged when the reader is drained or closed: datatrove drains the pipeline
         # before it saves a task's stats, and a step that stopped early would close this generator.
         try:
@@ -103,31 +104,27 @@ class _CountingMixin:
             self._flush_doc_stats()
 
     def update_doc_stats(self, document) -> None:
-        lens = self.__dict__.setdefault("_doc_lens", [])
-        lens.append(len(document.text))
+        self._doc_lens.append(len(document.text))
         if token_count := document.metadata.get("token_count"):
             self.stat_update("doc_len_tokens", value=token_count, unit="doc")
-        if len(lens) >= self.STATS_EVERY:
+        if len(self._doc_lens) >= self.STATS_EVERY:
+            self._flush_doc_stats()
+
+    def _timed(self, seconds: float) -> None:
+        self._row_times.append(seconds)
+        if len(self._row_times) >= self.STATS_EVERY:
             self._flush_doc_stats()
 
     def _flush_doc_stats(self) -> None:
-        lens = self.__dict__.get("_doc_lens")
-        if lens:
-            self.stats["doc_len"] = self.stats["doc_len"] + metric_stats(lens, "doc")
-            lens.clear()
-        times = self.__dict__.get("_row_times")
-        if times:
+        if self._doc_lens:
+            self.stats["doc_len"] = self.stats["doc_len"] + metric_stats(self._doc_lens, "doc")
+            self._doc_lens.clear()
+        if self._row_times:
             t = self.stats.time_stats
             # MetricStats' merge, not TimingStats': these are more rows of this same task, and the
             # timer's own `+` would count them as another task in its per-task figures
-            self.stats.time_stats = MetricStats.__add__(t, metric_stats(times, t.unit, type(t)))
-            times.clear()
-
-    def _timed(self, seconds: float) -> None:
-        times = self.__dict__.setdefault("_row_times", [])
-        times.append(seconds)
-        if len(times) >= self.STATS_EVERY:
-            self._flush_doc_stats()
+            self.stats.time_stats = MetricStats.__add__(t, metric_stats(self._row_times, t.unit, type(t)))
+            self._row_times.clear()
 
     def _note(self, label: str, filepath: str, row: int, why: str) -> None:
         self.stat_update(label)

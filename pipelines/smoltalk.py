@@ -17,8 +17,6 @@ The command line is the shared one (`pipelines/cli.py`); only `download` and `to
 """
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 from datatrove.data import Document
 
@@ -146,22 +144,14 @@ def stage_tokenize(job: Job) -> str:
 
 
 def run_stage(job: Job) -> None:
-    if job.stage == "download":
-        stage_download(job)
-    elif job.stage == "tokenize":
-        stage_tokenize(job)
-    else:
-        raise InputError(f"stage {job.stage!r} does not apply to chat data (use download or tokenize)")
+    stage_download(job) if job.stage == "download" else stage_tokenize(job)
 
 
 def main(argv=None) -> int:
-    p = build_parser(CORPUS)
+    p = build_parser(CORPUS, stages=("download", "tokenize"))  # filter/dedup/split/run are for web text
     p.prog = "python -m pipelines.smoltalk"
     p.set_defaults(tokenizer="cl100k", output=f"out/{CORPUS.name}")
     args = p.parse_args(argv)
-    if args.stage not in ("download", "tokenize"):  # before the flags' own checks
-        print(f"error: stage {args.stage!r} does not apply to chat data (use download or tokenize)", file=sys.stderr)
-        return 2
     return run_command(lambda: run_stage(job_from_args(args, CORPUS)))
 
 
