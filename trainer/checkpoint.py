@@ -130,19 +130,24 @@ def list_checkpoints(run_dir, files=FILES) -> list[Path]:
 
 
 def checkpoint_problem(path: Path) -> str | None:
-    """Why the checkpoint at `path` must not be resumed from, or None: a file that fails its sha256
-    in checksums.json, or weights, train state or config that do not load. A checkpoint without
-    checksums.json (saved before they existed) gets only the load checks."""
+    """Why the checkpoint at `path` must not be resumed from, or None. With checksums.json (written by
+    `save` after every file): a file it lists, or one of FILES, that fails its sha256; the files are
+    then the bytes that were saved, so they are not also loaded here (the train state can be the whole
+    optimizer state, and resuming loads it anyway). Without (saved before checksums existed): the
+    weights, train state and config must load."""
     sums_file = path / CHECKSUMS
     if sums_file.is_file():
         try:
             sums = json.loads(sums_file.read_text())
         except ValueError as e:
             return f"{CHECKSUMS} unreadable ({e})"
-        for name in FILES:
+        for name in sorted(set(FILES) | set(sums)):  # FSDP's optimizer/ shards are listed there too
+            if not (path / name).is_file():
+                return f"{name} is missing"
             got = sha256_file(path / name)
             if got != sums.get(name):
                 return f"{name} fails its sha256 check against {CHECKSUMS} ({got[:12]}… != {str(sums.get(name))[:12]}…)"
+        return None
     try:
         from safetensors import safe_open
 
