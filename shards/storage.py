@@ -460,12 +460,16 @@ def remove(uri: str, first: str | None = None, endpoint_url: str | None = None, 
 # cache for s3:// curriculum sources
 
 
-def cache_path(uri: str, cache_dir: str | Path) -> Path:
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "shardloom"  # where s3:// sources and checkpoints are copied
+
+
+def cache_path(uri: str, cache_dir: str | Path | None = None) -> Path:
+    cache_dir = DEFAULT_CACHE_DIR if cache_dir is None else cache_dir
     bucket, prefix = parse_s3_uri(uri)
     return Path(cache_dir) / bucket / prefix if prefix else Path(cache_dir) / bucket
 
 
-def fetch_to_cache_with_summary(uri: str, cache_dir: str | Path, endpoint_url: str | None = None,
+def fetch_to_cache_with_summary(uri: str, cache_dir: str | Path | None = None, endpoint_url: str | None = None,
                                 profile: str | None = None, region: str | None = None,
                                 **kwargs) -> tuple[Path, TransferSummary]:
     dest = cache_path(uri, cache_dir)
@@ -480,9 +484,10 @@ def fetch_to_cache_with_summary(uri: str, cache_dir: str | Path, endpoint_url: s
     return dest, summary
 
 
-def fetch_to_cache(uri: str, cache_dir: str | Path, endpoint_url: str | None = None,
+def fetch_to_cache(uri: str, cache_dir: str | Path | None = None, endpoint_url: str | None = None,
                    profile: str | None = None, region: str | None = None, **kwargs) -> Path:
-    """Local, verified copy of the dataset at URI under CACHE_DIR/<bucket>/<prefix>; returns its path.
+    """Local, verified copy of the dataset at URI under CACHE_DIR (default DEFAULT_CACHE_DIR)/<bucket>/<prefix>;
+    returns its path.
 
     A cache hit (cached manifest identical to the remote one, every file vouched for by it or
     hashing to it) transfers nothing, and hashes nothing once the cached manifest vouches for all. We copy rather than read byte ranges because the trainer memory-maps shards and samples

@@ -273,5 +273,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     return model.eval(), cfg, src
 
 
-def load_train_state(ckpt: str | Path) -> dict:
-    return torch.load(Path(ckpt) / "train_state.pt", map_location="cpu", weights_only=True)
+def load_train_state(ckpt: str | Path, mmap: bool = False) -> dict:
+    """train_state.pt; with mmap its tensors (the optimizer state) are mapped, not read, for a caller
+    that wants only the counters."""
+    return torch.load(Path(ckpt) / "train_state.pt", map_location="cpu", weights_only=True, mmap=mmap)

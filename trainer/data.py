@@ -136,7 +136,7 @@ def _open(name: str, path: str, split: str, cache_dir: str | None) -> SplitReade
         from shards.storage import StorageError, fetch_to_cache  # lazy: boto3 only for object storage
 
         try:
-            path = fetch_to_cache(path, cache_dir or Path.home() / ".cache" / "shardloom")
+            path = fetch_to_cache(path, cache_dir)
         except StorageError as e:  # unreachable, denied, missing: one line naming the source
             raise DataError(f"{where}: {e}") from None
     p = Path(path)

@@ -24,8 +24,9 @@ import torch
 from shards.chat import CARD_SAMPLING, CHAT_TEMPLATE, IM_END, IM_START
 from shards.tokenizers import save_hf_tokenizer
 from trainer import hf
-from trainer.checkpoint import load_model
+from trainer.checkpoint import load_model, load_train_state
 from trainer.generate import load_tokenizer, stop_ids
+from trainer.metrics import MetricsLog
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -75,21 +76,15 @@ def _run_facts(ckpt: Path) -> dict:
     run = ckpt.parent.parent
     facts = {"step": None, "tokens": None, "train_loss": None, "val_loss": {}, "plot": None}
     if (ckpt / "train_state.pt").is_file():
-        st = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=True)
+        st = load_train_state(ckpt, mmap=True)
         facts["step"], facts["tokens"] = st.get("step"), st.get("tokens_seen")
-    metrics = run / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if facts["step"] is not None and row.get("step", 0) > facts["step"]:
-                continue  # rows of a later checkpoint than the one exported
-            if row.get("type") == "train":
-                facts["train_loss"] = row["loss"]
-            elif row.get("type") == "eval":
-                facts["val_loss"] = row["loss"]
+    for row in MetricsLog(run, enabled=False).rows():
+        if facts["step"] is not None and row.get("step", 0) > facts["step"]:
+            continue  # rows of a later checkpoint than the one exported
+        if row.get("type") == "train":
+            facts["train_loss"] = row["loss"]
+        elif row.get("type") == "eval":
+            facts["val_loss"] = row["loss"]
     if (run / "training.png").is_file():
         facts["plot"] = run / "training.png"
     return facts

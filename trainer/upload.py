@@ -142,11 +142,11 @@ def fetch_init(init: str | Path, cfg) -> str | Path:
     under the cache (data.cache_dir, else ~/.cache/shardloom); anything else is returned as is."""
     if not str(init).startswith("s3://"):
         return init
-    from shards.storage import cache_path
+    from shards.storage import DEFAULT_CACHE_DIR, cache_path
 
     uri = str(init).rstrip("/")
     run = uri.rsplit("/", 1)[0] if STEP_RE.match(uri.rsplit("/", 1)[-1]) else uri
-    cache = Path(cfg.data.cache_dir or Path.home() / ".cache" / "shardloom") / "checkpoints"
+    cache = Path(cfg.data.cache_dir or DEFAULT_CACHE_DIR) / "checkpoints"
     return _fetch(uri, cache_path(run, cache), cfg, "train.init_from", weights_only=True)
 
 
