@@ -457,7 +457,8 @@ class HFTokenizer(Tokenizer):
 
     def _byte_level(self) -> bool:
         """Whether model tokens are byte-level strings (GPT-2's byte -> printable-char table)."""
-        dec = json.loads(self.tok.to_str()).get("decoder") or {}
+        # the decoder's own JSON, not the whole tokenizer's (to_str serialises the vocabulary and merges)
+        dec = json.loads(self.tok.decoder.__getstate__()) if self.tok.decoder is not None else {}
         parts = dec.get("decoders", [dec]) if dec.get("type") == "Sequence" else [dec]
         return any(d.get("type") == "ByteLevel" for d in parts)
 
