@@ -10,8 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .check import check_files
-from .format import INDEX, LOSS, TOKENS, Shard, open_shard, shard_file
+from .format import Shard, open_shard
 from .manifest import Manifest, read_manifest
 
 
@@ -46,8 +45,9 @@ class SplitReader:
 
 def open_split(directory: str | Path, split: str = "train") -> SplitReader:
     """Open DIR/<split> as listed in DIR/manifest.json. Raises a clear error naming the file when
-    the manifest is missing, the split is absent, or a shard disagrees with the manifest (its counts,
-    or the byte size of a file it lists: the cheap corruption check; `shards verify` does the rest)."""
+    the manifest is missing, the split is absent, a shard's files disagree with each other
+    (`open_shard`), or its documents and tokens with the manifest. Together these pin every file's
+    byte size, the cheap corruption check; `shards verify` hashes the contents."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     if split not in manifest.splits:
@@ -65,9 +65,4 @@ def open_split(directory: str | Path, split: str = "train") -> SplitReader:
                 f"manifest says {stats.documents} / {stats.tokens}"
             )
         shards.append(shard)
-    names = [shard_file(st.name, suffix).as_posix() for st in manifest.splits[split].shards
-             for suffix in (TOKENS, INDEX, LOSS)]
-    for problem in check_files(directory, manifest, names, checksums=False):
-        if problem.kind == "size":  # a missing file was named above, or is an optional .loss
-            raise ValueError(f"{directory / problem.rel} is {problem.got} bytes, manifest says {problem.want}")
     return SplitReader(directory, split, manifest, shards)
