@@ -101,11 +101,12 @@ def build_parser(corpus: Corpus, stages: tuple[str, ...] = STAGES) -> argparse.A
 # ----------------------------------------------------------------------------------------- helpers
 
 
-def check_run_settings(logging_dir: str, settings: dict, reader=None) -> None:
+def check_run_settings(logging_dir: str, settings: dict, reader=None) -> list | None:
     """Completion markers are only meaningful for the same settings and the same input files (names
-    and sizes, listed from `reader`): refuse a changed rerun."""
+    and sizes, listed from `reader`): refuse a changed rerun. Returns that listing (None if not made),
+    for the executor's idle-task warning to reuse."""
     if is_remote(logging_dir):
-        return
+        return None
     if reader is not None:
         settings = {**settings, "input_files": input_files(reader)}
     p = Path(logging_dir) / "shardloom_settings.json"
@@ -123,6 +124,7 @@ def check_run_settings(logging_dir: str, settings: dict, reader=None) -> None:
                              "settings and input, or use a fresh --logging-dir / delete that folder")
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(text)
+    return settings.get("input_files")
 
 
 def files_change(old, new) -> str:
@@ -135,12 +137,13 @@ def files_change(old, new) -> str:
 
 
 def make_executor(job: Job, pipeline, logging_dir: str, tasks: int | None = None, depends=None,
-                  skip_completed: bool = True, job_name: str = "shardloom"):
+                  skip_completed: bool = True, job_name: str = "shardloom", input_files: list | None = None):
+    """The executor for `pipeline`; `input_files`: its reader's listing if already made."""
     ex = job.execution
     tasks = ex.tasks if tasks is None else tasks
     from .cluster import warn_idle_tasks
 
-    warn_idle_tasks(pipeline, tasks, job_name)
+    warn_idle_tasks(pipeline, tasks, job_name, None if input_files is None else len(input_files))
     if ex.executor == "local":
         from datatrove.executor import LocalPipelineExecutor
 
@@ -272,11 +275,12 @@ def stage_filter(job: Job, reader, output: str, logs: str) -> str:
 
     from .filters import folder
 
-    check_run_settings(logs, reader=reader, settings=dict(stage="filter", input=job.read.path, tasks=job.execution.tasks,
-                                                          limit=job.read.limit, filters=job.filters.names()))
+    files = check_run_settings(logs, reader=reader, settings=dict(
+        stage="filter", input=job.read.path, tasks=job.execution.tasks, limit=job.read.limit,
+        filters=job.filters.names()))
     kept = folder(output, job.storage.options() or None, "kept")
     pipeline = [reader, *job.filters.steps(output, job.storage), JsonlWriter(kept, output_filename="${rank}.jsonl.gz")]
-    make_executor(job, pipeline, logs, job_name=f"{job.corpus.name}-filter").run()
+    make_executor(job, pipeline, logs, job_name=f"{job.corpus.name}-filter", input_files=files).run()
     if job.execution.executor == "local":
         print_stats(f"filter: {job.read.path} -> {output}", logs)
     return sub(output, "kept")
@@ -287,14 +291,15 @@ def stage_dedup(job: Job, reader, output: str, logs: str) -> str:
 
     from .filters import minhash_stages
 
-    check_run_settings(logs, reader=reader, settings=dict(stage="dedup", input=job.read.path, tasks=job.execution.tasks,
-                                                          limit=job.read.limit))
+    files = check_run_settings(logs, reader=reader, settings=dict(stage="dedup", input=job.read.path,
+                                                                  tasks=job.execution.tasks, limit=job.read.limit))
     # stages 1 and 4 read the same input; a copy, so the input is checked once
     stages = minhash_stages(lambda: copy.deepcopy(reader), sub(output, "minhash"), output, job.storage.options() or None)
     prev = None
     for name, pipeline, tasks in stages:
+        reads_input = isinstance(pipeline[0], type(reader))  # stages 1 and 4 (copies of `reader`)
         prev = make_executor(job, pipeline, sub(logs, name), tasks=tasks, depends=prev,
-                             job_name=f"{job.corpus.name}-{name}")
+                             job_name=f"{job.corpus.name}-{name}", input_files=files if reads_input else None)
     prev.run()  # runs its dependencies first (local), or submits the chain (slurm)
     if job.execution.executor == "local":
         print_stats(f"dedup: {job.read.path} -> {output}", sub(logs, "minhash4_filter"))
@@ -307,12 +312,12 @@ def stage_split(job: Job, reader, output: str, logs: str) -> str:
     from .filters import folder
 
     sp, inline = job.split, job.filters.inline
-    check_run_settings(logs, reader=reader, settings=dict(
+    files = check_run_settings(logs, reader=reader, settings=dict(
         stage="split", input=job.read.path, tasks=job.execution.tasks, limit=job.read.limit,
         val_fraction=sp.val_fraction, seed=sp.seed, key=sp.key, filters=job.filters.names(inline)))
     pipeline = [reader, *job.filters.steps(output, job.storage, inline), HashSplit(sp.val_fraction, sp.seed, sp.key),
                 JsonlWriter(folder(output, job.storage.options() or None), output_filename="${split}/${rank}.jsonl.gz")]
-    make_executor(job, pipeline, logs, job_name=f"{job.corpus.name}-split").run()
+    make_executor(job, pipeline, logs, job_name=f"{job.corpus.name}-split", input_files=files).run()
     if job.execution.executor == "local":
         print_stats(f"split: {job.read.path} -> {output}", logs)
     return output
@@ -347,7 +352,7 @@ def tokenize_job(job: Job, reader, middle: list, make_step, *, output: str, filt
     source = source or job.read.path
     remote = is_remote(output)
     local_out = (job.staging_dir or sub(logs, "staging")) if remote else output
-    check_run_settings(sub(logs, "tokenize"), reader=reader, settings=dict(
+    files = check_run_settings(sub(logs, "tokenize"), reader=reader, settings=dict(
         input=source, output=output, tasks=ex.tasks, limit=job.read.limit, tokenizer=tk.tokenizer,
         tokenizer_path=tk.path, val_fraction=sp.val_fraction, split_seed=sp.seed,
         split_key=sp.key, max_doc_tokens=tk.max_doc_tokens, **settings))
@@ -361,7 +366,8 @@ def tokenize_job(job: Job, reader, middle: list, make_step, *, output: str, filt
         seeds={"split_seed": sp.seed, "val_fraction": sp.val_fraction}, extra=extra,
         upload_to=output if remote else None, storage_kwargs=job.storage.kwargs() if remote else None,
     )
-    tokenize = make_executor(job, pipeline, sub(logs, "tokenize"), job_name=f"{job.corpus.name}-tokenize")
+    tokenize = make_executor(job, pipeline, sub(logs, "tokenize"), job_name=f"{job.corpus.name}-tokenize",
+                             input_files=files)
     if ex.executor == "local":
         tokenize.run()  # raises if a task failed: then no manifest, the output stays "incomplete"
         stats = print_stats(f"tokenize: {source} -> {output}", sub(logs, "tokenize"))

@@ -60,8 +60,10 @@ def count_input_files(reader) -> int | None:
         return None
 
 
-def warn_idle_tasks(pipeline: list, tasks: int, stage: str) -> None:
-    files = count_input_files(pipeline[0]) if pipeline else None
+def warn_idle_tasks(pipeline: list, tasks: int, stage: str, files: int | None = None) -> None:
+    """`files`: how many input files the pipeline's reader has, when already counted."""
+    if files is None:
+        files = count_input_files(pipeline[0]) if pipeline else None
     if files and tasks > files:
         print(f"warning: {stage}: --tasks {tasks} but the input has {files} file(s); datatrove gives each task "
               f"whole files, so {tasks - files} of the {tasks} tasks will get no documents "
