@@ -141,42 +141,40 @@ MATH_CHAIN = ("url", "language")
 NO_CHAIN = ()
 
 
+def _chain_steps(language_threshold: float, languages, writer) -> dict:
+    """{chain name: (what a manifest records, the step's factory)}: the one table of chain steps.
+    `writer(name)` gives a step its exclusion writer."""
+    langs = ",".join(languages) if languages else "any"
+    return {
+        "url": ("datatrove.URLFilter", lambda: LocalURLFilter(exclusion_writer=writer("url"))),
+        "language": (f"datatrove.LanguageFilter(ft176 lid.176.ftz, {langs}, score>={language_threshold})",
+                     lambda: LocalLanguageFilter(languages, language_threshold, exclusion_writer=writer("language"))),
+        "gopher_repetition": ("datatrove.GopherRepetitionFilter",
+                              lambda: GopherRepetitionFilter(exclusion_writer=writer("gopher_repetition"))),
+        "gopher_quality": ("datatrove.GopherQualityFilter",
+                           lambda: GopherQualityFilter(exclusion_writer=writer("gopher_quality"))),
+        "c4_quality": ("datatrove.C4QualityFilter(filter_no_terminal_punct=False)",
+                       lambda: C4QualityFilter(filter_no_terminal_punct=False, exclusion_writer=writer("c4_quality"))),
+        "fineweb_quality": ("datatrove.FineWebQualityFilter",
+                            lambda: FineWebQualityFilter(exclusion_writer=writer("fineweb_quality"))),
+    }
+
+
 def build_filters(chain, output, language_threshold: float = 0.65, languages=(ENGLISH,),
                   storage_options: dict | None = None, scores: dict[str, float] | None = None) -> list:
     """Score thresholds ({column: minimum}) first, then the named chain, each with an exclusion
     writer (OUT/removed/<name>/), ready to put between a reader and a writer."""
     w = lambda name: removed_writer(output, name, storage_options)  # noqa: E731
-    make = {
-        "url": lambda: LocalURLFilter(exclusion_writer=w("url")),
-        "language": lambda: LocalLanguageFilter(languages, language_threshold, exclusion_writer=w("language")),
-        "gopher_repetition": lambda: GopherRepetitionFilter(exclusion_writer=w("gopher_repetition")),
-        "gopher_quality": lambda: GopherQualityFilter(exclusion_writer=w("gopher_quality")),
-        "c4_quality": lambda: C4QualityFilter(filter_no_terminal_punct=False, exclusion_writer=w("c4_quality")),
-        "fineweb_quality": lambda: FineWebQualityFilter(exclusion_writer=w("fineweb_quality")),
-    }
+    table = _chain_steps(language_threshold, languages, w)
     steps = [ScoreFilter(c, m, exclusion_writer=w(c)) for c, m in (scores or {}).items()]
-    return steps + [make[name]() for name in chain]
+    return steps + [table[name][1]() for name in chain]
 
 
 def chain_names(chain, language_threshold: float = 0.65, languages=(ENGLISH,),
                 scores: dict[str, float] | None = None) -> list[str]:
     """`build_filters` as recorded in a manifest's `filters` list."""
-    langs = ",".join(languages) if languages else "any"
-    names = {
-        "url": "datatrove.URLFilter",
-        "language": f"datatrove.LanguageFilter(ft176 lid.176.ftz, {langs}, score>={language_threshold})",
-        "gopher_repetition": "datatrove.GopherRepetitionFilter",
-        "gopher_quality": "datatrove.GopherQualityFilter",
-        "c4_quality": "datatrove.C4QualityFilter(filter_no_terminal_punct=False)",
-        "fineweb_quality": "datatrove.FineWebQualityFilter",
-    }
-    return [f"score: {c} >= {m:g}" for c, m in (scores or {}).items()] + [names[n] for n in chain]
-
-
-def fineweb_filters(output, language_threshold: float = 0.65, languages=(ENGLISH,),
-                    storage_options: dict | None = None) -> list:
-    """FineWeb's whole chain (`WEB_CHAIN`)."""
-    return build_filters(WEB_CHAIN, output, language_threshold, languages, storage_options)
+    table = _chain_steps(language_threshold, languages, writer=None)
+    return [f"score: {c} >= {m:g}" for c, m in (scores or {}).items()] + [table[n][0] for n in chain]
 
 
 # ------------------------------------------------------------------------------------ MinHash dedup

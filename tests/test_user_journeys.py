@@ -14,13 +14,13 @@ from datatrove.data import Document
 from pipelines.cli import main as fineweb_main
 from pipelines.cli import print_stats
 from pipelines.fineweb import CORPUS
-from pipelines.filters import fineweb_filters
+from pipelines.filters import WEB_CHAIN, build_filters
 
 
 def test_url_filter_passes_and_counts_documents_without_url(tmp_path):
     """A plain {id, text} corpus (README: `--input` any jsonl) through `filter`: datatrove's URLFilter
     asserted on the missing url and killed the task; now such documents pass, counted."""
-    url_filter = fineweb_filters(str(tmp_path))[0]
+    url_filter = build_filters(WEB_CHAIN, str(tmp_path))[0]
     docs = [Document(text="A document with no url.", id="a"),
             Document(text="One with a url.", id="b", metadata={"url": "https://docs.python.org/3/"})]
     kept = list(url_filter.run(iter(docs), rank=0, world_size=1))
