@@ -247,3 +247,9 @@ def test_export_cli_on_a_checkpoint(runner, tmp_path, bpe_json):
     assert export_main([str(ck), "--out", str(tmp_path / "model.bin"), "--dtype", "bf16"]) == 0
     assert run(runner, tmp_path / "model.bin", "-i", "Hello", "-m", "encode").stdout.strip()
     assert export_main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.bin")]) == 2
+    # trainer.export --format c is the same command
+    from trainer.export import main as export_any
+
+    assert export_any([str(ck), "--out", str(tmp_path / "same.bin"), "--format", "c", "--dtype", "bf16"]) == 0
+    assert (tmp_path / "same.bin").read_bytes() == (tmp_path / "model.bin").read_bytes()
+    assert export_any([str(tmp_path / "nowhere"), "--out", str(tmp_path / "y.bin"), "--format", "c"]) == 2

@@ -134,17 +134,15 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: as trained (fp32)")
     ap.add_argument("--max-shard-size", default="2GB", help="hf: split model.safetensors above this size")
     args = ap.parse_args(argv)
-    try:
-        if args.format == "c":
-            from trainer.export_c import export_c
+    if args.format == "c":  # the C export's own command, so both spellings behave alike
+        from trainer import export_c
 
-            model, cfg, _ = load_model(args.checkpoint)
-            export_c(model, cfg, load_tokenizer(cfg), args.out,
-                     dtype="bf16" if DTYPES.get(args.dtype) == torch.bfloat16 else "fp32")
-        else:
-            config = export(args.checkpoint, args.out, args.dtype, args.max_shard_size)
-            kind = "LlamaForCausalLM" if config["model_type"] == "llama" else "ShardLoom (trust_remote_code=True)"
-            print(f"[export] {args.out}: {kind}", file=sys.stderr)
+        dtype = "bf16" if DTYPES.get(args.dtype) == torch.bfloat16 else "fp32"
+        return export_c.main([args.checkpoint, "--out", args.out, "--dtype", dtype])
+    try:
+        config = export(args.checkpoint, args.out, args.dtype, args.max_shard_size)
+        kind = "LlamaForCausalLM" if config["model_type"] == "llama" else "ShardLoom (trust_remote_code=True)"
+        print(f"[export] {args.out}: {kind}", file=sys.stderr)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
