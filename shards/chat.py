@@ -38,12 +38,17 @@ def render(messages, add_generation_prompt: bool = False) -> str:
     return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
 
 
+def has_chatml(tok) -> bool:
+    """Whether the tokenizer has <|im_start|> and <|im_end|> as special tokens."""
+    sp = getattr(tok, "special_tokens", None) or {}
+    return IM_START in sp and IM_END in sp
+
+
 def chat_ids(tok) -> tuple[int, int]:
     """(<|im_start|>, <|im_end|>) ids, or a ValueError naming the tokenizer."""
-    sp = getattr(tok, "special_tokens", None) or {}
-    if IM_START not in sp or IM_END not in sp:
+    if not has_chatml(tok):
         raise ValueError(f"tokenizer {tok.name} has no {IM_START}/{IM_END} special tokens: ChatML needs them")
-    return sp[IM_START], sp[IM_END]
+    return tok.special_tokens[IM_START], tok.special_tokens[IM_END]
 
 
 def encode(tok, conversations, num_threads: int | None = None, add_generation_prompt: bool = False):

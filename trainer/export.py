@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from shards.chat import CARD_SAMPLING, CHAT_TEMPLATE, IM_END, IM_START
+from shards.chat import CARD_SAMPLING, CHAT_TEMPLATE, has_chatml
 from shards.tokenizers import save_hf_tokenizer
 from trainer import hf
 from trainer.checkpoint import load_model, load_train_state
@@ -36,7 +36,7 @@ def is_chat(cfg: dict, tok) -> bool:
     and in either case a tokenizer with the ChatML tokens."""
     template = (cfg.get("tokenizer") or {}).get("chat_template")
     wants = (cfg.get("data") or {}).get("packing") == "document" or template == CHAT_TEMPLATE
-    return wants and {IM_START, IM_END} <= set(getattr(tok, "special_tokens", {}))
+    return wants and has_chatml(tok)
 
 
 def sample_settings(cfg: dict, chat: bool) -> dict:

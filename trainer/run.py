@@ -665,13 +665,14 @@ def sample_generation(cfg: Config, model) -> None:
     generation engine (trainer.generate)."""
     if not cfg.sample.prompt:
         return
+    from shards.chat import IM_START, has_chatml
     from trainer.generate import GenerationConfig, generate, load_tokenizer, stop_ids
 
     tok = load_tokenizer(cfg.to_dict())
     ids = encode_with_specials(tok, cfg.sample.prompt)
     if getattr(tok, "add_bos", False) and tok.bos_id is not None:
         ids = [tok.bos_id] + ids
-    chat = "<|im_start|>" in cfg.sample.prompt and "<|im_end|>" in getattr(tok, "special_tokens", {})
+    chat = IM_START in cfg.sample.prompt and has_chatml(tok)  # a ChatML prompt stops at <|im_end|> too
     gen = GenerationConfig(max_new_tokens=cfg.sample.max_new_tokens, temperature=cfg.sample.temperature,
                            top_k=cfg.sample.top_k or None, stop_ids=stop_ids(tok, chat), seed=cfg.train.seed)
     new = generate(model, ids, gen)
