@@ -352,3 +352,22 @@ def test_sft_mask_alignment_stream_and_document(tmp_path):
     # iterate() turns masked targets into -1
     _, yi, _ = next(iterate(dl, 2))
     assert int((yi == -1).sum()) == int((~dl.batch(2, 0)[2]).sum())
+
+
+@pytest.mark.parametrize("packing", ["stream", "document"])
+def test_an_id_edited_in_after_the_manifest_is_named_by_the_loader(tmp_path, packing):
+    # validate() trusts each manifest's max ids; a shard edited afterwards is caught on the rows
+    # themselves, naming the step, the source and the window or document.
+    rng = np.random.default_rng(0)
+    docs = {"train": _sft_docs(rng, 40), "val": _sft_docs(rng, 6)}
+    src = {"chat": make_source(tmp_path / "chat", 0, with_loss=True, docs=docs)}
+    for f in (tmp_path / "chat" / "train").glob("*.ds"):
+        toks = np.fromfile(f, dtype="<u2")
+        toks[:] = 1001  # every id of every shard: whatever rows step 0 reads
+        toks.tofile(f)
+    sched = [MixturePoint(0, {"chat": 1})]
+    ld = loader(src, schedule=sched, total=None, seq_len=48, packing=packing, vocab_size=1000)
+    unit = "window" if packing == "stream" else "document"
+    with pytest.raises(DataError, match=rf"step 1: source 'chat' \(.*chat\) {unit} \d+ \(epoch 0\) holds token id 1001 "
+                                        r">= the model's vocab_size 1000.*shards verify"):
+        ld.batch(0, 0)

@@ -398,6 +398,7 @@ class MixtureLoader:
         if self.packing == "stream":
             ids = self._base[src] + samples
             rows = take_windows(self._views, self._starts, ids)
+            self._check_ids(rows, step, src, samples, epoch)
             x, y = rows[:, :-1].astype(np.int64), rows[:, 1:].astype(np.int64)
             mask = take_windows(self._loss_views, self._starts, ids)[:, 1:] != 0 if want_mask else None
         else:
@@ -407,6 +408,7 @@ class MixtureLoader:
             for s in present.tolist():
                 sel = np.flatnonzero(src == s)
                 toks, m = self.sources[s].gather(samples[sel], self.eos_id)
+                self._check_ids(toks, step, src[sel], samples[sel], epoch[sel])
                 x[sel], y[sel], mask[sel] = toks[:, :-1], toks[:, 1:], m[:, 1:]
         names = self.names
         info = {
@@ -419,6 +421,23 @@ class MixtureLoader:
             "weights": self.weights_at(g0 * T),
         }
         return (torch.from_numpy(x), torch.from_numpy(y), None if mask is None else torch.from_numpy(mask), info)
+
+    def _check_ids(self, rows: np.ndarray, step: int, src, samples, epoch) -> None:
+        """An id without an embedding would end the step in a bare IndexError (a device assert on GPU).
+        The manifests' max ids passed in `validate`, so a shard changed after its manifest: name it.
+        Here, on the rows before they become x and y, so a prefetching thread does it off the step."""
+        if self.vocab_size is None:
+            return
+        top = int(rows.max())
+        if top < self.vocab_size:
+            return
+        row = int(np.flatnonzero((rows >= self.vocab_size).any(axis=1))[0])
+        source = self.sources[int(src[row])]
+        unit = "window" if self.packing == "stream" else "document"
+        raise DataError(f"step {step + 1}: source '{source.name}' ({source.reader.directory}) {unit} {int(samples[row])} "
+                        f"(epoch {int(epoch[row])}) holds token id {top} >= the model's vocab_size {self.vocab_size}, "
+                        "though manifest.json's max ids pass: a shard changed after its manifest was written "
+                        f"(`python -m shards verify {source.reader.directory}` names it)")
 
     def _plan(self, step: int) -> dict[str, np.ndarray]:
         """Source, sample and epoch of every row this rank reads in `step` ([grad_accum, micro_batch]

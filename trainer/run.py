@@ -144,23 +144,6 @@ def forward_backward(model, batches, step_tokens: int, world: int, device: torch
     return total
 
 
-def check_batch_ids(batches, vocab: int, step: int, cfg: Config) -> None:
-    """An id without an embedding would end the step in a bare IndexError (a device assert on GPU).
-    The manifests' max ids passed before step 0, so a shard changed after its manifest: name it."""
-    for x, y, _, info in batches:
-        top = max(int(x.max()), int(y.max()))
-        if top >= vocab:
-            from trainer.data import DataError
-
-            row = int(((x >= vocab) | (y >= vocab)).any(dim=1).nonzero()[0, 0])
-            name, (epoch, sample) = info["sources"][row], info["samples"][row]
-            path = next(s.path for s in cfg.data.sources if s.name == name)
-            unit = "window" if cfg.data.packing == "stream" else "document"
-            raise DataError(f"step {step + 1}: source '{name}' ({path}) {unit} {sample} (epoch {epoch}) holds token id "
-                            f"{top} >= the model's vocab_size {vocab}, though manifest.json's max ids pass: a shard "
-                            f"changed after its manifest was written (`python -m shards verify {path}` names it)")
-
-
 def checkpoint_config(cfg: Config, world: int) -> dict:
     """The config.json stored with each checkpoint. A relative tokenizer path is made absolute: it was
     relative to where training ran, and `trainer.generate` may be run from anywhere."""
@@ -433,7 +416,6 @@ class Stage:
     metrics: MetricsLog
     use_bf16: bool
     masked: bool                 # loss tokens counted from masks (SFT), else fixed per step
-    vocab: int
     start_step: int = 0
     uploader: Uploader | None = None  # checkpoint.upload (rank 0)
 
@@ -509,7 +491,7 @@ def build_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
                          flops_per_token=float(raw_model.flops_per_token(cfg.batch.seq_len)),
                          peak=peak_flops(device) * d.world)
     s = Stage(cfg, stage_dir, d, device, loader, eval_sets, model, raw_model, ddp, opt, metrics, use_bf16=cfg.train.dtype == "bf16" and device.type == "cuda",
-              masked=cfg.data.packing == "document" or any(src.has_loss for src in loader.sources), vocab=vocab)
+              masked=cfg.data.packing == "document" or any(src.has_loss for src in loader.sources))
     if resume_from is not None:
         s.start_step = restore(resume_from, cfg, s.world, raw_model, opt, loader, device, d)
         log.info(f"[resume] {resume_from} (step {s.start_step}, {fmt_count(s.start_step * s.tps)} tokens)")
@@ -562,8 +544,7 @@ def train_step(s: Stage, prefetch, step: int, prog: Progress) -> None:
     """One optimizer step: grad_accum micro-batches, clipping, the update, and its metrics row."""
     cfg, accum = s.cfg, s.cfg.grad_accum(s.world)
     lr = set_lr(s.opt, step, cfg.optim.lr, s.total_steps, cfg.schedule)
-    batches = [prefetch.batch(step, micro) for micro in range(accum)]
-    check_batch_ids(batches, s.vocab, step, cfg)
+    batches = [prefetch.batch(step, micro) for micro in range(accum)]  # ids checked by the loader
     weights = batches[0][3]["weights"]
     step_tokens = s.tps
     if s.masked:  # one all-reduce per step, before any backward pass
@@ -613,8 +594,7 @@ def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
                 sample: bool = False) -> Path:
     s = build_stage(cfg, stage_dir, d, resume, init_from)
     total = s.total_steps
-    prog = Progress(total, s.start_step, s.tps, float(s.raw_model.flops_per_token(cfg.batch.seq_len)),
-                    peak_flops(s.device) * s.world)
+    prog = Progress(total, s.start_step, s.tps, s.metrics.fpt, s.metrics.peak)  # the metrics' own MFU inputs
     if d.main:
         log.info(f"[train] {cfg.name or Path(cfg.source_file).stem}: {total} steps x {s.tps:,} tokens "
                  f"(grad_accum {cfg.grad_accum(s.world)}, world {s.world}) on {s.device.type} -> {stage_dir}")
