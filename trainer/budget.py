@@ -38,7 +38,7 @@ def stage_budget(cfg: Config, world_size: int = 1) -> list[SourceBudget]:
     total = cfg.total_tokens(world_size)
     names = [s.name for s in cfg.data.sources]
     schedule = MixtureSchedule(names, cfg.mixture(world_size), seq)
-    rows = np.floor(schedule.integral(np.array([total // seq], dtype=np.float64))[0] + 0.5).astype(np.int64)
+    rows = schedule.arrivals(np.array([total // seq], dtype=np.float64))[0]
     out = []
     for spec, n in zip(cfg.data.sources, rows.tolist()):
         if str(spec.path).startswith("s3://"):

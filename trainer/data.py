@@ -343,7 +343,7 @@ class MixtureLoader:
         hi = g0 + n + margin
         while True:
             b = np.arange(lo - 1, hi + 1, dtype=np.float64)
-            A = np.floor(self.schedule.integral(b) + 0.5).astype(np.int64)  # [buckets, S]
+            A = self.schedule.arrivals(b)  # [buckets, S]
             before = int(A[0].sum())  # arrivals in buckets < lo
             if before > g0 and lo > 1:
                 lo = max(1, lo - 4 * margin)

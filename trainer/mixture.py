@@ -80,6 +80,11 @@ class MixtureSchedule:
         t = (rows - self.x[i]) / (self.x[i + 1] - self.x[i])
         return self.w[i] + t * (self.w[i + 1] - self.w[i])
 
+    def arrivals(self, rows: np.ndarray) -> np.ndarray:
+        """A[b, s]: how many of the first b rows are source s, the integral rounded to the nearest
+        row (the rule the loader assigns rows by, and the budget counts them by)."""
+        return np.floor(self.integral(rows) + 0.5).astype(np.int64)
+
     def integral(self, rows: np.ndarray) -> np.ndarray:
         """E[b, s]: expected number of rows of source s among the first b rows (b may be fractional)."""
         b = np.asarray(rows, dtype=np.float64)
