@@ -3,6 +3,7 @@ misleading table before its fix. Kept fast (tiny models, in-process CLIs)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,16 @@ def test_resume_with_changed_settings_is_one_line(finished_run, capsys):
     assert rc == 2
     assert "cannot resume with these settings" in err and "train.steps 4" in err, err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_resume_with_another_optimizer_is_one_line(finished_run, capsys):
+    cur, run_dir = finished_run
+    (run_dir / "DONE").unlink()
+    shutil.rmtree(run_dir / "checkpoints" / "step_0000004")
+    rc, out, err = trainhelp.train([cur, "--run-dir", run_dir, "--resume", "optim.name=muon"], capsys)
+    assert rc == 2, err
+    assert "cannot resume with optim.name muon" in err and "resume with optim.name=adamw" in err, err
+    assert "train.init_from=" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_bad_tokenizer_path_fails_before_training(tmp_path, capsys):

@@ -100,11 +100,3 @@ def load_checkpoint(model, opt, ckpt: Path) -> None:
     dcp.load(state, checkpoint_id=ckpt / OPTIMIZER_DIR)
     set_optimizer_state_dict(model, opt, state["optimizer"])
 
-
-def check_resume(ckpt: Path, saved: dict, cfg: Config) -> None:
-    """The optimizer state is a DCP folder under fsdp and a tensor dict in train_state.pt under ddp."""
-    was = saved.get("train", {}).get("parallel", "ddp")
-    if was != cfg.train.parallel:
-        raise ConfigError(f"{ckpt}: cannot resume with train.parallel {cfg.train.parallel}: the run's optimizer "
-                          f"state was saved under {was}; resume with train.parallel={was}, or start a new run "
-                          f"with train.init_from={ckpt}")

@@ -37,7 +37,7 @@ from .config import Config, ConfigError, load_curriculum
 from .hf import resolve_hub
 from .log import log, setup as setup_logging
 from .loggers import open_loggers
-from .parallel import GradSync, check_resume, gather_for_checkpoint, is_sharded, load_checkpoint, shard_model
+from .parallel import GradSync, gather_for_checkpoint, is_sharded, load_checkpoint, shard_model
 from .upload import Uploader, fetch_init, fetch_resume
 from .metrics import MetricsLog, Progress, fmt_count, peak_flops, plot
 from .optim import build_optimizer
@@ -366,10 +366,14 @@ def restore(ckpt: Path, cfg: Config, world: int, model, opt, loader, device, d: 
     st = TrainState.load(ckpt)
     saved = json.loads((ckpt / "config.json").read_text())
     changes = config_changes(saved, checkpoint_config(cfg, world))
-    if saved.get("optim", {}).get("name") != cfg.optim.name:
-        raise ConfigError(f"{ckpt}: cannot resume with optim.name {cfg.optim.name}: the run's optimizer state is "
-                          f"{saved.get('optim', {}).get('name')}'s; start a new run with train.init_from={ckpt}")
-    check_resume(ckpt, saved, cfg)
+    # the optimizer state is one optimizer's, and a DCP folder under fsdp but a tensor dict under ddp
+    for section, key, now, default in (("optim", "name", cfg.optim.name, None),
+                                       ("train", "parallel", cfg.train.parallel, "ddp")):
+        was = saved.get(section, {}).get(key, default)
+        if was != now:
+            raise ConfigError(f"{ckpt}: cannot resume with {section}.{key} {now}: the run's optimizer state was "
+                              f"saved with {section}.{key} {was}; resume with {section}.{key}={was}, or start a "
+                              f"new run with train.init_from={ckpt}")
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     try:
         if cfg.train.parallel == "fsdp":  # sharded optimizer state through DCP, resharded to this world
