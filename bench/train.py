@@ -65,14 +65,15 @@ def curriculum(path: Path, shards: str, a: argparse.Namespace) -> Path:
     return path
 
 
-def time_ours(cur: Path, run_dir: Path, a) -> float:
+def step_times(cur: Path, run_dir: Path, warmup: int, extra=()) -> list[float]:
+    """Seconds of each step after the first `warmup`, from a trainer run's metrics rows (one per step,
+    stamped after it)."""
+    from trainer.metrics import MetricsLog
     from trainer.run import main
 
-    rc = main([str(cur), "--run-dir", str(run_dir), "--overwrite"])
-    assert rc == 0
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    t = [r["time"] for r in rows if r["type"] == "train"]  # one row per step, stamped after the step
-    return [b - a_ for a_, b in zip(t[a.warmup - 1 :], t[a.warmup :])]
+    assert main([str(cur), *map(str, extra), "--run-dir", str(run_dir), "--overwrite"]) == 0
+    t = [r["time"] for r in MetricsLog(run_dir, enabled=False).rows() if r["type"] == "train"]
+    return [b - a for a, b in zip(t[warmup - 1 :], t[warmup:])]
 
 
 def time_plain(cur: Path, a) -> float:
@@ -127,9 +128,9 @@ def main():
         for r in range(a.repeats):
             if r % 2:  # alternate the order so neither side always runs second
                 p_t = time_plain(cur, a)
-                o_t = time_ours(cur, tmp / f"run{r}", a)
+                o_t = step_times(cur, tmp / f"run{r}", a.warmup)
             else:
-                o_t = time_ours(cur, tmp / f"run{r}", a)
+                o_t = step_times(cur, tmp / f"run{r}", a.warmup)
                 p_t = time_plain(cur, a)
             ours += o_t
             plain += p_t

@@ -27,22 +27,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.train import curriculum, synth_shards  # noqa: E402
+from bench.train import curriculum, step_times, synth_shards  # noqa: E402
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def step_times(cur: Path, run_dir: Path, extra: list[str]) -> list[float]:
-    from trainer.run import main
-
-    assert main([str(cur), *extra, "--run-dir", str(run_dir), "--overwrite"]) == 0
-    t = [json.loads(line)["time"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-         if json.loads(line)["type"] == "train"]
-    return [b - a for a, b in zip(t[1:], t[2:])]  # step 1 includes start-up
 
 
 def main():
@@ -78,7 +69,7 @@ def main():
             plain, upload = [], []
             for r in range(a.repeats):  # alternate, so neither side always runs second
                 for name in (("plain", "upload") if r % 2 == 0 else ("upload", "plain")):
-                    t = step_times(cur, tmp / name, up if name == "upload" else [])
+                    t = step_times(cur, tmp / name, 2, up if name == "upload" else [])  # step 1 includes start-up
                     (upload if name == "upload" else plain).extend(t)
                     print(f"repeat {r} {name:7s}: median step {statistics.median(t) * 1e3:.1f} ms, "
                           f"mean {statistics.mean(t) * 1e3:.1f} ms", flush=True)
