@@ -15,14 +15,14 @@ from datatrove.data import Document
 
 from corpus_samples import CORPORA, LAYOUT, ROWS, TEXT_KEY, _texts, finemath, fineweb_edu, write_all, write_sample
 from pipelines import train_tokenizer
-from pipelines.cli import build_parser, read_stats
+from pipelines.cli import build_parser
 from pipelines.spec import job_from_args
 from pipelines.readers import InputError
 from pipelines.steps import assign_split
 from shards.manifest import read_manifest
 from shards.reader import open_split
 from shards.tokenizers import get_tokenizer
-from trainhelp import train
+from trainhelp import tokenize_stats, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,11 +71,6 @@ def test_corpus_module_tokenizes_every_row_from_its_text_column(atom, corpus):
     assert sorted(decoded["val"]) == want_val and 0 < len(want_val) < ROWS
 
 
-def _stats(out: Path) -> dict:
-    merged = {}
-    for _, s in read_stats(str(out / "logs" / "tokenize")):
-        merged.update(s)
-    return merged
 
 
 def test_score_thresholds_are_counted_like_filters(atom, tmp_path):
@@ -85,14 +80,14 @@ def test_score_thresholds_are_counted_like_filters(atom, tmp_path):
     assert run("fineweb-edu", "tokenize", "--input", edu, "--output", tmp_path / "edu", "--tokenizer", root / "tok",
                "--val-fraction", 0, "--min-int-score", 3, "--workers", 1) == 0
     m = read_manifest(tmp_path / "edu")
-    s = _stats(tmp_path / "edu")
+    s = tokenize_stats(tmp_path / "edu")
     assert m.splits["train"].documents == sum(i >= 3 for i in ints) == 24
     assert s["dropped_below_int_score"] == 16 and "score: int_score >= 3" in m.filters
     scores = [3.0 + (j % 5) * 0.4 for j in range(39)] + [None]  # one row without a score
     fm = write_sample(tmp_path / "raw", "finemath-3plus", table=finemath(_texts(2, 40), scores=scores))
     assert run("finemath-3plus", "tokenize", "--input", fm, "--output", tmp_path / "fm", "--tokenizer", root / "tok",
                "--val-fraction", 0, "--min-score", 3.5, "--workers", 1) == 0
-    s = _stats(tmp_path / "fm")
+    s = tokenize_stats(tmp_path / "fm")
     kept = sum(x is not None and x >= 3.5 for x in scores)
     assert read_manifest(tmp_path / "fm").splits["train"].documents == kept == 23
     assert s["dropped_below_score"] == 16 and s["dropped_no_score"] == 1

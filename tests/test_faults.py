@@ -13,7 +13,7 @@ import torch
 
 import trainhelp
 import trainer.run as trun
-from trainhelp import train
+from trainhelp import tokenize_stats, train
 
 
 class Crash(Exception):
@@ -382,14 +382,6 @@ def test_a_mixture_of_more_shards_than_open_files_allowed_trains(tmp_path):
 # ===================================================================================== pipelines
 
 
-def _stats(out) -> dict:
-    from pipelines.cli import read_stats
-
-    merged = {}
-    for _name, s in read_stats(str(out / "logs" / "tokenize")):
-        for k, v in s.items():
-            merged[k] = merged.get(k, 0) + v
-    return merged
 
 
 def _texts(n, seed=0):
@@ -426,7 +418,7 @@ def test_parquet_with_a_damaged_page_is_a_counted_named_skip(tmp_path, tok_json,
     assert _tokenize(inp, tmp_path / "out", "--tokenizer", tok_json) == 0
     err = capfd.readouterr().err
     assert "bad.parquet" in err and "unreadable at row" in err and "Traceback" not in err, err[-3000:]
-    s = _stats(tmp_path / "out")
+    s = tokenize_stats(tmp_path / "out")
     assert s["skipped_unreadable"] == 1 and s["skipped_unreadable_rows"] == 50 == 300 - s["train_documents"]
     # every good row, and bad.parquet's row groups 0 and 2: only the damaged one is lost
 
@@ -457,7 +449,7 @@ def test_truncated_jsonl_gz_keeps_and_counts_its_readable_rows(tmp_path, tok_jso
     capfd.readouterr()
     assert _tokenize(inp, tmp_path / "out", "--tokenizer", tok_json) == 0
     err = capfd.readouterr().err
-    s = _stats(tmp_path / "out")
+    s = tokenize_stats(tmp_path / "out")
     assert s["skipped_unreadable"] == 1 and 80 <= s["train_documents"] < 100, s
     assert f"cut.jsonl.gz: unreadable at row {s['train_documents']}" in err, err[-3000:]
 

@@ -25,6 +25,7 @@ from pipelines.steps import HashSplit, TokenizeShards, assign_split, hash_fracti
 from shards.format import open_shard, read_metadata
 from shards.manifest import read_manifest
 from shards.reader import open_split
+from trainhelp import tokenize_stats
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -303,14 +304,6 @@ def test_unreadable_file_exit_2(tmp_path, capsys):
     assert str(p) in capsys.readouterr().err
 
 
-def _stats(out: Path) -> dict:
-    from pipelines.cli import read_stats
-
-    merged = {}
-    for _name, s in read_stats(out / "logs" / "tokenize"):
-        for k, v in s.items():
-            merged[k] = merged.get(k, 0) + v
-    return merged
 
 
 def test_bad_rows_are_counted_and_named(tmp_path, capfd, bpe):
@@ -336,7 +329,7 @@ def test_bad_rows_are_counted_and_named(tmp_path, capfd, bpe):
     err = capfd.readouterr().err
     assert "rows.jsonl row 1: no 'text' field" in err
     assert "rows.jsonl row 2: invalid UTF-8" in err
-    s = _stats(tmp_path / "out")
+    s = tokenize_stats(tmp_path / "out")
     assert s["skipped_no_text"] == 2  # missing field + non-string
     assert s["skipped_invalid_utf8"] == 2  # raw bad byte + lone surrogate escape
     assert s["skipped_empty"] == 2
@@ -348,7 +341,7 @@ def test_bad_rows_are_counted_and_named(tmp_path, capfd, bpe):
     # replace/truncate policies keep those rows instead, still counted
     assert tokenize(inp, tmp_path / "out2", "--tokenizer", bpe, "--val-fraction", 0, "--max-doc-tokens", 500,
                     "--invalid-utf8", "replace", "--too-long", "truncate") == 0
-    s2 = _stats(tmp_path / "out2")
+    s2 = tokenize_stats(tmp_path / "out2")
     assert s2["replaced_invalid_utf8"] == 2 and s2["truncated_too_long"] == 1
     docs = list(open_split(tmp_path / "out2", "train").documents_iter())
     assert len(docs) == 5 and max(len(d) for d in docs) == 500 and docs[-2][-1] == tok.eos_id
@@ -379,7 +372,7 @@ def test_parquet_input_and_position_ids(tmp_path, texts, bpe):
     tok = get_tokenizer(bpe)
     val = sorted(decoded_split(tmp_path / "out", "val", tok))
     assert val == sorted(t for t in rows if assign_split(t, 1337, 0.3) == "val")  # text-keyed: no ids
-    s = _stats(tmp_path / "out")
+    s = tokenize_stats(tmp_path / "out")
     assert s["key_text"] == 300 and s.get("key_id", 0) == 0
 
 

@@ -277,3 +277,14 @@ class StoppableS3:
 
         urllib.request.urlopen(urllib.request.Request(self.endpoint + path, data=data, method="POST",
                                                       headers={"Content-Type": "text/plain"})).read()
+
+
+def tokenize_stats(out: Path) -> dict:
+    """A tokenize run's stats (OUT/logs/tokenize), every task's and step's counts summed by label."""
+    from pipelines.cli import read_stats
+
+    merged = {}
+    for _name, s in read_stats(str(Path(out) / "logs" / "tokenize")):
+        for k, v in s.items():
+            merged[k] = merged.get(k, 0) + v
+    return merged
