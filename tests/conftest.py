@@ -140,3 +140,13 @@ def _loguru_to_the_live_stderr():
     yield
     if "datatrove.utils.logging" in sys.modules:
         sys.modules["datatrove.utils.logging"].setup_default_logger()
+
+
+@pytest.fixture(autouse=True)
+def _no_torchrun_env(monkeypatch):
+    """A test of one process never sees torchrun's variables (a suite started under torchrun, or a
+    test that set them): the trainer reads WORLD_SIZE even in a dry run."""
+    from trainhelp import TORCHRUN_VARS
+
+    for k in TORCHRUN_VARS:
+        monkeypatch.delenv(k, raising=False)

@@ -39,10 +39,10 @@ def curriculum(tmp_path: Path, steps: int, **over) -> tuple[Path, dict]:
         {"a": a, "b": b}
 
 
-def test_budget_numbers_against_independent_counts(tmp_path, capsys, monkeypatch):
+def test_budget_numbers_against_independent_counts(tmp_path, capsys):
     steps = 60
     path, dirs = curriculum(tmp_path, steps)
-    rc, out, _ = train([path, "--dry-run", "--json"], capsys, monkeypatch)
+    rc, out, _ = train([path, "--dry-run", "--json"], capsys)
     assert rc == 0
     got = {s["name"]: s for s in json.loads(out.strip().splitlines()[-1])["sources"]}
     rows = steps * ROWS_PER_STEP
@@ -56,12 +56,12 @@ def test_budget_numbers_against_independent_counts(tmp_path, capsys, monkeypatch
     assert len(warnings) == 1 and warnings[0].startswith("warning: source 'a'") and "repeated" in warnings[0]
 
 
-def test_staged_curriculum_per_stage_and_summed(tmp_path, capsys, monkeypatch):
+def test_staged_curriculum_per_stage_and_summed(tmp_path, capsys):
     path, dirs = curriculum(tmp_path, 10)
     raw = yaml.safe_load(path.read_text())
     raw["stages"] = [{"name": "one"}, {"name": "two", "train": {"steps": 20}}]
     path.write_text(yaml.safe_dump(raw))
-    rc, out, _ = train([path, "--dry-run", "--json"], capsys, monkeypatch)
+    rc, out, _ = train([path, "--dry-run", "--json"], capsys)
     assert rc == 0
     j = json.loads(out.strip().splitlines()[-1])
     one, two = ({s["name"]: s for s in st["sources"]} for st in j["stages"])
@@ -72,12 +72,12 @@ def test_staged_curriculum_per_stage_and_summed(tmp_path, capsys, monkeypatch):
         assert two[n]["tokens_planned"] >= 2 * one[n]["tokens_planned"] - SEQ
 
 
-def test_missing_or_empty_source_stops_the_dry_run(tmp_path, capsys, monkeypatch):
+def test_missing_or_empty_source_stops_the_dry_run(tmp_path, capsys):
     path, dirs = curriculum(tmp_path, 10)
     raw = yaml.safe_load(path.read_text())
     raw["data"]["sources"][1]["path"] = str(tmp_path / "not-built")
     path.write_text(yaml.safe_dump(raw))
-    rc, _, err = train([path, "--dry-run", "--json"], capsys, monkeypatch)
+    rc, _, err = train([path, "--dry-run", "--json"], capsys)
     assert rc == 2 and err.strip().count("\n") == 0
     assert err.startswith("error: source 'b'") and "not-built" in err
     empty = tmp_path / "empty"
@@ -85,7 +85,7 @@ def test_missing_or_empty_source_stops_the_dry_run(tmp_path, capsys, monkeypatch
     write_shards(empty, {}, TokenizerInfo("tiny", 64, "tiny-hash", 0), splits=("train",))
     raw["data"]["sources"][1]["path"] = str(empty)
     path.write_text(yaml.safe_dump(raw))
-    rc, _, err = train([path, "--dry-run", "--json"], capsys, monkeypatch)
+    rc, _, err = train([path, "--dry-run", "--json"], capsys)
     assert rc == 2 and err.startswith("error: source 'b'") and "no shards" in err
-    rc, out, _ = train([path, "--dry-run", "--json", "--skip-data"], capsys, monkeypatch)  # the rest still checks
+    rc, out, _ = train([path, "--dry-run", "--json", "--skip-data"], capsys)  # the rest still checks
     assert rc == 0 and "sources" not in json.loads(out.strip().splitlines()[-1])

@@ -104,10 +104,10 @@ CARDS = {
 
 
 @pytest.mark.parametrize("name", sorted(CARDS))
-def test_dry_run_json_every_curriculum(name, capsys, monkeypatch):
+def test_dry_run_json_every_curriculum(name, capsys):
     path = ROOT / "curricula" / name
     assert path.exists(), path
-    rc, out, _ = train([path, "--dry-run", "--json", "--skip-data"], capsys, monkeypatch)  # shards not built here
+    rc, out, _ = train([path, "--dry-run", "--json", "--skip-data"], capsys)  # shards not built here
     assert rc == 0
     lines = out.strip().splitlines()
     out = json.loads(lines[-1])
@@ -149,8 +149,8 @@ def test_model_section_is_typed_and_checked_at_load(tmp_path):
         load_curriculum(write(tmp_path, clash, "clash.yaml"))
 
 
-def test_multi_stage_dry_run_json_counts_all_stages(capsys, monkeypatch):
-    rc, out, _ = train([ROOT / "curricula" / "argonne-3.0.yaml", "--dry-run", "--json", "--skip-data"], capsys, monkeypatch)
+def test_multi_stage_dry_run_json_counts_all_stages(capsys):
+    rc, out, _ = train([ROOT / "curricula" / "argonne-3.0.yaml", "--dry-run", "--json", "--skip-data"], capsys)
     assert rc == 0
     out = json.loads(out.strip().splitlines()[-1])
     s1, s2 = out["stages"]

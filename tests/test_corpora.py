@@ -187,7 +187,7 @@ def test_url_filter_reads_the_url_inside_meta(monkeypatch):
     assert judged == ["https://c.org"]
 
 
-def test_atom_end_to_end(atom, tmp_path, capsys, monkeypatch):
+def test_atom_end_to_end(atom, tmp_path, capsys):
     root, _ = atom
     over = [f"data.sources.{i}.path={root / 'shards' / c}" for i, c in enumerate(CORPORA)] + [
         f"tokenizer.path={root / 'tok'}", "train.steps=3", "train.compile=false", "train.device=cpu",
@@ -195,7 +195,7 @@ def test_atom_end_to_end(atom, tmp_path, capsys, monkeypatch):
         "schedule.warmup=1", "schedule.cooldown=1", "eval.every=0", "eval.batches=1", "checkpoint.every=0",
         "sample.max_new_tokens=4"]
     atom_yaml = str(ROOT / "curricula" / "atom.yaml")
-    rc, out, _ = train([atom_yaml, *over, "--dry-run", "--json"], capsys, monkeypatch)
+    rc, out, _ = train([atom_yaml, *over, "--dry-run", "--json"], capsys)
     assert rc == 0
     assert "data budget (train split)" in out
     budget = json.loads(out.strip().splitlines()[-1])["sources"]
@@ -203,7 +203,7 @@ def test_atom_end_to_end(atom, tmp_path, capsys, monkeypatch):
     for b, c in zip(budget, CORPORA):
         assert b["tokens_available"] == read_manifest(root / "shards" / c).splits["train"].tokens > 0
     assert sum(b["tokens_planned"] for b in budget) == 3 * 128
-    assert train([atom_yaml, *over, "--run-dir", tmp_path / "run"], capsys, monkeypatch)[0] == 0
+    assert train([atom_yaml, *over, "--run-dir", tmp_path / "run"], capsys)[0] == 0
     assert (tmp_path / "run" / "DONE").exists()
 
 

@@ -126,23 +126,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+TORCHRUN_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
+
+
 def env() -> dict:
     """The test's environment without any torchrun variables, one thread per process."""
     e = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+    for k in TORCHRUN_VARS:
         e.pop(k, None)
     return e
 
 
-def train(args, capsys=None, monkeypatch=None) -> tuple[int, str, str]:
+def train(args, capsys=None) -> tuple[int, str, str]:
     """`trainer.run.main(ARGS)` in this process: (exit code, stdout, stderr), the output read from
-    `capsys` ("" without it). With `monkeypatch`, torchrun's variables are removed first (a dry run
-    reads WORLD_SIZE). `run` is the same launch as a real process, or several under torchrun."""
+    `capsys` ("" without it); conftest keeps torchrun's variables out of every test. `run` is the same
+    launch as a real process, or several under torchrun."""
     from trainer.run import main
 
-    if monkeypatch is not None:
-        for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-            monkeypatch.delenv(k, raising=False)
     rc = main([str(a) for a in args])
     if capsys is None:
         return rc, "", ""
