@@ -38,31 +38,22 @@ ROWS = {
 
 
 def _tokenizer(root: Path) -> Path:
-    """A 4,096-id byte-level BPE trained on Python's own docs (Atom's vocabulary size), offline."""
+    """Atom's tokenizer shape (4,096-id byte-level BPE, `pipelines.train_tokenizer`) trained on
+    Python's own docs, offline."""
     from pydoc_data.topics import topics
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([topics[k] for k in sorted(topics)], trainers.BpeTrainer(
-        vocab_size=4096, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    path = root / "tokenizer.json"
-    tok.save(str(path))
-    return path
+    from pipelines.train_tokenizer import train
+
+    return train([topics[k] for k in sorted(topics)], root / "tokenizer")
 
 
 def _run_dir(root: Path, name: str, section: dict, tokenizer: Path):
-    """A run dir with one checkpoint of a random model, as the trainer writes it."""
-    from safetensors.torch import save_model
+    """A run dir with one checkpoint of a random model, written by the trainer's own checkpoint code."""
+    from trainer.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     model = build_model(section).eval()
-    ck = root / name / "checkpoints" / "step_0000001"
-    ck.mkdir(parents=True)
-    save_model(model, str(ck / "model.safetensors"))
-    (ck / "config.json").write_text(json.dumps({"model": section, "tokenizer": {"name": str(tokenizer)}}))
+    save_checkpoint(root / name, 1, model, {}, {"model": section, "tokenizer": {"name": str(tokenizer)}})
     return root / name, model
 
 
