@@ -26,13 +26,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from shards.manifest import TokenizerInfo, write_source  # noqa: E402
-from trainer.data import MixtureLoader, MixturePoint, SourceSpec  # noqa: E402
+from trainer.data import MixtureLoader, SourceSpec  # noqa: E402
 
 
-def atom_curriculum() -> dict:
-    import yaml
+def atom_curriculum():
+    """curricula/atom.yaml as the trainer reads it (its schedule, batch and token budget derived by
+    trainer.config, not here)."""
+    from trainer.config import load_curriculum
 
-    return yaml.safe_load((ROOT / "curricula" / "atom.yaml").read_text())
+    return load_curriculum(ROOT / "curricula" / "atom.yaml")[0]
 
 
 def make_sources(root: Path, names, tokens_per_source: int, vocab: int, docs_per_shard=2000, shards=2):
@@ -87,13 +89,13 @@ def time_plain_gather(path: Path, seq_len: int, micro_batch: int, n_batches: int
             "ms_per_batch": 1e3 * best / n_batches, "rows_shape": list(rows.shape)}
 
 
-def time_atom(cfg: dict, loader, micro_batch: int, steps: int) -> dict:
+def time_atom(cfg, loader, micro_batch: int, steps: int) -> dict:
     import torch
 
     from trainer.models import build_model
 
     torch.manual_seed(0)
-    model = build_model(dict(cfg["model"]))
+    model = build_model(dict(cfg.model))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     x, y, _, _ = loader.batch(0, 0)
     x, y = x[:micro_batch], y[:micro_batch]
@@ -127,11 +129,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     cfg = atom_curriculum()
-    names = [s["name"] for s in cfg["data"]["sources"]]
-    schedule = [MixturePoint(pt["at"] * float(cfg["train"]["tokens"]), pt["weights"]) for pt in cfg["data"]["schedule"]]
-    seq_len, mb = cfg["batch"]["seq_len"], cfg["batch"]["micro_batch"]
-    accum = cfg["batch"]["tokens_per_step"] // (seq_len * mb)
-    vocab = cfg["model"]["vocab_size"]
+    names = [s.name for s in cfg.data.sources]
+    schedule = cfg.mixture()
+    seq_len, mb, accum = cfg.batch.seq_len, cfg.batch.micro_batch, cfg.grad_accum()
+    vocab = cfg.model["vocab_size"]
     results: dict = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                                  "python": platform.python_version(), "loadavg_start": os.getloadavg()},
                      "shape": {"seq_len": seq_len, "micro_batch": mb, "grad_accum": accum, "sources": names}}
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
         make_sources(Path(tmp), names, args.tokens_per_source, vocab)
         results["setup_seconds"] = time.perf_counter() - t0
         specs = [SourceSpec(n, str(Path(tmp) / n)) for n in names]
-        total = float(cfg["train"]["tokens"])
+        total = cfg.total_tokens()
         for packing in ("stream", "document"):
             loader = MixtureLoader(specs, schedule, seq_len, mb, seed=1337, rank=0, world_size=1,
                                    total_tokens=total, grad_accum=accum, packing=packing, vocab_size=vocab)
