@@ -186,7 +186,7 @@ def _tree_rss(root: int) -> int:
 
 
 def run_child(cfg: dict) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS="", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
     if cfg["kind"] == "datatrove":
         env["RAYON_NUM_THREADS"] = str(cfg["threads"])  # HF tokenizers' pool: W tasks x this many threads
     proc = subprocess.Popen([sys.executable, "-m", "bench.tokenize", "--child", json.dumps(cfg)], stdout=subprocess.PIPE,

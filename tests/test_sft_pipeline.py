@@ -220,11 +220,12 @@ def test_one_tokenize_step_skips_long_conversations_and_counts_loss_tokens(tmp_p
     convs = conversations()
     pq.write_table(pa.table({"messages": convs}), tmp_path / "chats.parquet")
     out = tmp_path / "o"
-    lengths = sorted(len(chat_ids) for chat_ids, _ in _reference_encode(convs))
+    encoded = _reference_encode(convs)
+    lengths = sorted(len(ids) for ids, _ in encoded)
     limit = lengths[len(lengths) // 2]  # about half the conversations are longer
     run(["tokenize", "--input", str(tmp_path / "chats.parquet"), "--output", str(out), "--tokenizer", "cl100k",
          "--tasks", "1", "--workers", "1", "--val-fraction", "0", "--max-doc-tokens", str(limit)])
-    kept = [(ids, m) for ids, m in _reference_encode(convs) if len(ids) <= limit]
+    kept = [(ids, m) for ids, m in encoded if len(ids) <= limit]
     stats = dict(read_stats(str(out / "logs" / "tokenize")))
     step = next(v for k, v in stats.items() if "Token shards" in k)
     assert step["skipped_too_long"] == len(convs) - len(kept)
