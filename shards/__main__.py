@@ -8,7 +8,6 @@ Every command is an argparse sub-parser with `set_defaults(func=handler)`, `hand
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from .adopt import add_adopt_command
@@ -50,18 +49,9 @@ def _run(fn) -> int:
 
 def _cmd_upload(args) -> int:
     if args.listing:  # not a dataset: the JSON {file: sha256} names what to send, and goes last
-        from pathlib import Path
-
         from .storage import upload_files
 
-        def send():
-            try:
-                files = json.loads((Path(args.dir) / args.listing).read_text())
-            except (OSError, ValueError) as e:
-                raise StorageError(f"{Path(args.dir) / args.listing}: unreadable ({e})") from None
-            return upload_files(args.dir, args.uri, files, args.listing, **_kwargs(args))
-
-        return _run(send)
+        return _run(lambda: upload_files(args.dir, args.uri, args.listing, **_kwargs(args)))
     return _run(lambda: upload(args.dir, args.uri, force=args.force, **_kwargs(args)))
 
 

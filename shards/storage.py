@@ -153,11 +153,7 @@ def upload(local_dir: str | Path, uri: str, endpoint_url: str | None = None, pro
     manifest_bytes: bytes | None = None
     if mpath.exists():
         manifest_bytes = mpath.read_bytes()
-        try:
-            manifest = Manifest.from_dict(json.loads(manifest_bytes), str(mpath))
-        except (ValueError, json.JSONDecodeError) as e:
-            raise StorageError(f"{mpath}: unreadable manifest ({e})") from None
-        expected = {_safe_rel(rel, str(mpath)): (e.bytes, e.sha256) for rel, e in manifest.files.items()}
+        expected = {_safe_rel(rel, str(mpath)): v for rel, v in manifest_files(manifest_bytes, str(mpath)).items()}
     elif force:
         rels = sorted(p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*")
                       if p.is_file() and not p.name.endswith((".part", ".tmp")))
@@ -170,20 +166,44 @@ def upload(local_dir: str | Path, uri: str, endpoint_url: str | None = None, pro
                    multipart_threshold, multipart_chunksize, max_attempts, file_attempts, progress)
 
 
-def upload_files(local_dir: str | Path, uri: str, files: dict[str, str], last: str, endpoint_url: str | None = None,
+def parse_listing(data: bytes, where: str) -> dict[str, str]:
+    """A JSON {file: sha256} listing (a checkpoint's checksums.json), or a StorageError naming `where`."""
+    try:
+        sums = json.loads(data)
+    except ValueError as e:
+        raise StorageError(f"{where}: unreadable ({e})") from None
+    if not isinstance(sums, dict):
+        raise StorageError(f"{where}: not a JSON object of file: sha256")
+    return sums
+
+
+def manifest_files(data: bytes, where: str) -> dict[str, tuple[int, str]]:
+    """{file: (bytes, sha256)} from a manifest's bytes, or a StorageError naming `where`."""
+    try:
+        manifest = Manifest.from_dict(json.loads(data), where)
+    except (ValueError, json.JSONDecodeError) as e:
+        raise StorageError(f"{where}: unreadable manifest ({e})") from None
+    return {rel: (e.bytes, e.sha256) for rel, e in manifest.files.items()}
+
+
+def upload_files(local_dir: str | Path, uri: str, last: str, endpoint_url: str | None = None,
                  profile: str | None = None, region: str | None = None, workers: int = 8, *,
                  multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
                  multipart_chunksize: int = DEFAULT_MULTIPART_CHUNKSIZE, max_attempts: int = 5,
                  file_attempts: int = 3, progress: bool = True) -> TransferSummary:
-    """`upload` for a folder that is not a shard dataset (a checkpoint): `files` maps each relative
-    path to the sha256 it must have (checked before sending, verified once stored), and `last`, the
-    file that lists them (a checkpoint's checksums.json), goes last: its presence says complete."""
+    """`upload` for a folder that is not a shard dataset (a checkpoint): `last`, the file in it that
+    lists each relative path with the sha256 it must have (a checkpoint's checksums.json: checked
+    before sending, verified once stored), goes last: its presence says complete."""
     t0 = time.time()
     local_dir = Path(local_dir)
-    where = str(local_dir / last)
-    expected = {_safe_rel(rel, where): ((local_dir / rel).stat().st_size if (local_dir / rel).is_file() else -1, sha)
-                for rel, sha in files.items()}
-    return _upload(local_dir, uri, expected, last, (local_dir / last).read_bytes(), t0, endpoint_url, profile,
+    path = local_dir / last
+    try:
+        last_bytes = path.read_bytes()
+    except OSError as e:
+        raise StorageError(f"{path}: unreadable ({e})") from None
+    expected = {_safe_rel(rel, str(path)): ((local_dir / rel).stat().st_size if (local_dir / rel).is_file() else -1, sha)
+                for rel, sha in parse_listing(last_bytes, str(path)).items()}
+    return _upload(local_dir, uri, expected, last, last_bytes, t0, endpoint_url, profile,
                    region, workers, multipart_threshold, multipart_chunksize, max_attempts, file_attempts, progress)
 
 
@@ -315,13 +335,6 @@ def download(uri: str, local_dir: str | Path, endpoint_url: str | None = None, p
     """Download a dataset whose manifest is at URI/manifest.json. Local files that already hash to
     the manifest are kept; each other file goes to NAME.part, is hashed, and renamed into place only
     if it matches; the manifest is written last."""
-    def manifest_files(data: bytes, where: str) -> dict[str, tuple[int | None, str]]:
-        try:
-            manifest = Manifest.from_dict(json.loads(data), where)
-        except (ValueError, json.JSONDecodeError) as e:
-            raise StorageError(f"{where}: unreadable manifest ({e})") from None
-        return {rel: (e.bytes, e.sha256) for rel, e in manifest.files.items()}
-
     return download_files(uri, local_dir, MANIFEST, manifest_files, endpoint_url, profile, region, workers,
                           multipart_threshold=multipart_threshold, multipart_chunksize=multipart_chunksize,
                           max_attempts=max_attempts, file_attempts=file_attempts, progress=progress)

@@ -111,7 +111,7 @@ def fetch_checkpoint(uri: str, dest_parent: Path, weights_only: bool = False, en
     """Download a remote checkpoint (URI ends in step_N) or the newest complete one of a remote run
     into dest_parent/step_N/, verified file by file against its checksums.json. Concurrent callers
     (every rank of a node) take turns: the first downloads, the others find verified files."""
-    from shards.storage import StorageError, download_files
+    from shards.storage import StorageError, download_files, parse_listing
 
     uri = uri.rstrip("/")
     name = uri.rsplit("/", 1)[-1]
@@ -123,11 +123,7 @@ def fetch_checkpoint(uri: str, dest_parent: Path, weights_only: bool = False, en
     wanted = WEIGHT_FILES if weights_only else None
 
     def files_of(data: bytes, where: str) -> dict[str, tuple[int | None, str]]:
-        try:
-            sums = json.loads(data)
-        except ValueError as e:
-            raise StorageError(f"{where}: unreadable ({e})") from None
-        return {rel: (None, sha) for rel, sha in sums.items() if wanted is None or rel in wanted}
+        return {rel: (None, sha) for rel, sha in parse_listing(data, where).items() if wanted is None or rel in wanted}
 
     dest = Path(dest_parent) / name
     dest.parent.mkdir(parents=True, exist_ok=True)
