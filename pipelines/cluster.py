@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .readers import CountingJsonlReader, InputError, input_files
+from .readers import FOLDER_GLOB, InputError, input_files, reader_for
 
 
 def check_sbatch() -> None:
@@ -40,8 +40,8 @@ def queued_reader(read, storage_options: dict | None):
     `read` a pipelines.spec.ReadSpec); it lists its files when its own job starts."""
     from .filters import folder
 
-    return CountingJsonlReader(folder(read.path, storage_options or None), limit=read.limit, text_key="text",
-                               id_key="id", glob_pattern="**/*.json*", invalid_utf8=read.invalid_utf8)
+    return reader_for(folder(read.path, storage_options or None), "jsonl", FOLDER_GLOB["jsonl"], limit=read.limit,
+                      invalid_utf8=read.invalid_utf8)
 
 
 def count_input_files(reader) -> int | None:

@@ -56,6 +56,7 @@ use_fast_dependency_check()  # here: every process that builds or unpickles our 
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".jsonl.bz2")
 PARQUET_SUFFIXES = (".parquet",)
+FOLDER_GLOB = {"parquet": "**/*.parquet", "jsonl": "**/*.json*"}  # a folder input's files, by format
 MAX_LOGGED = 5
 
 
@@ -359,7 +360,7 @@ def resolve_input(path: str, storage_options: dict | None = None) -> tuple[objec
     for f in files:
         _check_decompresses(f)
     fmt = fmts.pop()
-    return str(p), fmt, "**/*.parquet" if fmt == "parquet" else "**/*.json*"
+    return str(p), fmt, FOLDER_GLOB[fmt]
 
 
 def _check_decompresses(f: Path) -> None:
@@ -410,7 +411,7 @@ def _resolve_remote(uri: str, storage_options: dict):
     if len(fmts) > 1:
         raise InputError(f"input {uri} mixes parquet and jsonl objects")
     fmt = fmts.pop()
-    return (uri, storage_options), fmt, "**/*.parquet" if fmt == "parquet" else "**/*.json*"
+    return (uri, storage_options), fmt, FOLDER_GLOB[fmt]
 
 
 def input_files(reader) -> list[list]:
@@ -430,7 +431,13 @@ def input_files(reader) -> list[list]:
 def make_reader(path: str, limit: int = -1, text_key: str = "text", id_key: str = "id",
                 invalid_utf8: str = "skip", storage_options: dict | None = None):
     """A counted reader for a checked input (see `resolve_input`)."""
-    folder, fmt, glob = resolve_input(path, storage_options)
+    return reader_for(*resolve_input(path, storage_options), limit=limit, text_key=text_key, id_key=id_key,
+                      invalid_utf8=invalid_utf8)
+
+
+def reader_for(folder, fmt: str, glob: str | None, limit: int = -1, text_key: str = "text", id_key: str = "id",
+               invalid_utf8: str = "skip"):
+    """The counted reader of format `fmt` over `folder`, without checking it (make_reader checks first)."""
     common = dict(limit=limit, text_key=text_key, id_key=id_key, glob_pattern=glob)
     if fmt == "parquet":
         return CountingParquetReader(folder, **common)
