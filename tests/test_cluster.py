@@ -24,7 +24,7 @@ import pytest
 
 from pipelines.cli import main as cli_main
 from pipelines.fineweb import CORPUS
-from test_pipeline import paragraphs, shard_files, write_corpus
+from trainhelp import paragraphs, shard_files, write_corpus
 from trainhelp import free_port
 
 REPO = Path(__file__).resolve().parents[1]

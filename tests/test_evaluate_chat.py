@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from test_hf_export import make_run
+from trainhelp import make_run
 from trainer.chat import converse, fit_history, main as chat_main
 from trainer.export import export
 from trainer.generate import GenerationConfig

@@ -10,47 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_model
 
 from trainer import hf
 from trainer.checkpoint import find_weights, load_model, load_model_weights
 from trainer.export import export, main as export_main
 from trainer.generate import GenerationConfig, generate
 from trainer.models import build_model
+from trainhelp import ARCHS, make_run
 
 transformers = pytest.importorskip("transformers")
 torch.set_num_threads(2)
-
-BASE = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=128)
-ARCHS = {  # name -> (model section without vocab_size, exported as Llama?)
-    "atom-xsa": (dict(arch="dense", **BASE, rope_theta=5000.0, xsa_layers="all", attn_scale=0.2), False),
-    "atom-no-xsa": (dict(arch="dense", **BASE, rope_theta=5000.0), True),
-    "axiom-interleaved": (dict(arch="dense", **BASE, rope_layout="interleaved", init="depth_scaled"), True),
-    "argonne": (dict(arch="dense", **BASE, qk_norm=True, v_norm=True, sandwich_norm=True, logit_softcap=15.0,
-                     norm_eps=1e-6, init="fan_in"), False),
-    "hybrid": (dict(arch="hybrid", preset="hybrid-tiny"), False),
-}
-
-
-def make_run(root: Path, name: str, chat_bpe_json: Path, seed: int = 0, chat: bool = False) -> tuple[Path, torch.nn.Module]:
-    """A run dir in the trainer's layout holding one checkpoint of a random model whose norm weights
-    and gains are moved off their init (so a misplaced norm cannot go unnoticed)."""
-    section = {**ARCHS[name][0], "vocab_size": 384}
-    torch.manual_seed(seed)
-    model = build_model(section)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(torch.randn_like(p) * 0.2)
-    ck = root / name / "checkpoints" / "step_0000003"
-    ck.mkdir(parents=True)
-    save_model(model, str(ck / "model.safetensors"))
-    cfg = {"model": section, "tokenizer": {"name": "tiny-bpe", "path": str(chat_bpe_json)},
-           "data": {"sources": [{"name": "docs", "path": "x"}], "packing": "document" if chat else "stream"},
-           "sample": {"prompt": "The", "max_new_tokens": 16, "temperature": 0.7, "top_k": 20}}
-    (ck / "config.json").write_text(json.dumps(cfg))
-    return root / name, model.eval()
-
 
 def greedy_hf(model, prompt: list[int], n: int, eos: int) -> list[int]:
     out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=eos,

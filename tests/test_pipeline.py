@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 
 from pipelines.cli import main as cli_main
-from pipelines.demo import docstring_rows, topic_rows, train_bpe, write_jsonl_gz
+from pipelines.demo import train_bpe, write_jsonl_gz
 from pipelines.fineweb import CORPUS
 from pipelines.steps import HashSplit, TokenizeShards, assign_split, hash_fraction, split_key
 from shards.format import open_shard, read_metadata
 from shards.manifest import read_manifest
 from shards.reader import open_split
-from trainhelp import tokenize_stats
+from trainhelp import paragraphs, shard_files, tokenize_stats, write_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,42 +33,11 @@ REPO = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------------------ corpus
 
 
-# A fixed set of side-effect-free modules (the demo uses the whole stdlib).
-TEST_MODULES = """abc argparse ast base64 bisect calendar collections configparser contextlib csv dataclasses
-datetime decimal difflib email.message enum fractions functools gzip heapq inspect io ipaddress json
-logging mailbox math pathlib pickle random re shutil socket sqlite3 statistics string subprocess
-tarfile tempfile textwrap threading typing unittest urllib.parse zipfile""".split()
-
-
-def paragraphs(n: int | None = None) -> list[str]:
-    out, seen = [], set()
-    for row in topic_rows() + docstring_rows(TEST_MODULES, min_chars=80):
-        for para in row["text"].split("\n\n"):
-            para = para.strip()
-            if len(para) >= 40 and para not in seen:
-                seen.add(para)
-                out.append(para)
-    return out[:n] if n else out
-
-
 @pytest.fixture(scope="module")
 def texts():
     t = paragraphs(3000)
     assert len(t) >= 2500, len(t)
     return t
-
-
-def write_corpus(folder: Path, texts, files: int = 3, ids: bool = True, compress: bool = False) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(files):
-        rows = [{"text": t, **({"id": f"doc-{j}"} if ids else {})} for j, t in enumerate(texts) if j % files == i]
-        if compress:
-            write_jsonl_gz(rows, folder / f"{i:05d}.jsonl.gz")
-        else:
-            with open(folder / f"{i:05d}.jsonl", "w") as f:
-                for r in rows:
-                    f.write(json.dumps(r) + "\n")
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +50,6 @@ def bpe(tmp_path_factory, texts) -> str:
 
 def tokenize(inp, out, *extra) -> int:
     return cli_main(CORPUS, ["tokenize", "--input", str(inp), "--output", str(out), *map(str, extra)])
-
-
-def shard_files(d: Path) -> dict[str, bytes]:
-    """Every file of a shard dir except logs (they hold timestamps by design)."""
-    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*"))
-            if p.is_file() and "logs" not in p.relative_to(d).parts}
 
 
 def decoded_split(d: Path, split: str, tok) -> list[str]:

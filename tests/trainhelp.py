@@ -288,3 +288,89 @@ def tokenize_stats(out: Path) -> dict:
         for k, v in s.items():
             merged[k] = merged.get(k, 0) + v
     return merged
+
+
+# ------------------------------------------------------------------ model runs for export tests
+
+EXPORT_BASE = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=128)
+ARCHS = {  # name -> (model section without vocab_size, exported as Llama?)
+    "atom-xsa": (dict(arch="dense", **EXPORT_BASE, rope_theta=5000.0, xsa_layers="all", attn_scale=0.2), False),
+    "atom-no-xsa": (dict(arch="dense", **EXPORT_BASE, rope_theta=5000.0), True),
+    "axiom-interleaved": (dict(arch="dense", **EXPORT_BASE, rope_layout="interleaved", init="depth_scaled"), True),
+    "argonne": (dict(arch="dense", **EXPORT_BASE, qk_norm=True, v_norm=True, sandwich_norm=True, logit_softcap=15.0,
+                     norm_eps=1e-6, init="fan_in"), False),
+    "hybrid": (dict(arch="hybrid", preset="hybrid-tiny"), False),
+}
+
+
+def make_run(root: Path, name: str, chat_bpe_json: Path, seed: int = 0, chat: bool = False):
+    """A run dir in the trainer's layout holding one checkpoint of a random `ARCHS[name]` model whose
+    norm weights and gains are moved off their init (so a misplaced norm cannot go unnoticed):
+    (run dir, the model)."""
+    import torch
+    from safetensors.torch import save_model
+
+    from trainer.models import build_model
+
+    section = {**ARCHS[name][0], "vocab_size": 384}
+    torch.manual_seed(seed)
+    model = build_model(section)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.2)
+    ck = root / name / "checkpoints" / "step_0000003"
+    ck.mkdir(parents=True)
+    save_model(model, str(ck / "model.safetensors"))
+    cfg = {"model": section, "tokenizer": {"name": "tiny-bpe", "path": str(chat_bpe_json)},
+           "data": {"sources": [{"name": "docs", "path": "x"}], "packing": "document" if chat else "stream"},
+           "sample": {"prompt": "The", "max_new_tokens": 16, "temperature": 0.7, "top_k": 20}}
+    (ck / "config.json").write_text(json.dumps(cfg))
+    return root / name, model.eval()
+
+
+# ------------------------------------------------------------------ pipeline corpora
+
+
+# A fixed set of side-effect-free modules (the demo uses the whole stdlib).
+TEST_MODULES = """abc argparse ast base64 bisect calendar collections configparser contextlib csv dataclasses
+datetime decimal difflib email.message enum fractions functools gzip heapq inspect io ipaddress json
+logging mailbox math pathlib pickle random re shutil socket sqlite3 statistics string subprocess
+tarfile tempfile textwrap threading typing unittest urllib.parse zipfile""".split()
+
+
+def paragraphs(n: int | None = None) -> list[str]:
+    """Distinct paragraphs of Python's own docs (topics, then TEST_MODULES' docstrings): the pipeline
+    tests' corpus, no download."""
+    from pipelines.demo import docstring_rows, topic_rows
+
+    out, seen = [], set()
+    for row in topic_rows() + docstring_rows(TEST_MODULES, min_chars=80):
+        for para in row["text"].split("\n\n"):
+            para = para.strip()
+            if len(para) >= 40 and para not in seen:
+                seen.add(para)
+                out.append(para)
+    return out[:n] if n else out
+
+
+def write_corpus(folder: Path, texts, files: int = 3, ids: bool = True, compress: bool = False) -> Path:
+    """`texts` as JSONL rows (with ids doc-J unless not `ids`) dealt round-robin over `files` files."""
+    from pipelines.demo import write_jsonl_gz
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        rows = [{"text": t, **({"id": f"doc-{j}"} if ids else {})} for j, t in enumerate(texts) if j % files == i]
+        if compress:
+            write_jsonl_gz(rows, folder / f"{i:05d}.jsonl.gz")
+        else:
+            with open(folder / f"{i:05d}.jsonl", "w") as f:
+                for r in rows:
+                    f.write(json.dumps(r) + "\n")
+    return folder
+
+
+def shard_files(d: Path) -> dict[str, bytes]:
+    """Every file of a shard dir except logs (they hold timestamps by design)."""
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*"))
+            if p.is_file() and "logs" not in p.relative_to(d).parts}
