@@ -11,13 +11,11 @@ mapping, so adopted shards mix with our own shards of the same vocabulary howeve
 """
 from __future__ import annotations
 
-import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from .check import VerifyReport, _check_shard, format_verify
-from .format import METADATA, TOKENS, dtype_for_vocab, read_metadata, shard_file
+from .format import TOKENS, dtype_for_vocab, rename_tokenizer
 from .manifest import MANIFEST, Manifest, build_manifest, write_manifest
 
 
@@ -36,31 +34,14 @@ def foreign_shards(directory: Path, flat_split: str = "train") -> dict[str, list
 
 
 def check_shards(directory: Path, groups: dict[str, list[Path]], info) -> VerifyReport:
-    """Every shard checked against the tokenizer (`info`), each by its own metadata name."""
+    """Every shard checked against the tokenizer (`info`), whatever name its metadata gives it."""
     rep = VerifyReport(str(directory))
-    base = Manifest(tokenizer=info, dtype=dtype_for_vocab(info.vocab_size).name, splits={}, files={})
+    manifest = Manifest(tokenizer=info, dtype=dtype_for_vocab(info.vocab_size).name, splits={}, files={})
     for paths in groups.values():
         for ds in paths:
-            try:
-                own = read_metadata(ds).tokenizer
-            except (OSError, ValueError):
-                own = info.name  # _check_shard reports the metadata problem
-            rel = ds.relative_to(directory).as_posix()
-            _check_shard(directory, rel, None, replace(base, tokenizer=replace(info, name=own)), rep,
-                         loss_expected=False)
+            _check_shard(directory, ds.relative_to(directory).as_posix(), None, manifest, rep, loss_expected=False,
+                         check_name=False)
     return rep
-
-
-def rename_metadata(ds: Path, name: str) -> str:
-    """Set the tokenizer name in NAME.ds.metadata (atomically); returns the name it had."""
-    p = shard_file(ds, METADATA)
-    lines = p.read_text().splitlines()
-    old, size = lines[0].rsplit("|", 1)
-    if old != name:
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text("\n".join([f"{name}|{size}", *lines[1:]]))
-        os.replace(tmp, p)
-    return old
 
 
 def adopt(directory, tokenizer: str, tokenizer_path: str | None = None, split: str = "train",
@@ -85,7 +66,7 @@ def adopt(directory, tokenizer: str, tokenizer_path: str | None = None, split: s
     rep = check_shards(directory, groups, info)
     if not rep.ok:
         return None, rep
-    before = sorted({rename_metadata(ds, info.name) for paths in groups.values() for ds in paths})
+    before = sorted({rename_tokenizer(ds, info.name) for paths in groups.values() for ds in paths})
     extra = {"adopted": True, "tokenizer_names_in_metadata": before}
     if tokenizer_path:
         extra["tokenizer_path"] = resolved_name(tokenizer_path)

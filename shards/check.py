@@ -230,7 +230,10 @@ def _check_tokenizer(manifest: Manifest, rep: VerifyReport) -> None:
             rep.add(MANIFEST, f"tokenizer.{name} {getattr(t, name)!r}, but tokenizer '{t.name}' has {getattr(real, name)!r}")
 
 
-def _check_shard(directory: Path, rel: str, stats, manifest: Manifest, rep: VerifyReport, loss_expected: bool) -> None:
+def _check_shard(directory: Path, rel: str, stats, manifest: Manifest, rep: VerifyReport, loss_expected: bool,
+                 check_name: bool = True) -> None:
+    """One shard's problems into `rep`. check_name=False: the tokenizer name in its metadata is not
+    compared (`shards adopt` checks shards named by another tool, and then renames them)."""
     path = directory / rel
     dtype = np.dtype(manifest.dtype)
     names = {suffix: shard_file(rel, suffix).as_posix() for suffix in SUFFIXES}
@@ -243,7 +246,7 @@ def _check_shard(directory: Path, rel: str, stats, manifest: Manifest, rep: Veri
         meta = read_metadata(path)
         if meta.dtype != dtype:
             rep.add(names[METADATA], f"token_size {meta.token_size} ({meta.dtype.name}) but manifest dtype is {dtype.name}")
-        if meta.tokenizer != manifest.tokenizer.name:
+        if check_name and meta.tokenizer != manifest.tokenizer.name:
             rep.add(names[METADATA], f"tokenizer '{meta.tokenizer}' but manifest says '{manifest.tokenizer.name}'")
     except (OSError, ValueError) as e:
         rep.add(names[METADATA], str(e))

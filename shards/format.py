@@ -135,8 +135,7 @@ class ShardWriter:
                 f.flush()
                 os.fsync(f.fileno())
                 f.close()
-        meta = f"{self.tokenizer_name}|{self.dtype.itemsize}\n{self.tokens}\n{human_count(self.tokens)}"
-        self._tmp(METADATA).write_text(meta)
+        self._tmp(METADATA).write_text(metadata_text(ShardMetadata(self.tokenizer_name, self.dtype.itemsize, self.tokens)))
         # Metadata is renamed last: its presence marks a complete shard.
         for suffix in SUFFIXES:
             if suffix == LOSS and self._loss is None:
@@ -172,6 +171,24 @@ class ShardMetadata:
     @property
     def dtype(self) -> np.dtype:
         return np.dtype({2: "<u2", 4: "<u4"}[self.token_size])
+
+
+def metadata_text(meta: ShardMetadata) -> str:
+    """NAME.ds.metadata as datatrove writes it: 'tokenizer|token_size', the token count, the count in words."""
+    return f"{meta.tokenizer}|{meta.token_size}\n{meta.tokens}\n{human_count(meta.tokens)}"
+
+
+def rename_tokenizer(path: str | Path, name: str) -> str:
+    """Set the tokenizer name in NAME.ds.metadata (atomically; the other lines kept as written, by
+    whichever tool wrote them); returns the name it had."""
+    meta = read_metadata(path)
+    if meta.tokenizer != name:
+        p = shard_file(path, METADATA)
+        lines = p.read_text().splitlines()
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text("\n".join([f"{name}|{meta.token_size}", *lines[1:]]))
+        os.replace(tmp, p)
+    return meta.tokenizer
 
 
 def read_metadata(path: str | Path) -> ShardMetadata:
