@@ -231,16 +231,11 @@ def tokenize_spec(args) -> TokenizeSpec:
 
 
 def resolve_tokenizer(name: str, path: str | None) -> tuple[str, str | None]:
-    """(name_or_path, path) for shards.tokenizers.get_tokenizer; loads it once to fail early. A file
-    is given resolved, so the manifest names it from any folder (not relative to this one)."""
-    from shards.tokenizers import get_tokenizer, resolved_name
+    """shards.tokenizers.resolve_tokenizer (loaded once, to fail early), a bad one as an InputError."""
+    from shards.tokenizers import resolve_tokenizer as resolve
 
-    if path and name != "llama2" and (path.endswith(".json") or Path(path).is_dir()):
-        name, path = path, None  # --tokenizer-path tokenizer.json alone means "this file"
-    path = str(Path(path).expanduser().resolve()) if path else None
-    name = resolved_name(name)
     try:
-        get_tokenizer(name, path=path)
+        name, path, _ = resolve(name, path)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise InputError(f"tokenizer: {e}") from None
     return name, path

@@ -48,7 +48,7 @@ def adopt(directory, tokenizer: str, tokenizer_path: str | None = None, split: s
           source: str = "", force: bool = False) -> tuple[Manifest | None, VerifyReport]:
     """Check DIR's shards against the tokenizer and write DIR/manifest.json when they all pass.
     Returns (manifest, report); the manifest is None when the report has problems."""
-    from .tokenizers import get_tokenizer, resolved_name
+    from .tokenizers import resolve_tokenizer
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -59,7 +59,7 @@ def adopt(directory, tokenizer: str, tokenizer_path: str | None = None, split: s
     if not groups:
         raise AdoptError(f"{directory}: no .ds shard files found (in the folder or its subfolders)")
     try:
-        tok = get_tokenizer(resolved_name(tokenizer), path=resolved_name(tokenizer_path) if tokenizer_path else None)
+        tokenizer, tokenizer_path, tok = resolve_tokenizer(tokenizer, tokenizer_path)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise AdoptError(f"tokenizer: {e}") from None
     info = tok.info()
@@ -69,7 +69,7 @@ def adopt(directory, tokenizer: str, tokenizer_path: str | None = None, split: s
     before = sorted({rename_tokenizer(ds, info.name) for paths in groups.values() for ds in paths})
     extra = {"adopted": True, "tokenizer_names_in_metadata": before}
     if tokenizer_path:
-        extra["tokenizer_path"] = resolved_name(tokenizer_path)
+        extra["tokenizer_path"] = tokenizer_path
     manifest = build_manifest(directory, info, splits=tuple(groups), source=source or str(directory.resolve()),
                               extra=extra, shards=groups)
     write_manifest(directory, manifest)

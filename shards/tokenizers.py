@@ -637,6 +637,17 @@ def resolved_name(name_or_path: str) -> str:
     return str(p.resolve()) if name_or_path not in REGISTRY and p.exists() else name_or_path
 
 
+def resolve_tokenizer(name: str, path: str | None = None) -> tuple[str, str | None, Tokenizer]:
+    """A command line's --tokenizer / --tokenizer-path as (name_or_path, path, the tokenizer): a file
+    is given resolved, so a manifest names it from any folder, and `--tokenizer-path tokenizer.json`
+    alone means that file. Loading errors stay FileNotFoundError / ValueError / RuntimeError."""
+    if path and name != "llama2" and (path.endswith(".json") or Path(path).is_dir()):
+        name, path = path, None
+    path = str(Path(path).expanduser().resolve()) if path else None
+    name = resolved_name(name)
+    return name, path, get_tokenizer(name, path=path)
+
+
 def _existing(path) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
