@@ -4,6 +4,7 @@ shards are refused with the file named and no manifest. The vocabulary hash is t
 a tokenizer and its tokenizer.json conversion hash equal."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -42,10 +43,7 @@ def made(tmp_path_factory, docs):
 
 
 def copy_dt(root: Path, dest: Path) -> Path:
-    dest.mkdir()
-    for f in (root / "dt").iterdir():
-        (dest / f.name).write_bytes(f.read_bytes())
-    return dest
+    return Path(shutil.copytree(root / "dt", dest))
 
 
 def test_adopt_datatrove_output_then_mix_with_ours(made, tmp_path, capsys):

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from shards.manifest import TokenizerInfo
 from trainhelp import make_source, tiny_curriculum, train, write_shards
 
 SEQ, ROWS_PER_STEP = 32, 4  # tiny_curriculum: seq_len 32, micro_batch 2, grad_accum 2
@@ -82,7 +81,7 @@ def test_missing_or_empty_source_stops_the_dry_run(tmp_path, capsys):
     assert err.startswith("error: source 'b'") and "not-built" in err
     empty = tmp_path / "empty"
     (empty / "train").mkdir(parents=True)
-    write_shards(empty, {}, TokenizerInfo("tiny", 64, "tiny-hash", 0), splits=("train",))
+    write_shards(empty, {}, splits=("train",))
     raw["data"]["sources"][1]["path"] = str(empty)
     path.write_text(yaml.safe_dump(raw))
     rc, _, err = train([path, "--dry-run", "--json"], capsys)
