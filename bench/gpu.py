@@ -256,12 +256,15 @@ def fla_vs_chunked(smoke: bool, partial) -> dict:
 
     inputs = (q, k, v, g, beta)
     names = ("q", "k", "v", "g", "beta")
-    ref_o, ref_g = delta_rule_grads(lambda *a: ours(*a, rule=gdn.recurrent_gated_delta_rule), inputs, do.float())
-    our_o, our_g = delta_rule_grads(ours, inputs, do.float())
+
+    def compare(a, b) -> dict:  # (output, gradients) of two implementations: max abs differences
+        return {"out": max_diff(a[0], b[0]), **{f"grad_{n}": max_diff(x, y) for n, x, y in zip(names, a[1], b[1])}}
+
+    ref = ref_o, ref_g = delta_rule_grads(lambda *a: ours(*a, rule=gdn.recurrent_gated_delta_rule), inputs, do.float())
+    our = delta_rule_grads(ours, inputs, do.float())
     out = {"model": FLA_ROW, "shape": {"B": B, "T": T, "H": H, "D": D}, "inputs": "q, k, v, beta bf16; g fp32",
            "max_abs_out": float(ref_o.abs().max()),
-           "chunked_vs_recurrent_fp32": {"out": max_diff(our_o, ref_o),
-                                         **{f"grad_{n}": max_diff(a, b) for n, a, b in zip(names, our_g, ref_g)}},
+           "chunked_vs_recurrent_fp32": compare(our, ref),
            "max_abs_grad": {n: float(b.abs().max()) for n, b in zip(names, ref_g)},
            "fla": gdn._fla_chunk is not None and cuda}
     partial(out)
@@ -272,11 +275,9 @@ def fla_vs_chunked(smoke: bool, partial) -> dict:
     def fla(q, k, v, g, beta):
         return gdn._fla_chunk(q, k, v, g=g, beta=beta, scale=scale, use_qk_l2norm_in_kernel=True)[0]
 
-    fla_o, fla_g = delta_rule_grads(fla, inputs, do)
-    out["fla_vs_chunked"] = {"out": max_diff(fla_o, our_o),
-                             **{f"grad_{n}": max_diff(a, b) for n, a, b in zip(names, fla_g, our_g)}}
-    out["fla_vs_recurrent_fp32"] = {"out": max_diff(fla_o, ref_o),
-                                    **{f"grad_{n}": max_diff(a, b) for n, a, b in zip(names, fla_g, ref_g)}}
+    theirs = delta_rule_grads(fla, inputs, do)
+    out["fla_vs_chunked"] = compare(theirs, our)
+    out["fla_vs_recurrent_fp32"] = compare(theirs, ref)
     out["layer_bf16_autocast"] = layer_fla_on_off(dev)
     return out
 
