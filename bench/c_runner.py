@@ -4,7 +4,7 @@
     .venv/bin/python -m bench.c_runner --new 32 --reps 1
 
 Llama Think (95,715,408 params, random weights: build_model({"arch": "hybrid"})) is exported once as
-fp32 to a temporary model.bin; the runner is compiled as `make c` compiles it (-O3 -march=native,
+fp32 to a temporary model.bin; the runner is built by `make c` (c/run: -O3 -march=native,
 OpenMP). Both generate greedily from the same 16-token prompt, on 1 and 2 threads (-j / torch threads).
 Decode tokens/s = (new - 1) / (time of the last new token - time of the first), so the prompt pass is
 left out of both; tokens per CPU-second divide by the process's CPU time over the same span instead,
@@ -43,15 +43,14 @@ from trainer.generate import GenerationConfig, generate
 from trainer.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
-C_FLAGS = ["-O3", "-march=native", "-std=c99", "-fopenmp"]
-
-
-def compile_runner(out: Path) -> str:
+def compile_runner() -> tuple[Path, str]:
+    """c/run built by `make c` (the README's build: its flags, OpenMP when the compiler has it), and
+    the compiler's version line."""
     cc = shutil.which("cc")
     if cc is None:
         raise SystemExit("bench.c_runner: no C compiler (`cc`) on PATH")
-    subprocess.run([cc, *C_FLAGS, "-o", str(out), str(REPO / "c" / "run.c"), "-lm"], check=True)
-    return subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    subprocess.run(["make", "-s", "-C", str(REPO), "c"], check=True)
+    return REPO / "c" / "run", subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
 
 
 def c_decode(exe: Path, model: Path, prompt: list[int], new: int, threads: int) -> tuple[float, float, list[int]]:
@@ -83,8 +82,8 @@ def main(argv=None) -> int:
     prompt = torch.randint(0, model.config.vocab_size, (16,), generator=torch.Generator().manual_seed(1)).tolist()
     rows, same = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        exe, path = Path(tmp) / "run", Path(tmp) / "model.bin"
-        cc = compile_runner(exe)
+        path = Path(tmp) / "model.bin"
+        exe, cc = compile_runner()
         t0 = time.perf_counter()
         export_c(model, {"model": {"arch": "hybrid"}}, None, path)
         export_s = time.perf_counter() - t0
@@ -104,7 +103,7 @@ def main(argv=None) -> int:
                              "runs_tok_s": [round(r[0], 2) for r in rates]})
     meta = {"model": "llama-think-95m (random weights)", "params": model.num_params(), "file_bytes": size,
             "dtype": "fp32", "export_s": round(export_s, 2), "prompt_tokens": len(prompt), "new_tokens": args.new,
-            "reps": args.reps, "greedy_ids_equal": same, "cc": cc, "c_flags": " ".join(C_FLAGS),
+            "reps": args.reps, "greedy_ids_equal": same, "cc": cc, "build": "make c",
             "torch": torch.__version__, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
             "loadavg_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)], "platform": platform.platform(), "processor": _cpu_name()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
