@@ -8,12 +8,14 @@ import json
 import shutil
 import struct
 import subprocess
+import unicodedata
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import TRICKY_TEXTS
 import trainhelp
 from trainer.export_c import export_c, main as export_main
 from trainer.generate import GenerationConfig, generate
@@ -180,10 +182,7 @@ def test_bad_arguments(runner, tmp_path, good_file):
 
 # ------------------------------------------------------------------------------------ tokenizers
 
-TEXTS = ["Hello world", "  leading and trailing spaces  ", "tabs\tand\t\tnew\nlines\n\n\n and CRLF\r\nend",
-         "numbers 3132 1234567890 3.14159 1e-9 0x1F", "code: def f(x):\n    return x ** 2  # square\n",
-         "I'm sure they'll say it's THE'RE", "café naïve — “quotes” … 中文字符 😀🎉",
-         "<|endoftext|> is just text here, as are <s> and </s>"]
+TEXTS = TRICKY_TEXTS + ["I'm sure they'll say it's THE'RE"]  # the contraction rules of the pre-tokenizers
 
 
 def _tiny_for(tok):
@@ -194,6 +193,8 @@ def _tiny_for(tok):
 def _check_encoding(exe, tok, path):
     export_c(_tiny_for(tok), {}, tok, path)
     for text in TEXTS:
+        if getattr(tok, "_normalize", None) and unicodedata.normalize(tok._normalize, text) != text:
+            continue  # run.c applies no Unicode normalisation (docs/c-format.md): Qwen3's NFC texts differ
         ref = ([tok.bos_id] if tok.add_bos else []) + tok.encode(text)
         out = run(exe, path, "-i", text, "-m", "encode").stdout
         assert [int(t) for t in out.split()] == ref, text
