@@ -150,3 +150,17 @@ def _no_torchrun_env(monkeypatch):
 
     for k in TORCHRUN_VARS:
         monkeypatch.delenv(k, raising=False)
+
+
+@pytest.fixture(scope="session")
+def four_step_run(tmp_path_factory):
+    """(curriculum, run dir) of a finished 4-step tiny run, checkpoints at 2 and 4, no eval: trained
+    once; tests copy the run dir (shutil.copytree) before resuming or editing it."""
+    from trainhelp import tiny_curriculum, train
+
+    root = tmp_path_factory.mktemp("four-steps")
+    cur = tiny_curriculum(root, train={"steps": 4, "seed": 7, "dtype": "fp32"}, eval={"every": 0, "batches": 0},
+                          checkpoint={"every": 2, "keep_last": 3})
+    rc, _, err = train([cur, "--run-dir", root / "run"])
+    assert rc == 0, err
+    return cur, root / "run"

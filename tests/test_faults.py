@@ -304,12 +304,10 @@ def test_seq_len_beyond_the_model_context_is_refused(tmp_path, capsys):
 
 
 @pytest.fixture()
-def unfinished(tmp_path, capsys):
-    """A 4-step run with checkpoints at 2 and 4, the final one gone: --resume continues from step 2."""
-    cur = trainhelp.tiny_curriculum(tmp_path, train={"steps": 4, "seed": 7, "dtype": "fp32"},
-                                    eval={"every": 0, "batches": 0}, checkpoint={"every": 2, "keep_last": 3})
-    run_dir = tmp_path / "run"
-    assert train([cur, "--run-dir", run_dir], capsys)[0] == 0
+def unfinished(tmp_path, four_step_run):
+    """A copy of the 4-step run with its final checkpoint gone: --resume continues from step 2."""
+    cur, done = four_step_run
+    run_dir = shutil.copytree(done, tmp_path / "run")
     shutil.rmtree(run_dir / "checkpoints" / "step_0000004")
     (run_dir / "DONE").unlink()
     return cur, run_dir
@@ -332,6 +330,8 @@ def test_optimizer_change_on_resume_is_one_line(unfinished, capsys):
     cur, run_dir = unfinished
     rc, out, err = train([cur, "--run-dir", run_dir, "--resume", "optim.name=muon"], capsys)
     assert rc == 2 and "optim.name" in err and "adamw" in err and len(err.strip().splitlines()) == 1, err
+    assert "cannot resume with optim.name muon" in err and "resume with optim.name=adamw" in err, err
+    assert "train.init_from=" in err, err
 
 
 def test_world_size_refusal_names_tokens_per_step(unfinished, capsys, monkeypatch):

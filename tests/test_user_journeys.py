@@ -56,13 +56,10 @@ def test_download_offline_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 @pytest.fixture()
-def finished_run(tmp_path, capsys):
-    cur = trainhelp.tiny_curriculum(tmp_path, train={"steps": 4, "seed": 7, "dtype": "fp32"},
-                                    checkpoint={"every": 2, "keep_last": 3})
-    run_dir = tmp_path / "run"
-    rc, out, err = trainhelp.train([cur, "--run-dir", run_dir], capsys)
-    assert rc == 0, err
-    return cur, run_dir
+def finished_run(tmp_path, four_step_run):
+    """A copy of the finished 4-step run (checkpoints at 2 and 4)."""
+    cur, done = four_step_run
+    return cur, shutil.copytree(done, tmp_path / "run")
 
 
 def test_resume_of_a_finished_run_with_more_steps_is_refused(finished_run, capsys):
@@ -84,16 +81,6 @@ def test_resume_with_changed_settings_is_one_line(finished_run, capsys):
     assert rc == 2
     assert "cannot resume with these settings" in err and "train.steps 4" in err, err
     assert len(err.strip().splitlines()) == 1, err
-
-
-def test_resume_with_another_optimizer_is_one_line(finished_run, capsys):
-    cur, run_dir = finished_run
-    (run_dir / "DONE").unlink()
-    shutil.rmtree(run_dir / "checkpoints" / "step_0000004")
-    rc, out, err = trainhelp.train([cur, "--run-dir", run_dir, "--resume", "optim.name=muon"], capsys)
-    assert rc == 2, err
-    assert "cannot resume with optim.name muon" in err and "resume with optim.name=adamw" in err, err
-    assert "train.init_from=" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_bad_tokenizer_path_fails_before_training(tmp_path, capsys):
