@@ -111,7 +111,7 @@ def measure(row: Row, smoke: bool, micro_batch: int, partial) -> dict:
     from trainer.models import build_model, gated_deltanet
     from trainer.optim import build_optimizer
     from trainer.prefetch import Prefetcher
-    from trainer.run import forward_backward, model_section
+    from trainer.loop import forward_backward, model_section
 
     cfg = load_row_config(row, smoke)
     cuda = torch.cuda.is_available() and not smoke

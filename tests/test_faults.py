@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import trainhelp
-import trainer.run as trun
+import trainer.loop as loop
+from trainer.parallel import Dist
 from trainhelp import tokenize_stats, train
 
 
@@ -23,19 +24,19 @@ class Crash(Exception):
 @contextlib.contextmanager
 def crash_at(step: int):
     """Raise Crash as training step `step` begins (steps 0..step-1 are done and logged)."""
-    set_lr = trun.set_lr
+    set_lr = loop.set_lr
 
     def hook(opt, s, *a, **k):
         if s == step:
             raise Crash(f"injected at step {s}")
         return set_lr(opt, s, *a, **k)
 
-    trun.set_lr = hook
+    loop.set_lr = hook
     try:
         with pytest.raises(Crash):
             yield
     finally:
-        trun.set_lr = set_lr
+        loop.set_lr = set_lr
 
 
 def eval_steps(run_dir) -> list[int]:
@@ -337,7 +338,7 @@ def test_optimizer_change_on_resume_is_one_line(unfinished, capsys):
 def test_world_size_refusal_names_tokens_per_step(unfinished, capsys, monkeypatch):
     cur, run_dir = unfinished
     monkeypatch.setenv("WORLD_SIZE", "2")  # rank 0 of 2, without a process group: refused before any collective
-    monkeypatch.setattr(trun.Dist, "init", lambda self, device_type: None)
+    monkeypatch.setattr(Dist, "init", lambda self, device_type: None)
     rc, out, err = train([cur, "--run-dir", run_dir, "--resume"], capsys)
     assert rc == 2 and "world size 1" in err and "batch.tokens_per_step=128" in err, err
     # the advice works: the same rows per step at world size 2 (grad_accum 1)

@@ -10,7 +10,8 @@ import yaml
 
 from trainhelp import VOCAB, make_sft_source, make_source, metric_rows, run, tiny_curriculum, train, write_shards
 from trainer.models import build_model
-from trainer.run import compute_loss, forward_backward
+from trainer.loop import forward_backward
+from trainer.loss import compute_loss
 
 
 def assert_stopped_before_training(run_dir: Path):

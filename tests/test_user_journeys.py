@@ -99,7 +99,7 @@ def test_bad_tokenizer_path_fails_before_training(tmp_path, capsys):
 def test_checkpoint_config_makes_the_tokenizer_path_absolute(tmp_path, monkeypatch):
     # trainer.generate reads config.json from anywhere; a path relative to the training cwd would not resolve.
     from trainer.config import load_curriculum
-    from trainer.run import checkpoint_config
+    from trainer.resume import checkpoint_config
 
     (tmp_path / "tok.json").write_text("{}")
     monkeypatch.chdir(tmp_path)

@@ -191,18 +191,19 @@ def run(args, nproc: int = 1, nnodes: int = 1, check: bool = True, timeout: int 
                                        "\n".join(o for o, _ in outs), "\n".join(e for _, e in outs))
 
 
-# Fault injection from outside the training loop: the child patches trainer.run.set_lr (called once
+# Fault injection from outside the training loop: the child patches trainer.loop.set_lr (called once
 # at the start of every step) to SIGKILL its own process when step KILL_AT begins.
 _KILL_AT = """
 import os, signal, sys
+import trainer.loop as loop
 import trainer.run as run
-set_lr, at = run.set_lr, int(sys.argv[1])
+set_lr, at = loop.set_lr, int(sys.argv[1])
 def kill_at(opt, step, *a, **k):
     if step == at:
         print(f"[test] SIGKILL at the start of step {step}", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     return set_lr(opt, step, *a, **k)
-run.set_lr = kill_at
+loop.set_lr = kill_at
 sys.exit(run.main(sys.argv[2:]))
 """
 

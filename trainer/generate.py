@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,9 +21,11 @@ from typing import Callable
 
 import torch
 
-from shards.chat import chat_ids
+from shards.chat import IM_START, chat_ids, has_chatml
 from shards.chat import prompt as chat_prompt
 from trainer.checkpoint import load_model
+from trainer.config import Config
+from trainer.log import log
 
 
 
@@ -214,6 +217,36 @@ class Streamer:
         text = self.tok.decode(self.ids)
         self.stream.write(text[self.shown:] + "\n")
         self.stream.flush()
+
+
+def encode_with_specials(tok, text: str) -> list[int]:
+    """encode() treats special-token strings as text; a ChatML sample prompt needs their real ids."""
+    specials = {k: v for k, v in (getattr(tok, "special_tokens", None) or {}).items() if k and k in text}
+    if not specials:
+        return tok.encode(text)
+    ids: list[int] = []
+    for part in re.split("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")", text):
+        if part in specials:
+            ids.append(specials[part])
+        elif part:
+            ids.extend(tok.encode(part))
+    return ids
+
+
+def sample_generation(cfg: Config, model) -> None:
+    """Print a short sample from the trained model, where it is (the training device), with the one
+    generation engine (trainer.generate)."""
+    if not cfg.sample.prompt:
+        return
+    tok = load_tokenizer(cfg.to_dict())
+    ids = encode_with_specials(tok, cfg.sample.prompt)
+    if getattr(tok, "add_bos", False) and tok.bos_id is not None:
+        ids = [tok.bos_id] + ids
+    chat = IM_START in cfg.sample.prompt and has_chatml(tok)  # a ChatML prompt stops at <|im_end|> too
+    gen = GenerationConfig(max_new_tokens=cfg.sample.max_new_tokens, temperature=cfg.sample.temperature,
+                           top_k=cfg.sample.top_k or None, stop_ids=stop_ids(tok, chat), seed=cfg.train.seed)
+    new = generate(model, ids, gen)
+    log.info(f"[sample]\n{cfg.sample.prompt}{tok.decode(list(new))}")
 
 
 def main(argv=None) -> int:

@@ -18,6 +18,7 @@ checkpoint folder: a shared filesystem on a multi-node run.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from pathlib import Path
 
@@ -100,3 +101,45 @@ def load_checkpoint(model, opt, ckpt: Path) -> None:
     dcp.load(state, checkpoint_id=ckpt / OPTIMIZER_DIR)
     set_optimizer_state_dict(model, opt, state["optimizer"])
 
+
+
+class Dist:
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.enabled = False
+
+    def init(self, device_type: str):
+        if self.world > 1 and not dist.is_initialized():
+            backend = "nccl" if device_type == "cuda" else "gloo"
+            if device_type == "cuda":
+                torch.cuda.set_device(self.local_rank)
+            dist.init_process_group(backend=backend)
+            self.enabled = True
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def barrier(self):
+        if self.enabled:
+            dist.barrier()
+
+    def close(self):
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def pick_device(cfg: Config, d: Dist) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{cfg.source_file}: train.device: cuda requested but not available")
+        return torch.device("cuda", d.local_rank)
+    return torch.device("cpu")

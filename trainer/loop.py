@@ -1,0 +1,337 @@
+"""One training stage: build it (preflight, model, optimizer, resume), then the loop of optimizer
+steps with its evals and checkpoints.
+
+One optimizer step = grad_accum micro-steps per rank (DDP `no_sync` on all but the last), then
+clipping and the update. The step's loss is the mean over all its loss tokens (every micro-step,
+every rank), so with `.ds.loss` masks a micro-batch or rank weighs by its number of target tokens.
+Every batch is a deterministic function of (seed, step, micro_step, rank), so `--resume` from a
+checkpoint reproduces the uninterrupted run bit for bit on the same hardware.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .checkpoint import latest_checkpoint, load_model, load_model_weights, rng_state, save_checkpoint, step_dir
+from .config import Config, ConfigError
+from .data import MixtureLoader, SourceSpec
+from .generate import sample_generation
+from .log import log
+from .loggers import open_loggers
+from .loss import compute_loss, loss_tokens
+from .lr_schedule import set_lr
+from .metrics import MetricsLog, Progress, fmt_count, peak_flops, plot
+from .models import build_model
+from .optim import build_optimizer
+from .parallel import Dist, GradSync, gather_for_checkpoint, is_sharded, pick_device, shard_model
+from .prefetch import Prefetcher
+from .preflight import check_tokenizer, load_eval_sets, verify_sources
+from .resume import TrainState, checkpoint_config, restore
+from .upload import Uploader
+
+
+def model_section(cfg: Config) -> dict:
+    m = dict(cfg.model)
+    if cfg.train.activation_checkpointing:
+        m["activation_checkpointing"] = True
+    return m
+
+
+def build_meta_model(cfg: Config):
+    try:
+        model = build_model(model_section(cfg), device="meta")
+    except ValueError as e:
+        raise ConfigError(f"{cfg.source_file}: {e}") from None
+    if cfg.batch.seq_len > model.config.max_seq_len:  # positions past the model's context: refused, not extrapolated
+        raise ConfigError(f"{cfg.source_file}: batch.seq_len: {cfg.batch.seq_len} is longer than the model's context "
+                          f"(model.max_seq_len {model.config.max_seq_len}); raise model.max_seq_len to train longer windows")
+    return model
+
+
+def seed_all(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_loader(cfg: Config, d: Dist, vocab_size: int):
+    return MixtureLoader(
+        [SourceSpec(s.name, s.path) for s in cfg.data.sources], cfg.mixture(d.world),
+        seq_len=cfg.batch.seq_len, micro_batch=cfg.batch.micro_batch, seed=cfg.train.seed,
+        rank=d.rank, world_size=d.world, total_tokens=cfg.total_tokens(d.world), split="train",
+        cache_dir=cfg.data.cache_dir, grad_accum=cfg.grad_accum(d.world), packing=cfg.data.packing,
+        vocab_size=vocab_size,
+    )
+
+
+def forward_backward(model, batches, step_tokens: int, world: int, device: torch.device,
+                     autocast=contextlib.nullcontext, ddp=None) -> torch.Tensor:
+    """Accumulate into `.grad` the gradient of the step's loss: the mean over all `step_tokens` loss
+    tokens of every micro-batch on every rank (a micro-batch or rank with few SFT answer tokens
+    weighs little). Returns this rank's summed token loss (float64) for logging.
+
+    Micro-batch m with n_m loss tokens and mean loss l_m contributes l_m * n_m / step_tokens; DDP then
+    averages gradients over the ranks, so each rank also multiplies by `world`."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for micro, (x, y, mask, _) in enumerate(batches):
+        n = loss_tokens(y, mask)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        mask = mask.to(device, non_blocking=True) if mask is not None else None
+        # DDP all-reduces gradients only on the last micro-step of the optimizer step
+        sync = ddp.no_sync() if (ddp is not None and micro < len(batches) - 1) else contextlib.nullcontext()
+        with sync:
+            with autocast():
+                logits = model(x)
+            loss = compute_loss(logits, y, mask)
+            # a division, so unmasked data (step_tokens = world * n * accum) computes `loss / accum` exactly
+            scaled = loss / (step_tokens / (world * n)) if n else loss * 0.0
+            scaled.backward()
+        total += loss.detach().double() * n
+    return total
+
+
+@torch.no_grad()
+def evaluate(model, eval_sets, device, autocast, d: Dist) -> dict[str, float]:
+    was = model.training
+    model.eval()
+    out = {}
+    tot = torch.zeros(2, dtype=torch.float64)
+    for name, batches in eval_sets.items():
+        acc = torch.zeros(2, dtype=torch.float64)  # sum of loss*tokens, tokens
+        mine = batches[d.rank :: d.world]
+        # FSDP: each forward all-gathers, so every rank runs as many as the busiest (extra ones not counted)
+        rounds = -(-len(batches) // d.world) if is_sharded(model) else len(mine)
+        for i in range(rounds):
+            x, y, mask = mine[i] if i < len(mine) else batches[0]
+            x, y = x.to(device), y.to(device)
+            mask = mask.to(device) if mask is not None else None
+            with autocast():
+                logits = model(x)
+            if i >= len(mine):
+                continue
+            n = float(mask.sum()) if mask is not None else float(y.numel())
+            acc += torch.tensor([compute_loss(logits, y, mask).item() * n, n], dtype=torch.float64)
+        d.sum(acc)
+        if acc[1] > 0:
+            out[name] = float(acc[0] / acc[1])
+            tot += acc
+    if tot[1] > 0:
+        out["overall"] = float(tot[0] / tot[1])
+    model.train(was)
+    return out
+
+
+@dataclass
+class Stage:
+    """Everything one stage trains with, built once by `build_stage`."""
+
+    cfg: Config
+    dir: Path
+    d: Dist
+    device: torch.device
+    loader: object
+    eval_sets: dict
+    model: torch.nn.Module       # what runs forward/backward (DDP / compiled wrappers included)
+    raw_model: torch.nn.Module   # the module itself: weights, clipping, eval, checkpoints, the sample
+    ddp: object
+    opt: torch.optim.Optimizer
+    metrics: MetricsLog
+    use_bf16: bool
+    masked: bool                 # loss tokens counted from masks (SFT), else fixed per step
+    start_step: int = 0
+    uploader: Uploader | None = None  # checkpoint.upload (rank 0)
+
+    @property
+    def world(self) -> int:
+        return self.d.world
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.total_steps(self.world)
+
+    @property
+    def tps(self) -> int:
+        return self.cfg.tokens_per_step(self.world)
+
+    def autocast(self):
+        if self.use_bf16:
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def tokens_by_source(self) -> dict[str, int]:
+        """Tokens drawn per source so far in this stage by all ranks: the loader's cursors (the
+        mixture is a function of the row index, so nothing needs counting on the hot path)."""
+        return {k: v * self.cfg.batch.seq_len for k, v in self.loader.state_dict()["cursors"].items()}
+
+
+def build_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: Path | None) -> Stage:
+    """Preflight (everything that can fail on bad input, before any model memory or training step),
+    then model, optimizer and, with --resume, the newest good checkpoint."""
+    device = pick_device(cfg, d)
+    d.init(device.type)
+    meta = build_meta_model(cfg)
+    vocab = int(meta.config.vocab_size)
+    if cfg.data.verify_checksums:
+        verify_sources(cfg)
+    loader = make_loader(cfg, d, vocab)  # opens every source, validates dtype/sizes/tokenizer/vocab
+    check_tokenizer(cfg, loader, d)
+    eval_sets = load_eval_sets(cfg, d)
+    del meta
+
+    resume_from = latest_checkpoint(stage_dir) if resume else None
+    if resume and resume_from is None:
+        log.info(f"[resume] no valid checkpoint in {stage_dir / 'checkpoints'}: starting from step 0")
+    if not resume and (stage_dir / "checkpoints").exists() and any((stage_dir / "checkpoints").iterdir()):
+        raise ConfigError(f"{stage_dir}: already holds checkpoints; pass --resume to continue or --overwrite to start over")
+
+    seed_all(cfg.train.seed)
+
+    model = build_model(model_section(cfg), device=device)
+    if init_from is not None and resume_from is None:
+        try:
+            load_model_weights(model, init_from, device=device)
+        except ValueError as e:  # another architecture, an unreadable file: name it before step 0
+            raise ConfigError(f"{cfg.source_file}: train.init_from: {e}") from None
+        log.info(f"[init] model weights from {init_from} (fresh optimizer"
+               f"{', data cursor reset' if cfg.train.reset_data_cursor else ''})")
+    if cfg.train.parallel == "fsdp":
+        shard_model(model, cfg, device, d.world)  # in place, before the optimizer takes the parameters
+    opt = build_optimizer(model, cfg.optim, device.type)
+    raw_model, ddp = model, None
+    if is_sharded(model):
+        ddp = GradSync(model)
+    elif d.enabled:
+        model = ddp = DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    if cfg.train.dtype == "bf16" and device.type != "cuda":
+        log.info("[dtype] bf16 autocast is a GPU path; training in fp32 on CPU")
+    metrics = MetricsLog(stage_dir, enabled=d.main, loggers=open_loggers(cfg, stage_dir) if d.main else [],
+                         flops_per_token=float(raw_model.flops_per_token(cfg.batch.seq_len)),
+                         peak=peak_flops(device) * d.world)
+    s = Stage(cfg, stage_dir, d, device, loader, eval_sets, model, raw_model, ddp, opt, metrics, use_bf16=cfg.train.dtype == "bf16" and device.type == "cuda",
+              masked=cfg.data.packing == "document" or any(src.has_loss for src in loader.sources))
+    if resume_from is not None:
+        s.start_step = restore(resume_from, cfg, s.world, raw_model, opt, loader, device, d)
+        log.info(f"[resume] {resume_from} (step {s.start_step}, {fmt_count(s.start_step * s.tps)} tokens)")
+    elif init_from is not None and cfg.train.reset_data_cursor:
+        loader.reset_data_cursor(0)
+    # rows past start_step belong to a run that died after them: the resumed (or restarted) run logs them again
+    if dropped := s.metrics.truncate_after(s.start_step):
+        log.info(f"[metrics] dropped {dropped} rows logged after step {s.start_step} by an interrupted run")
+    if cfg.checkpoint.upload and d.main:
+        uri = cfg.checkpoint.upload  # a stage of a multi-stage run: under its own folder, as locally
+        uri = f"{uri.rstrip('/')}/{stage_dir.name}" if cfg.name else uri
+        s.uploader = Uploader(uri, cfg.checkpoint.keep_last, cfg.checkpoint.endpoint_url)
+    return s
+
+
+def save(s: Stage, step: int) -> None:
+    """A checkpoint after `step` steps (tokens_seen is step * tps: a resumed loader refuses another
+    rows_per_step)."""
+    weights, folders = s.raw_model, {}
+    if s.cfg.train.parallel == "fsdp":  # every rank: full weights to rank 0, optimizer shards through DCP
+        weights, folders = gather_for_checkpoint(s.raw_model, s.opt, step_dir(s.dir, step), s.d.main)
+    if s.d.main:
+        state = TrainState(step=step, tokens_seen=step * s.tps, optimizer={} if folders else s.opt.state_dict(),
+                           loader=s.loader.state_dict(), rng=rng_state(), tokens_by_source=s.tokens_by_source(),
+                           stage=s.cfg.name, world_size=s.world, total_steps=s.total_steps)
+        p = save_checkpoint(s.dir, step, weights, state.state_dict(), checkpoint_config(s.cfg, s.world),
+                            s.cfg.checkpoint.keep_last, folders=folders)
+        log.info(f"[checkpoint] saved {p}")
+        if s.uploader is not None:
+            s.uploader.push(p)
+    s.d.barrier()
+
+
+def run_eval(s: Stage, step: int) -> None:
+    if not s.eval_sets:
+        return
+    losses = evaluate(s.raw_model, s.eval_sets, s.device, s.autocast, s.d)
+    s.metrics.log_eval(step, step * s.tps, losses)
+    s.metrics.log({"type": "mixture", "step": step, "tokens": step * s.tps, "tokens_by_source": s.tokens_by_source()})
+    if s.d.main:
+        log.info("[eval] step {} | ".format(step) + " | ".join(
+            f"{k} {v:.4f} (ppl {math.exp(min(v, 50)):.1f})" for k, v in losses.items()))
+        try:
+            plot(s.dir)
+        except Exception as e:  # noqa: BLE001 - a plotting problem must never stop training
+            log.warning(f"[plot] failed: {e}")
+
+
+def train_step(s: Stage, prefetch, step: int, prog: Progress) -> None:
+    """One optimizer step: grad_accum micro-batches, clipping, the update, and its metrics row."""
+    cfg, accum = s.cfg, s.cfg.grad_accum(s.world)
+    lr = set_lr(s.opt, step, cfg.optim.lr, s.total_steps, cfg.schedule)
+    batches = [prefetch.batch(step, micro) for micro in range(accum)]  # ids checked by the loader
+    weights = batches[0][3]["weights"]
+    step_tokens = s.tps
+    if s.masked:  # one all-reduce per step, before any backward pass
+        n = sum(loss_tokens(y, mask) for _, y, mask, _ in batches)
+        step_tokens = int(s.d.sum(torch.tensor(n, dtype=torch.int64, device=s.device)))
+    loss_sum = forward_backward(s.model, batches, step_tokens, s.world, s.device, s.autocast, s.ddp)
+    gnorm = None
+    if cfg.optim.grad_clip and cfg.optim.grad_clip > 0:
+        gnorm = torch.nn.utils.clip_grad_norm_(s.raw_model.parameters(), cfg.optim.grad_clip)
+    s.opt.step()
+    s.opt.zero_grad(set_to_none=True)
+    done = step + 1
+    if done % cfg.train.log_every == 0 or done == s.total_steps or done == s.start_step + 1:
+        loss_val = float(s.d.sum(loss_sum)) / max(step_tokens, 1)
+        row = {"type": "train", "step": done, "tokens": done * s.tps, "loss": loss_val, "lr": lr,
+               "weights": weights, "time": time.time()}
+        if gnorm is not None:
+            row["grad_norm"] = float(gnorm)
+        s.metrics.log(row)
+        if s.d.main and (done % cfg.train.print_every == 0 or done == s.total_steps or done == s.start_step + 1):
+            log.info(prog.line(step, loss_val, lr))
+        if not math.isfinite(loss_val):
+            raise FloatingPointError(f"loss is {loss_val} at step {done}: stopping (last checkpoint kept)")
+
+
+def finish(s: Stage, sample: bool) -> Path:
+    """The final eval and checkpoint, DONE, and (last stage) the sample from the trained model."""
+    final = step_dir(s.dir, s.total_steps)
+    if s.start_step < s.total_steps:  # else resumed from the final checkpoint: its eval (logged first) and save are done
+        run_eval(s, s.total_steps)
+        save(s, s.total_steps)
+    s.metrics.close()
+    if s.d.main:
+        if s.uploader is not None and (failed := s.uploader.close()):
+            log.warning(f"[upload] not uploaded: {', '.join(failed)} (kept locally, see above)")
+        (s.dir / "DONE").write_text(f"{final}\n")
+        if sample:  # a sharded model's forward needs every rank: the sample reads the saved weights
+            model = load_model(final, device=s.device)[0] if is_sharded(s.raw_model) else s.raw_model
+            sample_generation(s.cfg, model)
+    s.d.barrier()
+    return final
+
+
+def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: Path | None,
+                sample: bool = False) -> Path:
+    s = build_stage(cfg, stage_dir, d, resume, init_from)
+    total = s.total_steps
+    prog = Progress(total, s.start_step, s.tps, s.metrics.fpt, s.metrics.peak)  # the metrics' own MFU inputs
+    if d.main:
+        log.info(f"[train] {cfg.name or Path(cfg.source_file).stem}: {total} steps x {s.tps:,} tokens "
+                 f"(grad_accum {cfg.grad_accum(s.world)}, world {s.world}) on {s.device.type} -> {stage_dir}")
+    s.model.train()
+    # builds the next step's batches during this one
+    prefetch = Prefetcher(s.loader, s.start_step, total, pin_memory=s.device.type == "cuda")
+    for step in range(s.start_step, total):
+        train_step(s, prefetch, step, prog)
+        done = step + 1
+        if cfg.eval.every and done % cfg.eval.every == 0 and done != total:
+            run_eval(s, done)
+        if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != total:
+            save(s, done)
+    prefetch.close()
+    return finish(s, sample)
