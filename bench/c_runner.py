@@ -1,4 +1,4 @@
-"""Decode tokens/s of the C runner (c/run.c) at Llama Think's full size, beside trainer.generate.
+"""Decode tokens/s of the C runner (c/run.c) at Llama Think's full size, beside trainer.tools.generate.
 
     .venv/bin/python -m bench.c_runner            # ~1-2 min on 2 cores
     .venv/bin/python -m bench.c_runner --new 32 --reps 1
@@ -38,8 +38,8 @@ import time
 
 import torch
 
-from trainer.export_c import export_c
-from trainer.generate import GenerationConfig, generate
+from trainer.tools.export_c import export_c
+from trainer.tools.generate import GenerationConfig, generate
 from trainer.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Decoding speed: `trainer.generate` (KV cache, recurrent state) against transformers' `generate()`
+"""Decoding speed: `trainer.tools.generate` (KV cache, recurrent state) against transformers' `generate()`
 on the export of the same model, CPU, greedy, one sequence.
 
     .venv/bin/python -m bench.generate            # ~1-2 min on 2 cores
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.export import export
-from trainer.generate import GenerationConfig, generate
+from trainer.tools.export import export
+from trainer.tools.generate import GenerationConfig, generate
 from trainer.models import build_model
 
 ROWS = {

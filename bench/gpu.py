@@ -15,7 +15,7 @@ thread (pinned memory, non-blocking copies). Micro-batches are chosen to fit one
 its micro-batch once on out-of-memory); grad accumulation is the curriculum's, capped (8; Argonne 2).
 
 Per row: tokens/s (median step), "mfu" (model FLOPs per token x tokens/s over the dense bf16 peak of
-the device from trainer.metrics.peak_flops), "peak_mem_gb" (max allocated), "compile_s" (first step
+the device from trainer.telemetry.metrics.peak_flops), "peak_mem_gb" (max allocated), "compile_s" (first step
 minus a steady one), the loader's share of a step ("loader_share_sync": its synchronous cost per step
 over the step time; "loader_wait_share": the time training waited for the prefetcher), and "fla": true
 when the fla kernels ran. The "gated-deltanet: fla vs chunked" row compares outputs and gradients of
@@ -107,18 +107,18 @@ def measure(row: Row, smoke: bool, micro_batch: int, partial) -> dict:
     import torch
 
     from trainer.data import MixtureLoader, MixturePoint, SourceSpec
-    from trainer.metrics import peak_flops
+    from trainer.telemetry.metrics import peak_flops
     from trainer.models import build_model, gated_deltanet
     from trainer.optim import build_optimizer
     from trainer.prefetch import Prefetcher
-    from trainer.loop import forward_backward, model_section
+    from trainer.loop import forward_backward
 
     cfg = load_row_config(row, smoke)
     cuda = torch.cuda.is_available() and not smoke
     device = torch.device("cuda" if cuda else "cpu")
-    seq, accum = cfg.batch.seq_len, min(cfg.grad_accum(1), 2 if smoke else row.max_accum)
+    seq, accum = cfg.batch.seq_len, min(cfg.resolved.grad_accum, 2 if smoke else row.max_accum)
     torch.manual_seed(0)
-    model = build_model(model_section(cfg), device=device)
+    model = build_model(cfg.model, device=device)
     opt = build_optimizer(model, cfg.optim, device.type)
     fwd = torch.compile(model) if cfg.train.compile and cuda else model
     bf16 = cfg.train.dtype == "bf16" and cuda

@@ -95,7 +95,7 @@ def time_atom(cfg, loader, micro_batch: int, steps: int) -> dict:
     from trainer.models import build_model
 
     torch.manual_seed(0)
-    model = build_model(dict(cfg.model))
+    model = build_model(cfg.model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     x, y, _, _ = loader.batch(0, 0)
     x, y = x[:micro_batch], y[:micro_batch]
@@ -130,9 +130,9 @@ def main(argv=None) -> int:
 
     cfg = atom_curriculum()
     names = [s.name for s in cfg.data.sources]
-    schedule = cfg.mixture()
-    seq_len, mb, accum = cfg.batch.seq_len, cfg.batch.micro_batch, cfg.grad_accum()
-    vocab = cfg.model["vocab_size"]
+    schedule = cfg.resolved.mixture
+    seq_len, mb, accum = cfg.batch.seq_len, cfg.batch.micro_batch, cfg.resolved.grad_accum
+    vocab = cfg.model.vocab_size
     results: dict = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                                  "python": platform.python_version(), "loadavg_start": os.getloadavg()},
                      "shape": {"seq_len": seq_len, "micro_batch": mb, "grad_accum": accum, "sources": names}}
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
         make_sources(Path(tmp), names, args.tokens_per_source, vocab)
         results["setup_seconds"] = time.perf_counter() - t0
         specs = [SourceSpec(n, str(Path(tmp) / n)) for n in names]
-        total = cfg.total_tokens()
+        total = cfg.resolved.total_tokens
         for packing in ("stream", "document"):
             loader = MixtureLoader(specs, schedule, seq_len, mb, seed=1337, rank=0, world_size=1,
                                    total_tokens=total, grad_accum=accum, packing=packing, vocab_size=vocab)

@@ -48,7 +48,7 @@ VS_LLAMA = {
 def hf_llama_like(model):
     """transformers LlamaForCausalLM of identical config holding the same weights (the export's
     mapping: q/k rows permuted for an interleaved-RoPE model, so both compute the same function)."""
-    from trainer.hf import transformers_llama
+    from trainer.tools.hf import transformers_llama
 
     return transformers_llama(model, attn_implementation="sdpa")
 
@@ -83,12 +83,12 @@ def time_interleaved(steps: dict, warmup: int, reps: int) -> dict[str, tuple[flo
 
 
 def peak_flops(device, override_tflops):
-    """The MFU denominator: --peak-tflops, else the device's dense bf16 peak (trainer.metrics' table)."""
+    """The MFU denominator: --peak-tflops, else the device's dense bf16 peak (trainer.telemetry.metrics' table)."""
     if override_tflops:
         return override_tflops * 1e12
     if device.type != "cuda":
         return None
-    from trainer.metrics import peak_flops as device_peak
+    from trainer.telemetry.metrics import peak_flops as device_peak
 
     return device_peak(device)
 

@@ -68,7 +68,7 @@ def curriculum(path: Path, shards: str, a: argparse.Namespace) -> Path:
 def step_times(cur: Path, run_dir: Path, warmup: int, extra=()) -> list[float]:
     """Seconds of each step after the first `warmup`, from a trainer run's metrics rows (one per step,
     stamped after it)."""
-    from trainer.metrics import MetricsLog
+    from trainer.telemetry.metrics import MetricsLog
     from trainer.run import main
 
     assert main([str(cur), *map(str, extra), "--run-dir", str(run_dir), "--overwrite"]) == 0

@@ -687,3 +687,13 @@ def _get_cached(name_or_path, path, eos, bos, add_bos) -> Tokenizer:
         raise ValueError(f"unknown tokenizer '{name}': known names are {known}, or a path to a tokenizer.json")
     tok._init_args = (name_or_path, kwargs)
     return tok
+
+
+def load_tokenizer(cfg: dict, path_override: str | None = None):
+    """The tokenizer a checkpoint (or HF folder) config names, with its EOS/BOS convention."""
+    sec = cfg.get("tokenizer") or {}
+    name, path = sec.get("name"), path_override or sec.get("path")
+    if not name and not path:
+        raise ValueError("config.json: tokenizer.name is missing")
+    extra = {k: sec[k] for k in ("eos", "bos", "add_bos") if sec.get(k) is not None}
+    return get_tokenizer(name, path=path, **extra) if name else get_tokenizer(path, **extra)

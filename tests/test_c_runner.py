@@ -1,5 +1,5 @@
 """c/run.c against PyTorch: logits at every position of a 200-token sequence (longer than the CSA
-window, 50 compressed blocks), greedy continuations against trainer.generate, bf16 export, prompt
+window, 50 compressed blocks), greedy continuations against trainer.tools.generate, bf16 export, prompt
 encoding against the tokenizers themselves, and bad files (one line, exit 2).
 
 Weights are random and large, and every 1-D parameter (norm weights, hyper-connection scales, A_log,
@@ -17,8 +17,8 @@ import torch
 
 from conftest import TRICKY_TEXTS
 import trainhelp
-from trainer.export_c import export_c, main as export_main
-from trainer.generate import GenerationConfig, generate
+from trainer.tools.export_c import export_c, main as export_main
+from trainer.tools.generate import GenerationConfig, generate
 from trainer.models import build_model
 
 torch.set_num_threads(1)
@@ -248,8 +248,8 @@ def test_export_cli_on_a_checkpoint(runner, tmp_path, bpe_json):
     assert export_main([str(ck), "--out", str(tmp_path / "model.bin"), "--dtype", "bf16"]) == 0
     assert run(runner, tmp_path / "model.bin", "-i", "Hello", "-m", "encode").stdout.strip()
     assert export_main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.bin")]) == 2
-    # trainer.export --format c is the same command
-    from trainer.export import main as export_any
+    # trainer.tools.export --format c is the same command
+    from trainer.tools.export import main as export_any
 
     assert export_any([str(ck), "--out", str(tmp_path / "same.bin"), "--format", "c", "--dtype", "bf16"]) == 0
     assert (tmp_path / "same.bin").read_bytes() == (tmp_path / "model.bin").read_bytes()

@@ -43,7 +43,7 @@ def test_upload_resume_and_init_from_s3(s3, server, tmp_path, capsys):
     rc, out, _ = train([cur, *SETTINGS, "--run-dir", b, "--resume", f"s3://{bucket}/runs/tiny/step_0000004",
                         f"checkpoint.endpoint_url={server.endpoint}"], capsys)
     assert rc == 0
-    assert "[resume]" in out and f"[fetch] s3://{bucket}/runs/tiny/step_0000004 -> " in out  # trainer.log, rank 0
+    assert "[resume]" in out and f"[fetch] s3://{bucket}/runs/tiny/step_0000004 -> " in out  # trainer.telemetry.console, rank 0
     la, lb = train_losses(a), train_losses(b)
     assert sorted(lb) == [5, 6] and all(lb[s] == la[s] for s in lb), (la, lb)
 

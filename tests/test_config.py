@@ -33,7 +33,7 @@ def test_overrides_are_typed_by_the_dataclass(tmp_path):
     p = write(tmp_path, BASE)
     (cfg,) = load_curriculum(p, ["optim.lr=1e-3", "train.compile=true", "batch.micro_batch=4", "model.n_layers=3"])
     assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
-    assert cfg.train.compile is True and cfg.batch.micro_batch == 4 and cfg.model["n_layers"] == 3
+    assert cfg.train.compile is True and cfg.batch.micro_batch == 4 and cfg.model.n_layers == 3
     assert cfg.tokens_per_step() == 32 * 4 * 2
     assert cfg.tokens_per_step(world_size=2) == 32 * 4 * 2 * 2
 
@@ -137,16 +137,18 @@ def test_model_section_is_typed_and_checked_at_load(tmp_path):
     p.write_text(yaml.safe_dump({**BASE, "model": {}}).replace("model: {}", "model: {arch: dense, vocab_size: 64, "
                  "d_model: 32, n_layers: 2, n_heads: 2, ffn_dim: 64, rope_theta: 1e4, window_layers: odd}"))
     m = load_curriculum(p)[0].model
-    assert m["rope_theta"] == 10000.0 and isinstance(m["rope_theta"], float) and m["window_layers"] == "odd"
+    assert m.rope_theta == 10000.0 and isinstance(m.rope_theta, float) and m.window_layers == "odd"
     bad = write(tmp_path, {**BASE, "model": {**BASE["model"], "n_kv_heads": 3}}, "bad.yaml")
     with pytest.raises(ConfigError, match=r"bad.yaml: model: n_heads=2 must be a multiple of n_kv_heads=3"):
         load_curriculum(bad)
     with pytest.raises(ConfigError, match=r"model.d_model: expected an integer"):
         load_curriculum(write(tmp_path, {**BASE, "model": {**BASE["model"], "d_model": "wide"}}, "w.yaml"))
-    clash = {**BASE, "model": {**BASE["model"], "activation_checkpointing": False},
-             "train": {**BASE["train"], "activation_checkpointing": True}}
-    with pytest.raises(ConfigError, match="train.activation_checkpointing.*set one"):
+    # activation checkpointing has one home, the train section: the model config gets it from there
+    clash = {**BASE, "model": {**BASE["model"], "activation_checkpointing": False}}
+    with pytest.raises(ConfigError, match="model.activation_checkpointing: .*set train.activation_checkpointing"):
         load_curriculum(write(tmp_path, clash, "clash.yaml"))
+    (ckpt,) = load_curriculum(write(tmp_path, BASE, "ok.yaml"), ["train.activation_checkpointing=true"])
+    assert ckpt.model.activation_checkpointing is True and "activation_checkpointing" not in ckpt.to_dict()["model"]
 
 
 def test_multi_stage_dry_run_json_counts_all_stages(capsys):

@@ -1,5 +1,5 @@
-"""trainer.evaluate against lm-evaluation-harness's own HF backend on a separate export, on a local
-multiple-choice task (no network); trainer.chat's loop: history, context trimming, stop at <|im_end|>."""
+"""trainer.tools.evaluate against lm-evaluation-harness's own HF backend on a separate export, on a local
+multiple-choice task (no network); trainer.tools.chat's loop: history, context trimming, stop at <|im_end|>."""
 from __future__ import annotations
 
 import io
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from trainhelp import make_run
-from trainer.chat import converse, fit_history, main as chat_main
-from trainer.export import export
-from trainer.generate import GenerationConfig
+from trainer.tools.chat import converse, fit_history, main as chat_main
+from trainer.tools.export import export
+from trainer.tools.generate import GenerationConfig
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -51,7 +51,7 @@ def test_evaluate_equals_the_harness_hf_backend_on_the_export(tmp_path, chat_bpe
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tasks = write_task(tmp_path / "tasks")
     run, _ = make_run(tmp_path, "atom-xsa", chat_bpe_json)
-    from trainer.evaluate import main
+    from trainer.tools.evaluate import main
     assert main([str(run), "--tasks", "tiny_mc", "--include-path", str(tasks), "--batch-size", "4"]) == 0
     assert "acc_norm" in capsys.readouterr().out  # lm-eval's table
     ours = json.loads((run / "checkpoints" / "step_0000003" / "lm_eval.json").read_text())["results"]["tiny_mc"]
@@ -89,7 +89,7 @@ def test_chat_keeps_history_and_trims_the_oldest_turns(tmp_path, chat_bpe_json):
     assert [m["role"] for m in h] == ["user", "assistant", "user", "assistant"]
     assert h[0]["content"] == "second question" and "[history cleared]" in note.getvalue()
     # the second answer was generated from the whole ChatML history, as the SFT data renders it
-    from trainer.generate import generate, stop_ids
+    from trainer.tools.generate import generate, stop_ids
     expect = generate(model, chat.prompt(tok, h[:3]), GenerationConfig(max_new_tokens=8, greedy=True,
                                                                          stop_ids=stop_ids(tok, True)))
     assert h[3]["content"] == tok.decode(expect)

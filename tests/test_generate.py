@@ -11,7 +11,8 @@ import torch.nn as nn
 
 import trainhelp
 from trainer.checkpoint import load_model as load_checkpoint
-from trainer.generate import (GenerationConfig, banned_ngram_tokens, complete, generate, load_tokenizer, main,
+from shards.tokenizers import load_tokenizer
+from trainer.tools.generate import (GenerationConfig, banned_ngram_tokens, complete, generate, main,
                               next_token, prompt_ids, top_k_filter, top_p_filter, apply_no_repeat_ngram,
                               apply_repetition_penalty)
 from trainer.models import build_model
@@ -252,7 +253,7 @@ def test_llama2_prompt_starts_with_bos():
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "trainer.generate", *map(str, args)], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "trainer.tools.generate", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
 
 

@@ -1,4 +1,4 @@
-"""Models out and back in: trainer.export -> transformers (logits, greedy generate), stock Llama for the
+"""Models out and back in: trainer.tools.export -> transformers (logits, greedy generate), stock Llama for the
 Llama-exact ones, remote code that runs without ShardLoom installed, sharded weights, the import side
 (our exports, Llama, Argonne's own layout, hf://) and export -> import -> export byte stability."""
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer import hf
+from trainer.tools import hf
 from trainer.checkpoint import find_weights, load_model, load_model_weights
-from trainer.export import export, main as export_main
-from trainer.generate import GenerationConfig, generate
+from trainer.tools.export import export, main as export_main
+from trainer.tools.generate import GenerationConfig, generate
 from trainer.models import build_model
 from trainhelp import ARCHS, make_run
 
@@ -103,7 +103,7 @@ def test_sharded_export_loads(tmp_path, chat_bpe_json):
         back, _, _ = load_model(out)  # our own reader takes the sharded folder too
         torch.testing.assert_close(back(ids), ours(ids), rtol=0, atol=0)
     # an export that fails part-way leaves the folder's previous weights whole
-    import trainer.hf as hf
+    import trainer.tools.hf as hf
 
     def half_written(sd, folder, *a):
         (folder / "model-00001-of-00002.safetensors").write_bytes(b"partial")

@@ -57,8 +57,8 @@ def test_bos_added_by_the_post_processor_survives_an_import(tmp_path):
 
     from tokenizers import Tokenizer, processors
 
-    from trainer.generate import load_tokenizer
-    from trainer.hf import tokenizer_section
+    from shards.tokenizers import load_tokenizer
+    from trainer.tools.hf import tokenizer_section
     from trainhelp import make_bpe_json
 
     specials = ("<|begin_of_text|>", "<|end_of_text|>")

@@ -88,7 +88,7 @@ def test_param_kinds_and_tying():
 
 def _llama_from(model: DenseLM):
     """transformers' LlamaForCausalLM holding our weights through the export mapping (eager attention)."""
-    from trainer.hf import transformers_llama
+    from trainer.tools.hf import transformers_llama
     return transformers_llama(model, attn_implementation="eager")
 
 

@@ -10,7 +10,7 @@ from shards.tokenizers import get_tokenizer
 
 def test_end_of_run_sample_comes_from_the_trained_model(tmp_path, capsys, monkeypatch):
     import trainer.checkpoint as ck
-    from trainer.generate import GenerationConfig, generate, stop_ids
+    from trainer.tools.generate import GenerationConfig, generate, stop_ids
 
     tok_path = trainhelp.make_tokenizer_json(tmp_path / "tok.json")
     tok = get_tokenizer(str(tok_path))

@@ -97,7 +97,7 @@ def test_bad_tokenizer_path_fails_before_training(tmp_path, capsys):
 
 
 def test_checkpoint_config_makes_the_tokenizer_path_absolute(tmp_path, monkeypatch):
-    # trainer.generate reads config.json from anywhere; a path relative to the training cwd would not resolve.
+    # trainer.tools.generate reads config.json from anywhere; a path relative to the training cwd would not resolve.
     from trainer.config import load_curriculum
     from trainer.resume import checkpoint_config
 

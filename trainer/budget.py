@@ -17,7 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shards.s3 import is_s3_uri
+
 from .config import Config
+from .data import DataError, open_source
 
 
 @dataclass
@@ -29,22 +32,17 @@ class SourceBudget:
     epochs: float | None  # rows drawn / rows the source has (None: unknown)
 
 
-def stage_budget(cfg: Config, world_size: int = 1) -> list[SourceBudget]:
-    """The budget of one stage; raises DataError for a missing or empty source."""
-    from .data import DataError, _open, _Source
-    from .mixture import MixtureSchedule
-
+def stage_budget(cfg: Config) -> list[SourceBudget]:
+    """The budget of one stage (at the world size it was resolved for); raises DataError for a
+    missing or empty source."""
     seq = cfg.batch.seq_len
-    total = cfg.total_tokens(world_size)
-    names = [s.name for s in cfg.data.sources]
-    schedule = MixtureSchedule(names, cfg.mixture(world_size), seq)
-    rows = schedule.arrivals(np.array([total // seq], dtype=np.float64))[0]
+    rows = cfg.resolved.mixture.arrivals(np.array([cfg.resolved.total_tokens // seq], dtype=np.float64))[0]
     out = []
     for spec, n in zip(cfg.data.sources, rows.tolist()):
-        if str(spec.path).startswith("s3://"):
+        if is_s3_uri(spec.path):
             out.append(SourceBudget(spec.name, str(spec.path), None, n * seq, None))
             continue
-        source = _Source(spec.name, _open(spec.name, spec.path, "train", None), seq, cfg.data.packing)
+        source = open_source(spec.name, spec.path, "train", None, seq, cfg.data.packing)
         where = f"source '{spec.name}' ({spec.path}/train)"
         if source.reader.tokens == 0:
             raise DataError(f"{where}: the shards hold no tokens (an empty source)")

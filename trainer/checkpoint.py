@@ -27,7 +27,9 @@ import torch
 from safetensors.torch import save_file, save_model
 
 from shards.manifest import sha256_file
-from trainer.log import log
+from trainer.models import build_model
+from trainer.tools import hf
+from trainer.telemetry.console import log
 
 STEP_RE = re.compile(r"^step_(\d{7,})$")
 FILES = ("model.safetensors", "config.json", "train_state.pt")  # what --resume needs
@@ -188,10 +190,8 @@ def find_weights(path: str | Path) -> Path:
     """For generation and init_from-style use: a checkpoint dir itself, an HF model folder (an export,
     any Llama, Argonne's release), or the newest step_* under a run dir or its checkpoints/ that holds
     weights + config (no optimizer state needed; `.tmp` skipped)."""
-    from trainer.hf import is_hf_folder
-
     p = Path(path)
-    if (p / "model.safetensors").is_file() or is_hf_folder(p):
+    if (p / "model.safetensors").is_file() or hf.is_hf_folder(p):
         return p
     found = list_checkpoints(p.parent if p.name == "checkpoints" else p, files=WEIGHT_FILES)
     if found:
@@ -223,8 +223,6 @@ def load_model_weights(model: torch.nn.Module, ckpt: str | Path, device="cpu") -
     computes something else is refused, naming the fields)."""
     from safetensors.torch import load_file
 
-    from trainer import hf
-
     ckpt = Path(ckpt)
     if hf.is_hf_folder(ckpt):
         section, sd = hf.read_folder(ckpt)
@@ -245,9 +243,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     Returns (model in eval mode, config dict with at least `model` and `tokenizer`, the folder read).
     The model is built on the meta device (no time spent on a random init), then filled.
     """
-    from trainer import hf
-    from trainer.models import build_model
-
     src = find_weights(hf.resolve_hub(str(path)))
     if hf.is_hf_folder(src):
         section, sd = hf.read_folder(src)

@@ -1,7 +1,7 @@
 """Curricula: one YAML per model, loaded into small typed dataclasses.
 
-A curriculum holds the architecture (`model:`, typed by the config dataclass its `arch` picks and
-checked by building that config at load, then given to `trainer.models.build_model`), the
+A curriculum holds the architecture (`model:`, loaded into the config dataclass its `arch` picks, so
+`Config.model` is a DenseConfig or HybridConfig that `trainer.models.build_model` takes), the
 tokenizer, the data sources with a mixture schedule, optimizer, LR schedule, batch, train, eval and
 checkpoint sections. An optional `stages:` list runs the same curriculum several times in a row,
 each stage overriding some sections (Argonne: pretrain, then continued pretraining from its final
@@ -16,28 +16,30 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import json
 import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from shards.s3 import is_s3_uri
+
+from .errors import ConfigError, did_you_mean
 from .mixture import MixtureError, MixturePoint, MixtureSchedule
+from .models import make_config, model_fields, model_section
 
-
-class ConfigError(ValueError):
-    """A curriculum problem; the message names the file and the field."""
-
-
-def did_you_mean(word, choices, n: int = 1) -> str:
-    """" (did you mean 'x'?)" naming the closest of `choices` (up to n), or "" when none is close."""
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=n)
-    return f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+# The allowed values of each choice, in one place: the converter refuses anything else, naming the
+# field, and the modules that act on a choice dispatch on these names.
+OptimName = Literal["adamw", "adamw8bit", "muon"]
+LRScheduleKind = Literal["wsd", "warmup_constant_cosine", "cosine", "constant"]
+MuonMomentumStyle = Literal["sum", "ema"]  # buf = mu*buf + g (Llama Think, the default) | buf = lerp(buf, g, 1-mu)
+MuonNSDtype = Literal["fp32", "bf16"]  # Newton-Schulz precision; bf16 applies on CUDA only
+Packing = Literal["stream", "document"]  # pretraining windows | SFT: one conversation per row
+ParamKind = Literal["embedding", "matrix", "vector"]
 
 
 @dataclass
@@ -68,12 +70,8 @@ class DataSection:
     sources: list[SourceSection] = field(default_factory=list)
     schedule: list[MixturePointSection] = field(default_factory=list)
     cache_dir: str | None = None  # local cache for s3:// sources
-    packing: str = "stream"  # stream (pretraining windows) | document (SFT: one conversation per row)
+    packing: Packing = "stream"
     verify_checksums: bool = False  # sha256 every shard file against its manifest before training
-
-
-MUON_MOMENTUM_STYLES = ("sum", "ema")  # buf = mu*buf + g (Llama Think, the default) | buf = lerp(buf, g, 1-mu)
-MUON_NS_DTYPES = ("fp32", "bf16")  # Newton-Schulz precision; bf16 applies on CUDA only
 
 
 @dataclass
@@ -83,8 +81,8 @@ class MuonSection:
     nesterov: bool = True
     ns_steps: int = 5
     weight_decay: float | None = None  # None: optim.weight_decay
-    momentum_style: str = "sum"  # MUON_MOMENTUM_STYLES
-    ns_dtype: str = "fp32"  # MUON_NS_DTYPES
+    momentum_style: MuonMomentumStyle = "sum"
+    ns_dtype: MuonNSDtype = "fp32"
     # AdamW settings for the non-matrix params (embedding, norms, gains) when name == muon
     adamw_lr: float | None = None  # None: optim.lr
     adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
@@ -94,14 +92,14 @@ class MuonSection:
 
 @dataclass
 class OptimSection:
-    name: str = "adamw"  # adamw | adamw8bit | muon
+    name: OptimName = "adamw"
     lr: float = 3e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # 0 disables
     # which param kinds (from model.param_kinds()) AdamW decays; norms/gains ("vector") usually not
-    decay_kinds: list[str] = field(default_factory=lambda: ["embedding", "matrix"])
+    decay_kinds: list[ParamKind] = field(default_factory=lambda: ["embedding", "matrix"])
     muon: MuonSection = field(default_factory=MuonSection)
 
 
@@ -109,7 +107,7 @@ class OptimSection:
 class LRScheduleSection:
     """The learning-rate schedule (a curriculum's `schedule:`; the data mixture is `data.schedule`)."""
 
-    kind: str = "cosine"  # wsd | warmup_constant_cosine | cosine | constant
+    kind: LRScheduleKind = "cosine"
     warmup: int = 0
     cooldown: int = 0  # wsd: linear decay over the final `cooldown` steps
     decay: int = 0  # warmup_constant_cosine: cosine over the final `decay` steps
@@ -131,11 +129,11 @@ class TrainSection:
     steps: int | None = None
     tokens: float | None = None  # steps = tokens // tokens_per_step when steps is not given
     seed: int = 1337
-    dtype: str = "bf16"  # bf16 (autocast on GPU, fp32 weights; fp32 on CPU) | fp32
-    device: str = "auto"  # auto | cpu | cuda
+    dtype: Literal["bf16", "fp32"] = "bf16"  # bf16: autocast on GPU, fp32 weights; fp32 on CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
-    activation_checkpointing: bool = False
-    parallel: str = "ddp"  # ddp (replicated weights) | fsdp (FSDP2: weights, grads, optimizer sharded)
+    activation_checkpointing: bool = False  # its one home: a training choice, handed to the model config
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # replicated weights | FSDP2: weights, grads, optimizer sharded
     init_from: str | None = None  # checkpoint dir (or run dir) to take model weights from
     reset_data_cursor: bool = False  # with init_from: the loader starts from step 0 of its own schedule
     log_every: int = 1  # metrics.jsonl train rows (loss all-reduced: one sync per row)
@@ -181,8 +179,21 @@ class SampleSection:
 
 
 @dataclass
+class Resolved:
+    """What the sections imply at one world size, worked out once when the curriculum is loaded (the
+    loop reads these every step; the loader takes the schedule as it is)."""
+
+    world_size: int
+    grad_accum: int
+    tokens_per_step: int
+    total_steps: int
+    total_tokens: int
+    mixture: MixtureSchedule
+
+
+@dataclass
 class Config:
-    model: dict[str, Any] = field(default_factory=dict)
+    model: Any = None  # the family's config dataclass (trainer.models: DenseConfig | HybridConfig)
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
@@ -195,6 +206,7 @@ class Config:
     sample: SampleSection = field(default_factory=SampleSection)
     name: str = ""  # stage name ("" for single-stage curricula)
     source_file: str = ""  # where this came from (for messages)
+    resolved: Resolved | None = field(default=None, repr=False, compare=False)  # set by `resolve`
 
     # ---- derived quantities --------------------------------------------------------------------
     def grad_accum(self, world_size: int = 1) -> int:
@@ -244,8 +256,23 @@ class Config:
             out.append((p.tokens / total if total else 0.0, {k: v / s for k, v in p.weights.items()}))
         return sorted(out, key=lambda t: t[0])
 
+    def resolve(self, world_size: int) -> Resolved:
+        """Work out the derived values at `world_size` once (kept in `self.resolved`)."""
+        names = [s.name for s in self.data.sources]
+        self.resolved = Resolved(world_size, self.grad_accum(world_size), self.tokens_per_step(world_size),
+                                 self.total_steps(world_size), self.total_tokens(world_size),
+                                 MixtureSchedule(names, self.mixture(world_size), self.batch.seq_len))
+        return self.resolved
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain types (checkpoint config.json): the model as a `model:` section, without the training
+        switch it carries (train.activation_checkpointing is its home)."""
+        out = {f.name: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else copy.deepcopy(v)
+               for f in dataclasses.fields(self) if f.name not in ("model", "resolved")
+               for v in [getattr(self, f.name)]}
+        model = model_section(self.model) if self.model is not None else {}
+        model.pop("activation_checkpointing", None)
+        return {"model": model, **out}
 
 
 # ---- typed conversion ----------------------------------------------------------------------------
@@ -288,6 +315,11 @@ def _convert(value, tp, where: str, file: str):
                 pass
         return _convert(value, inner[-1], where, file)
     if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{file}: {where}: expected {' | '.join(map(str, args))}, got {value!r}"
+                              f"{did_you_mean(value, args)}")
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -339,26 +371,26 @@ def _convert(value, tp, where: str, file: str):
     return value
 
 
-def _typed_model(raw, file: str) -> dict:
-    """The `model:` section typed by its family's config dataclass (`arch` picks it) and checked by
-    building that config, so `rope_theta: 1e4` is a float and a bad shape fails here, naming the field."""
-    from trainer.models import make_config, model_fields
-
+def _typed_model(raw, file: str):
+    """The `model:` section as its family's config dataclass (`arch` picks it): values typed by that
+    dataclass (so `rope_theta: 1e4` is a float) and the shape checked here, naming the field."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{file}: model: expected a mapping, got {raw!r}")
-    out = copy.deepcopy(raw)
-    if "arch" not in out:
-        return out  # validate() names the missing arch
+    if "arch" not in raw:
+        raise ConfigError(f"{file}: model.arch: missing (dense | hybrid)")
+    if "activation_checkpointing" in raw:
+        raise ConfigError(f"{file}: model.activation_checkpointing: a training choice: set "
+                          f"train.activation_checkpointing instead")
+    out = dict(raw)
     try:
         hints = model_fields(out["arch"])
         for key, value in out.items():
             if key in hints:
                 out[key] = _convert(value, hints[key], f"model.{key}", file)
-        make_config(out)
+        return make_config(out)
     except ValueError as e:  # ConfigError included: one message naming the file and field
         msg = str(e)
         raise ConfigError(msg if msg.startswith(f"{file}:") else f"{file}: {msg}") from None
-    return out
 
 
 def _build(cls, raw: dict, where: str, file: str):
@@ -374,7 +406,10 @@ def _build(cls, raw: dict, where: str, file: str):
             kwargs[key] = _typed_model(value, file)
             continue
         kwargs[key] = _convert(value, hints[key], path, file)
-    return cls(**kwargs)
+    out = cls(**kwargs)
+    if cls is Config and out.model is not None:  # the model runs with the training switch it implements
+        out.model.activation_checkpointing = out.train.activation_checkpointing
+    return out
 
 
 # ---- loading -------------------------------------------------------------------------------------
@@ -476,6 +511,7 @@ def resolve(raw: dict, file: str, overrides: list[str] = (), world_size: int = 1
         if not cfg.name and len(stages_raw) > 1:
             cfg.name = f"stage{i}"
         validate(cfg, world_size, where=f"stages.{i}." if len(stages_raw) > 1 else "")
+        cfg.resolve(world_size)
         configs.append(cfg)
     names = [c.name for c in configs]
     if len(set(names)) != len(names):
@@ -486,6 +522,7 @@ def resolve(raw: dict, file: str, overrides: list[str] = (), world_size: int = 1
 def from_dict(d: dict, file: str = "<dict>") -> Config:
     """Rebuild a Config from `Config.to_dict()` (checkpoint config.json)."""
     d = {k: v for k, v in d.items() if k != "source_file"}
+    d["model"] = {k: v for k, v in d.get("model", {}).items() if k != "activation_checkpointing"}  # older files
     cfg = _build(Config, d, "", file)
     cfg.source_file = file
     return cfg
@@ -502,8 +539,6 @@ def _validate_data(cfg: Config, world_size: int, err) -> None:
             err(f"data.sources.{i}.name", "missing")
         if not s.path:
             err(f"data.sources.{i}.path", "missing")
-    if len(set(names)) != len(names):
-        err("data.sources", f"duplicate source names {names}")
     if not cfg.data.schedule and len(names) > 1:
         err("data.schedule", "several sources need a mixture schedule")
     total = cfg.total_tokens(world_size)
@@ -521,7 +556,7 @@ def _validate_data(cfg: Config, world_size: int, err) -> None:
         w = f"data.schedule.{e.index}"
         if e.unknown:
             err(f"{w}.weights.{e.unknown[0]}", "not a source" + (did_you_mean(e.unknown[0], names) or f" (sources: {names})"))
-        err(f"{w}.{e.field}" if e.index is not None else "data.schedule", e.message)
+        err(f"{w}.{e.field}" if e.index is not None else f"data.{e.field or 'schedule'}", e.message)
 
 
 def validate(cfg: Config, world_size: int = 1, where: str = "") -> None:
@@ -530,30 +565,20 @@ def validate(cfg: Config, world_size: int = 1, where: str = "") -> None:
     def err(field_: str, msg: str):
         raise ConfigError(f"{f}: {where}{field_}: {msg}")
 
-    if not cfg.model:
+    if cfg.model is None:
         err("model", "missing model section")
-    if "arch" not in cfg.model:
-        err("model.arch", "missing (dense | hybrid)")
-    if "activation_checkpointing" in cfg.model and cfg.train.activation_checkpointing \
-            and not cfg.model["activation_checkpointing"]:
-        err("train.activation_checkpointing", "is true but model.activation_checkpointing is false: set one")
-    if cfg.optim.name not in ("adamw", "adamw8bit", "muon"):
-        err("optim.name", f"expected adamw | adamw8bit | muon, got {cfg.optim.name!r}")
-    if cfg.optim.muon.momentum_style not in MUON_MOMENTUM_STYLES:
-        err("optim.muon.momentum_style", f"expected sum | ema, got {cfg.optim.muon.momentum_style!r}")
-    if cfg.optim.muon.ns_dtype not in MUON_NS_DTYPES:
-        err("optim.muon.ns_dtype", f"expected fp32 | bf16, got {cfg.optim.muon.ns_dtype!r}")
+    if cfg.batch.seq_len > cfg.model.max_seq_len:  # positions past the model's context: refused, not extrapolated
+        err("batch.seq_len", f"{cfg.batch.seq_len} is longer than the model's context (model.max_seq_len "
+                             f"{cfg.model.max_seq_len}); raise model.max_seq_len to train longer windows")
+    if cfg.train.parallel == "fsdp" and cfg.optim.name != "adamw":
+        # Muon orthogonalises whole matrices; bitsandbytes' 8-bit state is per tensor
+        err("train.parallel", f"fsdp supports optim.name adamw, not {cfg.optim.name} (use train.parallel: ddp)")
     if cfg.optim.lr <= 0:
         err("optim.lr", f"must be > 0, got {cfg.optim.lr}")
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
         err("optim.betas", f"expected two values in [0, 1), got {cfg.optim.betas}")
-    for k in cfg.optim.decay_kinds:
-        if k not in ("embedding", "matrix", "vector"):
-            err("optim.decay_kinds", f"expected embedding | matrix | vector, got {k!r}")
     if cfg.optim.weight_decay < 0:
         err("optim.weight_decay", f"must be >= 0, got {cfg.optim.weight_decay}")
-    if cfg.schedule.kind not in ("wsd", "warmup_constant_cosine", "cosine", "constant"):
-        err("schedule.kind", f"expected wsd | warmup_constant_cosine | cosine | constant, got {cfg.schedule.kind!r}")
     for k in ("warmup", "cooldown", "decay"):
         if getattr(cfg.schedule, k) < 0:
             err(f"schedule.{k}", "must be >= 0")
@@ -571,22 +596,14 @@ def validate(cfg: Config, world_size: int = 1, where: str = "") -> None:
         err("train.steps", f"must be > 0, got {cfg.train.steps}")
     if cfg.total_steps(world_size) <= 0:
         err("train.tokens", f"{cfg.train.tokens} tokens is less than one step of {cfg.tokens_per_step(world_size)}")
-    if cfg.train.dtype not in ("bf16", "fp32"):
-        err("train.dtype", f"expected bf16 | fp32, got {cfg.train.dtype!r}")
-    if cfg.train.parallel not in ("ddp", "fsdp"):
-        err("train.parallel", f"expected ddp | fsdp, got {cfg.train.parallel!r}")
-    if cfg.train.device not in ("auto", "cpu", "cuda"):
-        err("train.device", f"expected auto | cpu | cuda, got {cfg.train.device!r}")
     if not cfg.tokenizer.name and not cfg.tokenizer.path:
         err("tokenizer.name", "missing")
     _validate_data(cfg, world_size, err)
-    if cfg.data.packing not in ("stream", "document"):
-        err("data.packing", f"expected stream | document, got {cfg.data.packing!r}")
     if cfg.eval.every < 0 or cfg.eval.batches < 0:
         err("eval", "every and batches must be >= 0")
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 1:
         err("checkpoint", "every >= 0 and keep_last >= 1")
-    if cfg.checkpoint.upload is not None and not cfg.checkpoint.upload.startswith("s3://"):
+    if cfg.checkpoint.upload is not None and not is_s3_uri(cfg.checkpoint.upload):
         err("checkpoint.upload", f"expected s3://bucket/prefix, got {cfg.checkpoint.upload!r}")
     if cfg.logging.wandb is not None and not cfg.logging.wandb.project:
         err("logging.wandb.project", "missing")

@@ -40,6 +40,7 @@ How a batch is chosen (why it is exact, disjoint and independent of worker count
 from __future__ import annotations
 
 import hashlib
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +48,9 @@ import numpy as np
 import torch
 
 from shards.reader import SplitReader, open_split
-from trainer.log import log
+from shards.s3 import is_s3_uri
+from trainer.config import Packing
+from trainer.telemetry.console import log
 from trainer.mixture import MixtureError, MixturePoint, MixtureSchedule
 
 
@@ -56,6 +59,11 @@ STATE_FORMAT = "shardloom.loader/1"
 
 class DataError(ValueError):
     """A source, shard or schedule problem; the message names the source and file or field."""
+
+
+class SplitTooSmall(DataError):
+    """A source's split is missing, has no shards, or holds less than one batch: for the val split,
+    a source the eval skips (with this message) rather than a broken source."""
 
 
 @dataclass
@@ -130,9 +138,9 @@ def _stable_hash(*parts) -> int:
 # ---------------------------------------------------------------- sources
 
 
-def _open(name: str, path: str, split: str, cache_dir: str | None) -> SplitReader:
+def open_reader(name: str, path: str, split: str, cache_dir: str | None) -> SplitReader:
     where = f"source '{name}' ({path})"
-    if str(path).startswith("s3://"):
+    if is_s3_uri(path):
         from shards.storage import StorageError, fetch_to_cache  # lazy: boto3 only for object storage
 
         try:
@@ -144,16 +152,16 @@ def _open(name: str, path: str, split: str, cache_dir: str | None) -> SplitReade
         raise DataError(f"{where}: directory not found: {p}")
     try:
         reader = open_split(p, split)
-    except KeyError as e:  # KeyError quotes its message: unwrap
-        raise DataError(f"{where}: {e.args[0]}") from None
+    except KeyError as e:  # the manifest has no such split (KeyError quotes its message: unwrap)
+        raise SplitTooSmall(f"{where}: {e.args[0]}") from None
     except (FileNotFoundError, ValueError) as e:
         raise DataError(f"{where}: {e}") from None
     if not reader.shards:
-        raise DataError(f"{where}: split '{split}' has no shards")
+        raise SplitTooSmall(f"{where}: split '{split}' has no shards")
     return reader
 
 
-class _Source:
+class Source:
     """One source's split as windows (stream) or documents (document packing)."""
 
     def __init__(self, name: str, reader: SplitReader, seq_len: int, packing: str):
@@ -199,6 +207,11 @@ class _Source:
         return toks, mask
 
 
+def open_source(name: str, path: str, split: str, cache_dir: str | None, seq_len: int, packing: str) -> Source:
+    """One source's split, opened and checked, as the loader reads it (the data budget counts it too)."""
+    return Source(name, open_reader(name, path, split, cache_dir), seq_len, packing)
+
+
 def _windows(a: np.ndarray, count: int, L: int, stride: int) -> np.ndarray:
     """Read-only [count, L] view of `a` whose row i starts at i*stride (rows overlap by L - stride)."""
     a = a.view(np.ndarray)  # a memmap's fancy indexing costs more than a plain array's
@@ -228,6 +241,18 @@ def take_windows(views: list[np.ndarray], starts: np.ndarray, ids: np.ndarray) -
 # ---------------------------------------------------------------- the loader
 
 
+def schedule_for(names: list[str], schedule, seq_len: int) -> MixtureSchedule:
+    """The loader's schedule: a resolved MixtureSchedule as it is (the curriculum's, built once), or
+    one built from points (library use)."""
+    if isinstance(schedule, MixtureSchedule):
+        if list(schedule.names) != names or schedule.seq_len != seq_len:
+            raise MixtureError(None, "sources", f"the schedule is over {list(schedule.names)} at seq_len "
+                                                f"{schedule.seq_len}, the loader has {names} at {seq_len}")
+        return schedule
+    points = [p if isinstance(p, MixturePoint) else MixturePoint(**p) for p in schedule]
+    return MixtureSchedule(names, points, seq_len)
+
+
 class MixtureLoader:
     def __init__(
         self,
@@ -247,14 +272,11 @@ class MixtureLoader:
         vocab_size: int | None = None,
     ):
         sources = [s if isinstance(s, SourceSpec) else SourceSpec(**s) for s in sources]
-        schedule = [p if isinstance(p, MixturePoint) else MixturePoint(**p) for p in schedule]
         if not sources:
             raise DataError("sources: at least one source is required")
         names = [s.name for s in sources]
-        if len(set(names)) != len(names):
-            raise DataError(f"sources: duplicate names in {names}")
-        if packing not in ("stream", "document"):
-            raise DataError(f"packing: must be 'stream' or 'document', got {packing!r}")
+        if packing not in typing.get_args(Packing):
+            raise DataError(f"packing: expected {' | '.join(typing.get_args(Packing))}, got {packing!r}")
         for k, v in (("seq_len", seq_len), ("micro_batch", micro_batch), ("world_size", world_size),
                      ("grad_accum", grad_accum)):
             if int(v) < 1:
@@ -268,10 +290,10 @@ class MixtureLoader:
         self.rows_per_step = self.world_size * self.grad_accum * self.micro_batch
         self.tokens_per_step = self.rows_per_step * self.seq_len
         try:
-            self.schedule = MixtureSchedule(names, schedule, self.seq_len)
+            self.schedule = schedule_for(names, schedule, self.seq_len)
         except MixtureError as e:
             raise DataError(str(e)) from None
-        self.sources = [_Source(s.name, _open(s.name, s.path, split, cache_dir), self.seq_len, packing) for s in sources]
+        self.sources = [open_source(s.name, s.path, split, cache_dir, self.seq_len, packing) for s in sources]
         self.step_offset = 0
         self._epochs_logged = {n: 0 for n in names}
         self._last = None  # (step, micro_step) of the last batch served, for state_dict
@@ -546,10 +568,10 @@ def val_batches(source_path, seq_len: int, batch_size: int, n_batches: int, spli
     `split` in order, so every eval sees the same tokens. Returns fewer batches when the split is
     smaller (at least one full batch is required)."""
     name = name or Path(str(source_path)).name
-    src = _Source(name, _open(name, str(source_path), split, cache_dir), int(seq_len), packing)
+    src = open_source(name, str(source_path), split, cache_dir, int(seq_len), packing)
     want = batch_size * n_batches
     if src.n < batch_size:
-        raise DataError(f"source '{name}' ({source_path}/{split}): {src.n} rows of {seq_len + 1} tokens, "
+        raise SplitTooSmall(f"source '{name}' ({source_path}/{split}): {src.n} rows of {seq_len + 1} tokens, "
                         f"fewer than one batch of {batch_size}")
     n = min(want, (src.n // batch_size) * batch_size)
     if n < want:

@@ -23,12 +23,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .checkpoint import latest_checkpoint, load_model, load_model_weights, rng_state, save_checkpoint, step_dir
 from .config import Config, ConfigError
 from .data import MixtureLoader, SourceSpec
-from .generate import sample_generation
-from .log import log
-from .loggers import open_loggers
+from .tools.generate import sample_generation
+from .telemetry.console import log
+from .telemetry.mirrors import open_loggers
 from .loss import compute_loss, loss_tokens
 from .lr_schedule import set_lr
-from .metrics import MetricsLog, Progress, fmt_count, peak_flops, plot
+from .telemetry.metrics import MetricsLog, Progress, fmt_count, peak_flops, plot
 from .models import build_model
 from .optim import build_optimizer
 from .parallel import Dist, GradSync, gather_for_checkpoint, is_sharded, pick_device, shard_model
@@ -36,24 +36,6 @@ from .prefetch import Prefetcher
 from .preflight import check_tokenizer, load_eval_sets, verify_sources
 from .resume import TrainState, checkpoint_config, restore
 from .upload import Uploader
-
-
-def model_section(cfg: Config) -> dict:
-    m = dict(cfg.model)
-    if cfg.train.activation_checkpointing:
-        m["activation_checkpointing"] = True
-    return m
-
-
-def build_meta_model(cfg: Config):
-    try:
-        model = build_model(model_section(cfg), device="meta")
-    except ValueError as e:
-        raise ConfigError(f"{cfg.source_file}: {e}") from None
-    if cfg.batch.seq_len > model.config.max_seq_len:  # positions past the model's context: refused, not extrapolated
-        raise ConfigError(f"{cfg.source_file}: batch.seq_len: {cfg.batch.seq_len} is longer than the model's context "
-                          f"(model.max_seq_len {model.config.max_seq_len}); raise model.max_seq_len to train longer windows")
-    return model
 
 
 def seed_all(seed: int):
@@ -64,10 +46,10 @@ def seed_all(seed: int):
 
 def make_loader(cfg: Config, d: Dist, vocab_size: int):
     return MixtureLoader(
-        [SourceSpec(s.name, s.path) for s in cfg.data.sources], cfg.mixture(d.world),
+        [SourceSpec(s.name, s.path) for s in cfg.data.sources], cfg.resolved.mixture,
         seq_len=cfg.batch.seq_len, micro_batch=cfg.batch.micro_batch, seed=cfg.train.seed,
-        rank=d.rank, world_size=d.world, total_tokens=cfg.total_tokens(d.world), split="train",
-        cache_dir=cfg.data.cache_dir, grad_accum=cfg.grad_accum(d.world), packing=cfg.data.packing,
+        rank=d.rank, world_size=d.world, total_tokens=cfg.resolved.total_tokens, split="train",
+        cache_dir=cfg.data.cache_dir, grad_accum=cfg.resolved.grad_accum, packing=cfg.data.packing,
         vocab_size=vocab_size,
     )
 
@@ -155,11 +137,11 @@ class Stage:
 
     @property
     def total_steps(self) -> int:
-        return self.cfg.total_steps(self.world)
+        return self.cfg.resolved.total_steps
 
     @property
     def tps(self) -> int:
-        return self.cfg.tokens_per_step(self.world)
+        return self.cfg.resolved.tokens_per_step
 
     def autocast(self):
         if self.use_bf16:
@@ -177,14 +159,11 @@ def build_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
     then model, optimizer and, with --resume, the newest good checkpoint."""
     device = pick_device(cfg, d)
     d.init(device.type)
-    meta = build_meta_model(cfg)
-    vocab = int(meta.config.vocab_size)
     if cfg.data.verify_checksums:
         verify_sources(cfg)
-    loader = make_loader(cfg, d, vocab)  # opens every source, validates dtype/sizes/tokenizer/vocab
+    loader = make_loader(cfg, d, cfg.model.vocab_size)  # opens every source, validates dtype/sizes/tokenizer/vocab
     check_tokenizer(cfg, loader, d)
     eval_sets = load_eval_sets(cfg, d)
-    del meta
 
     resume_from = latest_checkpoint(stage_dir) if resume else None
     if resume and resume_from is None:
@@ -194,7 +173,7 @@ def build_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
 
     seed_all(cfg.train.seed)
 
-    model = build_model(model_section(cfg), device=device)
+    model = build_model(cfg.model, device=device)
     if init_from is not None and resume_from is None:
         try:
             load_model_weights(model, init_from, device=device)
@@ -269,7 +248,7 @@ def run_eval(s: Stage, step: int) -> None:
 
 def train_step(s: Stage, prefetch, step: int, prog: Progress) -> None:
     """One optimizer step: grad_accum micro-batches, clipping, the update, and its metrics row."""
-    cfg, accum = s.cfg, s.cfg.grad_accum(s.world)
+    cfg, accum = s.cfg, s.cfg.resolved.grad_accum
     lr = set_lr(s.opt, step, cfg.optim.lr, s.total_steps, cfg.schedule)
     batches = [prefetch.batch(step, micro) for micro in range(accum)]  # ids checked by the loader
     weights = batches[0][3]["weights"]
@@ -322,7 +301,7 @@ def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
     prog = Progress(total, s.start_step, s.tps, s.metrics.fpt, s.metrics.peak)  # the metrics' own MFU inputs
     if d.main:
         log.info(f"[train] {cfg.name or Path(cfg.source_file).stem}: {total} steps x {s.tps:,} tokens "
-                 f"(grad_accum {cfg.grad_accum(s.world)}, world {s.world}) on {s.device.type} -> {stage_dir}")
+                 f"(grad_accum {cfg.resolved.grad_accum}, world {s.world}) on {s.device.type} -> {stage_dir}")
     s.model.train()
     # builds the next step's batches during this one
     prefetch = Prefetcher(s.loader, s.start_step, total, pin_memory=s.device.type == "cuda")

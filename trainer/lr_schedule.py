@@ -13,8 +13,9 @@ the peak (`lr_multiplier`), so AdamW groups under Muon follow the same shape.
 from __future__ import annotations
 
 import math
+import typing
 
-from .config import LRScheduleSection
+from .config import LRScheduleKind, LRScheduleSection
 
 
 def min_lr_of(peak: float, sched: LRScheduleSection) -> float:
@@ -30,30 +31,41 @@ def warmup_factor(step: int, warmup: int) -> float:
     return (step + 1) / warmup
 
 
+def _constant(step: int, peak: float, lo: float, total_steps: int, sched: LRScheduleSection) -> float:
+    return peak
+
+
+def _wsd(step: int, peak: float, lo: float, total_steps: int, sched: LRScheduleSection) -> float:
+    start = total_steps - sched.cooldown
+    if sched.cooldown <= 0 or step < start:
+        return peak
+    frac = min(1.0, (step - start + 1) / sched.cooldown)  # last step lands exactly on min
+    return peak + (lo - peak) * frac
+
+
+def _warmup_constant_cosine(step: int, peak: float, lo: float, total_steps: int, sched: LRScheduleSection) -> float:
+    start = total_steps - sched.decay
+    if sched.decay <= 0 or step < start:
+        return peak
+    frac = min(1.0, (step - start) / max(1, sched.decay - 1))
+    return lo + 0.5 * (peak - lo) * (1 + math.cos(math.pi * frac))
+
+
+def _cosine(step: int, peak: float, lo: float, total_steps: int, sched: LRScheduleSection) -> float:
+    span = max(1, total_steps - sched.warmup - 1)
+    frac = min(1.0, (step - sched.warmup) / span)
+    return lo + 0.5 * (peak - lo) * (1 + math.cos(math.pi * frac))
+
+
+# schedule.kind -> the LR after warmup; the kinds themselves are the config's LRScheduleKind
+KINDS = {"constant": _constant, "wsd": _wsd, "warmup_constant_cosine": _warmup_constant_cosine, "cosine": _cosine}
+assert set(KINDS) == set(typing.get_args(LRScheduleKind)), "every LRScheduleKind needs a function"
+
+
 def lr_at(step: int, peak: float, total_steps: int, sched: LRScheduleSection) -> float:
-    lo = min_lr_of(peak, sched)
     if step < sched.warmup:
         return peak * warmup_factor(step, sched.warmup)
-    kind = sched.kind
-    if kind == "constant":
-        return peak
-    if kind == "wsd":
-        start = total_steps - sched.cooldown
-        if sched.cooldown <= 0 or step < start:
-            return peak
-        frac = min(1.0, (step - start + 1) / sched.cooldown)  # last step lands exactly on min
-        return peak + (lo - peak) * frac
-    if kind == "warmup_constant_cosine":
-        start = total_steps - sched.decay
-        if sched.decay <= 0 or step < start:
-            return peak
-        frac = min(1.0, (step - start) / max(1, sched.decay - 1))
-        return lo + 0.5 * (peak - lo) * (1 + math.cos(math.pi * frac))
-    if kind == "cosine":
-        span = max(1, total_steps - sched.warmup - 1)
-        frac = min(1.0, (step - sched.warmup) / span)
-        return lo + 0.5 * (peak - lo) * (1 + math.cos(math.pi * frac))
-    raise ValueError(f"unknown schedule kind {kind!r}")
+    return KINDS[sched.kind](step, peak, min_lr_of(peak, sched), total_steps, sched)
 
 
 def lr_multiplier(step: int, peak: float, total_steps: int, sched: LRScheduleSection) -> float:

@@ -40,6 +40,8 @@ class MixtureSchedule:
     """
 
     def __init__(self, names: list[str], points: list[MixturePoint], seq_len: int):
+        if len(set(names)) != len(names):
+            raise MixtureError(None, "sources", f"duplicate source names {names}")
         if not points:
             raise MixtureError(None, "", "needs at least one point")
         xs, ws = [], []

@@ -12,11 +12,12 @@ base_lr by the schedule multiplier.
 from __future__ import annotations
 
 import math
+import typing
 
 import torch
 
-from .config import MUON_MOMENTUM_STYLES, MUON_NS_DTYPES, OptimSection
-from .log import log
+from .config import MuonMomentumStyle, MuonNSDtype, OptimName, OptimSection
+from .telemetry.console import log
 
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -63,10 +64,11 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0,
                  momentum_style: str = "sum", ns_dtype: str = "fp32"):
-        if momentum_style not in MUON_MOMENTUM_STYLES:
-            raise ValueError(f"Muon momentum_style must be one of {MUON_MOMENTUM_STYLES}, got {momentum_style!r}")
-        if ns_dtype not in MUON_NS_DTYPES:
-            raise ValueError(f"Muon ns_dtype must be one of {MUON_NS_DTYPES}, got {ns_dtype!r}")
+        if momentum_style not in typing.get_args(MuonMomentumStyle):
+            raise ValueError(f"Muon momentum_style must be one of {typing.get_args(MuonMomentumStyle)}, "
+                             f"got {momentum_style!r}")
+        if ns_dtype not in typing.get_args(MuonNSDtype):
+            raise ValueError(f"Muon ns_dtype must be one of {typing.get_args(MuonNSDtype)}, got {ns_dtype!r}")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay,
                         momentum_style=momentum_style, ns_dtype=ns_dtype)
         super().__init__(params, defaults)
@@ -169,50 +171,50 @@ def adamw_groups(by_kind, lr: float, weight_decay: float, decay_kinds=("embeddin
     return groups
 
 
+def _build_adamw8bit(by_kind, cfg: OptimSection, device_type: str):
+    try:
+        import bitsandbytes as bnb  # noqa: F401
+    except Exception:
+        bnb = None
+    if bnb is None or device_type != "cuda":
+        why = "bitsandbytes is not installed" if bnb is None else "not on CUDA"
+        log.info(f"[optim] adamw8bit unavailable ({why}); using AdamW")
+        return _build_adamw(by_kind, cfg, device_type)
+    groups = adamw_groups(by_kind, cfg.lr, cfg.weight_decay, cfg.decay_kinds)
+    return bnb.optim.AdamW8bit(groups, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def _build_adamw(by_kind, cfg: OptimSection, device_type: str):
+    groups = adamw_groups(by_kind, cfg.lr, cfg.weight_decay, cfg.decay_kinds)
+    return _adamw(groups, cfg.betas, cfg.eps, device_type)
+
+
+def _build_muon(by_kind, cfg: OptimSection, device_type: str):
+    m = cfg.muon
+    muon_lr = m.lr if m.lr is not None else cfg.lr
+    muon_wd = m.weight_decay if m.weight_decay is not None else cfg.weight_decay
+    # Llama Think's training loop set EVERY group's lr to the Muon schedule (peak 0.02), so the
+    # card's AdamW lr 0.002 was never used: its curriculum leaves muon.adamw_lr unset (= optim.lr).
+    adamw_lr = m.adamw_lr if m.adamw_lr is not None else cfg.lr
+    matrices = [p for _, p in by_kind["matrix"] if p.ndim >= 2]
+    rest = [p for _, p in by_kind["matrix"] if p.ndim < 2] + [p for _, p in by_kind["embedding"]] + [
+        p for _, p in by_kind["vector"]
+    ]
+    opts = []
+    if matrices:
+        opts.append(Muon([dict(params=matrices, lr=muon_lr, base_lr=muon_lr, kind="muon")],
+                         lr=muon_lr, momentum=m.momentum, nesterov=m.nesterov, ns_steps=m.ns_steps,
+                         weight_decay=muon_wd, momentum_style=m.momentum_style, ns_dtype=m.ns_dtype))
+    if rest:
+        opts.append(_adamw([dict(params=rest, lr=adamw_lr, base_lr=adamw_lr, weight_decay=m.adamw_weight_decay,
+                                 kind="adamw")], m.adamw_betas, m.adamw_eps, device_type))
+    return CombinedOptimizer(opts)
+
+
+# optim.name -> builder; the names themselves are the config's OptimName (the converter refuses others)
+BUILDERS = {"adamw": _build_adamw, "adamw8bit": _build_adamw8bit, "muon": _build_muon}
+assert set(BUILDERS) == set(typing.get_args(OptimName)), "every OptimName needs a builder"
+
+
 def build_optimizer(model: torch.nn.Module, cfg: OptimSection, device_type: str = "cpu"):
-    by_kind = named_params_by_kind(model)
-    name = cfg.name
-    if name == "adamw8bit":
-        try:
-            import bitsandbytes as bnb  # noqa: F401
-        except Exception:
-            bnb = None
-        if bnb is None or device_type != "cuda":
-            why = "bitsandbytes is not installed" if bnb is None else "not on CUDA"
-            log.info(f"[optim] adamw8bit unavailable ({why}); using AdamW")
-            name = "adamw"
-        else:
-            groups = adamw_groups(by_kind, cfg.lr, cfg.weight_decay, cfg.decay_kinds)
-            return bnb.optim.AdamW8bit(groups, betas=tuple(cfg.betas), eps=cfg.eps)
-    if name == "adamw":
-        groups = adamw_groups(by_kind, cfg.lr, cfg.weight_decay, cfg.decay_kinds)
-        return _adamw(groups, cfg.betas, cfg.eps, device_type)
-    if name == "muon":
-        m = cfg.muon
-        muon_lr = m.lr if m.lr is not None else cfg.lr
-        muon_wd = m.weight_decay if m.weight_decay is not None else cfg.weight_decay
-        # Llama Think's training loop set EVERY group's lr to the Muon schedule (peak 0.02), so the
-        # card's AdamW lr 0.002 was never used: its curriculum leaves muon.adamw_lr unset (= optim.lr).
-        adamw_lr = m.adamw_lr if m.adamw_lr is not None else cfg.lr
-        matrices = [p for _, p in by_kind["matrix"] if p.ndim >= 2]
-        rest = [p for _, p in by_kind["matrix"] if p.ndim < 2] + [p for _, p in by_kind["embedding"]] + [
-            p for _, p in by_kind["vector"]
-        ]
-        opts = []
-        if matrices:
-            opts.append(
-                Muon(
-                    [dict(params=matrices, lr=muon_lr, base_lr=muon_lr, kind="muon")],
-                    lr=muon_lr, momentum=m.momentum, nesterov=m.nesterov, ns_steps=m.ns_steps, weight_decay=muon_wd,
-                    momentum_style=m.momentum_style, ns_dtype=m.ns_dtype,
-                )
-            )
-        if rest:
-            opts.append(
-                _adamw(
-                    [dict(params=rest, lr=adamw_lr, base_lr=adamw_lr, weight_decay=m.adamw_weight_decay, kind="adamw")],
-                    m.adamw_betas, m.adamw_eps, device_type,
-                )
-            )
-        return CombinedOptimizer(opts)
-    raise ValueError(f"unknown optimizer {cfg.name!r}")
+    return BUILDERS[cfg.name](named_params_by_kind(model), cfg, device_type)

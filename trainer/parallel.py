@@ -38,9 +38,6 @@ def is_sharded(model: torch.nn.Module) -> bool:
 
 def shard_model(model: torch.nn.Module, cfg: Config, device: torch.device, world: int) -> None:
     """fully_shard in place (before the optimizer is built: it must hold the sharded parameters)."""
-    if cfg.optim.name != "adamw":  # Muon orthogonalises whole matrices; bitsandbytes' 8-bit state is per tensor
-        raise ConfigError(f"{cfg.source_file}: train.parallel: fsdp supports optim.name adamw, not {cfg.optim.name} "
-                          f"(use train.parallel: ddp)")
     if world == 1 or not dist.is_initialized():
         return
     from torch.distributed.device_mesh import init_device_mesh

@@ -7,11 +7,12 @@ from pathlib import Path
 
 from shards.check import check_files
 from shards.manifest import read_manifest
+from shards.s3 import is_s3_uri
 
 from .config import Config, ConfigError
-from .data import DataError, val_batches
-from .generate import load_tokenizer
-from .log import log
+from .data import DataError, SplitTooSmall, val_batches
+from shards.tokenizers import load_tokenizer
+from .telemetry.console import log
 from .parallel import Dist
 
 
@@ -19,7 +20,7 @@ def verify_sources(cfg: Config) -> None:
     """Optional full check: sha256 of every shard file against its manifest (data.verify_checksums),
     hashed in threads by `shards verify`'s own file check. A missing file is left to the loader."""
     for s in cfg.data.sources:
-        if str(s.path).startswith("s3://"):
+        if is_s3_uri(s.path):
             continue  # the s3 cache is verified on download
         try:
             m = read_manifest(s.path)
@@ -64,11 +65,8 @@ def load_eval_sets(cfg: Config, d: Dist):
         try:
             out[s.name] = val_batches(s.path, cfg.batch.seq_len, mb, cfg.eval.batches, split="val",
                                       packing=cfg.data.packing, cache_dir=cfg.data.cache_dir, name=s.name)
-        except DataError as e:
-            if "split 'val'" in str(e) or "fewer than one batch" in str(e):
-                log.info(f"[eval] no val data for '{s.name}': {e}")
-                continue
-            raise
+        except SplitTooSmall as e:
+            log.info(f"[eval] no val data for '{s.name}': {e}")
     return out
 
 

@@ -10,13 +10,13 @@ from pathlib import Path
 
 from .checkpoint import load_model_weights, load_train_state, set_rng_state
 from .config import Config, ConfigError
-from .log import log
+from .telemetry.console import log
 from .parallel import Dist, load_checkpoint
 
 
 def checkpoint_config(cfg: Config, world: int) -> dict:
     """The config.json stored with each checkpoint. A relative tokenizer path is made absolute: it was
-    relative to where training ran, and `trainer.generate` may be run from anywhere."""
+    relative to where training ran, and `trainer.tools.generate` may be run from anywhere."""
     out = {**cfg.to_dict(), "world_size": world}
     tok = dict(out.get("tokenizer") or {})
     if tok.get("path") and Path(tok["path"]).exists():

@@ -20,29 +20,32 @@ import shutil
 import sys
 from pathlib import Path
 
+from shards.s3 import is_s3_uri
+
 from .budget import curriculum_budget, print_budget, stage_budget
 from .checkpoint import STEP_RE, find_weights, load_model
 from .config import Config, ConfigError, load_curriculum
 from .data import DataError
-from .generate import sample_generation
-from .hf import resolve_hub
-from .log import log, setup as setup_logging
-from .loop import build_meta_model, train_stage
-from .metrics import fmt_count
+from .tools.generate import sample_generation
+from .tools.hf import resolve_hub
+from .telemetry.console import log, setup as setup_logging
+from .loop import train_stage
+from .models import build_model
+from .telemetry.metrics import fmt_count
 from .parallel import Dist, pick_device
 from .preflight import check_sample_tokenizer
 from .upload import fetch_init, fetch_resume
 
 
-def summary(cfg: Config, world: int) -> dict:
-    model = build_meta_model(cfg)
-    tps = cfg.tokens_per_step(world)
-    steps = cfg.total_steps(world)
+def summary(cfg: Config) -> dict:
+    model = build_model(cfg.model, device="meta")
+    r = cfg.resolved
+    tps, steps, world = r.tokens_per_step, r.total_steps, r.world_size
     return {
         "stage": cfg.name,
         "parameters": int(model.num_params()),
         "tokens_per_step": tps,
-        "grad_accum": cfg.grad_accum(world),
+        "grad_accum": r.grad_accum,
         "world_size": world,
         "steps": steps,
         "tokens": steps * tps,
@@ -64,7 +67,7 @@ def print_summary(s: dict, cfg: Config) -> None:
           f"(warmup {cfg.schedule.warmup})")
     print("  sources")
     for src in cfg.data.sources:
-        remote = str(src.path).startswith("s3://")
+        remote = is_s3_uri(src.path)
         state = "remote" if remote else ("ok" if (Path(src.path) / "manifest.json").exists() else "not built yet")
         print(f"    {src.name:24s} {src.path}  [{state}]")
     names = [src.name for src in cfg.data.sources]
@@ -89,7 +92,7 @@ def parse_args(argv):
     ap.add_argument("--run-dir", default=None, help="default: runs/<curriculum name>")
     ap.add_argument("--overwrite", action="store_true", help="delete an existing run dir first")
     args = ap.parse_intermixed_args(argv)  # overrides may come before or after the flags
-    if isinstance(args.resume, str) and not args.resume.startswith("s3://"):
+    if isinstance(args.resume, str) and not is_s3_uri(args.resume):
         if "=" not in args.resume:
             ap.error(f"--resume takes no value or an s3:// URI, got {args.resume!r}")
         args.overrides.insert(0, args.resume)  # `--resume optim.lr=1e-3`: an override, not a URI
@@ -102,12 +105,12 @@ def dry_run(stages: list[Config], d: Dist, as_json: bool, skip_data: bool) -> No
     as_json a last stdout line of JSON)."""
     sums, budgets = [], []
     for cfg in stages:
-        s = summary(cfg, d.world)
+        s = summary(cfg)
         sums.append(s)
         if d.main:
             print_summary(s, cfg)
         if not skip_data:  # a missing or empty source stops here (DataError, one line)
-            budgets.append(stage_budget(cfg, d.world))
+            budgets.append(stage_budget(cfg))
             s["sources"] = [dataclasses.asdict(b) for b in budgets[-1]]
             if d.main:
                 print_budget(budgets[-1])
@@ -160,10 +163,10 @@ def main(argv=None) -> int:
             if args.resume and (stage_dir / "DONE").exists():
                 prev_final = Path((stage_dir / "DONE").read_text().strip())
                 done = STEP_RE.match(prev_final.name)
-                if done and int(done.group(1)) != cfg.total_steps(d.world):
+                if done and int(done.group(1)) != cfg.resolved.total_steps:
                     raise ConfigError(
                         f"{stage_dir}: finished at step {int(done.group(1))}, but these settings make "
-                        f"{cfg.total_steps(d.world)} steps: --resume only continues an unfinished run (the LR "
+                        f"{cfg.resolved.total_steps} steps: --resume only continues an unfinished run (the LR "
                         f"and mixture schedules span the whole run); to train further, start a new run with "
                         f"train.init_from={prev_final}")
                 log.info(f"[stage] {cfg.name or i}: already done ({prev_final})")

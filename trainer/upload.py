@@ -29,8 +29,13 @@ import sys
 import threading
 from pathlib import Path
 
+from shards.storage import (DEFAULT_CACHE_DIR, StorageError, cache_path, download_files, listing, parse_listing,
+                            parse_s3_uri, remove)
+from shards.s3 import is_s3_uri
+
+from .config import ConfigError
 from .checkpoint import CHECKSUMS, STEP_RE, WEIGHT_FILES
-from .log import log
+from .telemetry.console import log
 
 UPLOAD_STAGING = ".upload"  # under checkpoints/: hard links of what is queued
 
@@ -39,8 +44,6 @@ class Uploader:
     """Queued checkpoints uploaded in order, each by a child process (rank 0 only)."""
 
     def __init__(self, uri: str, keep_last: int, endpoint_url: str | None = None):
-        from shards.storage import parse_s3_uri
-
         parse_s3_uri(uri)  # a malformed URI fails here, before training
         self.uri, self.keep_last, self.endpoint_url = uri.rstrip("/"), keep_last, endpoint_url
         self.failed: list[str] = []
@@ -92,15 +95,11 @@ class Uploader:
 
 def remote_checkpoints(uri: str, endpoint_url: str | None = None) -> list[str]:
     """Names of the complete checkpoints (checksums.json uploaded) under a remote run, oldest first."""
-    from shards.storage import listing
-
     names = {rel.split("/")[0] for rel in listing(uri, endpoint_url) if rel.endswith("/" + CHECKSUMS)}
     return sorted((n for n in names if STEP_RE.match(n)), key=lambda n: int(STEP_RE.match(n).group(1)))
 
 
 def prune_remote(uri: str, keep_last: int, endpoint_url: str | None = None) -> list[str]:
-    from shards.storage import remove
-
     old = remote_checkpoints(uri, endpoint_url)[:-keep_last]
     for name in old:
         remove(f"{uri}/{name}", CHECKSUMS, endpoint_url)
@@ -111,8 +110,6 @@ def fetch_checkpoint(uri: str, dest_parent: Path, weights_only: bool = False, en
     """Download a remote checkpoint (URI ends in step_N) or the newest complete one of a remote run
     into dest_parent/step_N/, verified file by file against its checksums.json. Concurrent callers
     (every rank of a node) take turns: the first downloads, the others find verified files."""
-    from shards.storage import StorageError, download_files, parse_listing
-
     uri = uri.rstrip("/")
     name = uri.rsplit("/", 1)[-1]
     if not STEP_RE.match(name):
@@ -136,10 +133,8 @@ def fetch_checkpoint(uri: str, dest_parent: Path, weights_only: bool = False, en
 def fetch_init(init: str | Path, cfg) -> str | Path:
     """train.init_from: an s3:// run or checkpoint becomes its local copy (weights and config only)
     under the cache (data.cache_dir, else ~/.cache/shardloom); anything else is returned as is."""
-    if not str(init).startswith("s3://"):
+    if not is_s3_uri(init):
         return init
-    from shards.storage import DEFAULT_CACHE_DIR, cache_path
-
     uri = str(init).rstrip("/")
     run = uri.rsplit("/", 1)[0] if STEP_RE.match(uri.rsplit("/", 1)[-1]) else uri
     cache = Path(cfg.data.cache_dir or DEFAULT_CACHE_DIR) / "checkpoints"
@@ -151,8 +146,6 @@ def fetch_resume(uri: str, stage_dir: Path, cfg, stage: str | None = None) -> Pa
     verifies it. A multi-stage run's stages live under URI/<stage folder>."""
     if stage:
         if STEP_RE.match(uri.rstrip("/").rsplit("/", 1)[-1]):
-            from .config import ConfigError
-
             raise ConfigError(f"--resume {uri}: a multi-stage curriculum resumes from its run's URI (each stage "
                               f"from its own folder under it), not from one checkpoint")
         uri = f"{uri.rstrip('/')}/{stage}"
@@ -160,10 +153,6 @@ def fetch_resume(uri: str, stage_dir: Path, cfg, stage: str | None = None) -> Pa
 
 
 def _fetch(uri: str, dest_parent: Path, cfg, what: str, weights_only: bool = False) -> Path:
-    from shards.storage import StorageError
-
-    from .config import ConfigError
-
     try:
         p = fetch_checkpoint(uri, dest_parent, weights_only, cfg.checkpoint.endpoint_url)
     except StorageError as e:

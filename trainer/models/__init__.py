@@ -1,8 +1,11 @@
-"""Model zoo: build_model(cfg) turns a curriculum's `model:` section into an nn.Module.
+"""Model zoo: a curriculum's `model:` section becomes its family's typed config (`make_config`), and
+`build_model(config)` turns that into an nn.Module.
 
-cfg["arch"] picks the family ("dense" or "hybrid"); an optional cfg["preset"] names a seed model
-whose options the remaining keys override. Every other key must be a field of that family's config
-dataclass: a misspelt or missing key is a ValueError naming it.
+section["arch"] picks the family ("dense" or "hybrid"); an optional section["preset"] names a seed
+model whose options the remaining keys override. Every other key must be a field of that family's
+config dataclass: a misspelt or missing key is a ValueError naming it. Each config class carries its
+family name as `arch` (a ClassVar, so `dataclasses.asdict` leaves it out and `model_section` puts it
+back), which is how a typed config finds its model class again.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import importlib
 import torch
 import torch.nn as nn
 
-from trainer.config import did_you_mean
+from trainer.errors import did_you_mean
 from trainer.models.layers import KVCache  # noqa: F401  (re-exported for generate / trainer)
 
 ARCHS = {
@@ -40,13 +43,13 @@ def model_fields(arch) -> dict:
 
 
 def make_config(cfg: dict):
-    """Validate a `model:` section and return (config dataclass instance, model class)."""
+    """Validate a `model:` section and return its family's config dataclass instance."""
     if not isinstance(cfg, dict):
         raise ValueError(f"model: expected a mapping, got {type(cfg).__name__}")
     if "arch" not in cfg:
         raise ValueError("model.arch is required ('dense' or 'hybrid')")
     cfg = dict(cfg)
-    mod, cfg_cls, model_cls = _family(cfg.pop("arch"))
+    mod, cfg_cls, _ = _family(cfg.pop("arch"))
     presets = getattr(mod, "PRESETS", {})
     values = {}
     if "preset" in cfg:
@@ -65,23 +68,32 @@ def make_config(cfg: dict):
     if missing:
         raise ValueError(f"model: missing required option(s) {', '.join('model.' + m for m in missing)}")
     try:
-        return cfg_cls(**values), model_cls
+        return cfg_cls(**values)
     except (TypeError, ValueError) as e:
         raise ValueError(f"model: {e}") from None
 
 
-def build_model(cfg: dict, device=None) -> nn.Module:
-    """Build (and, off the meta device, initialise) the model described by a `model:` section."""
-    config, model_cls = make_config(cfg)
+def model_section(config) -> dict:
+    """A typed config written back as a `model:` section (`arch` plus every field, presets expanded):
+    what a checkpoint's config.json stores, and what `make_config` reads back to the same config."""
+    return {"arch": config.arch, **dataclasses.asdict(config)}
+
+
+def build_model(config, device=None) -> nn.Module:
+    """Build (and, off the meta device, initialise) the model a typed config describes. A `model:`
+    section as written (a dict, e.g. a checkpoint's config.json) is validated by make_config first."""
+    if isinstance(config, dict):
+        config = make_config(config)
+    model_cls = _family(config.arch)[2]
     if device is None:
         return model_cls(config)
     with torch.device(device):
         return model_cls(config)
 
 
-def count_params(cfg: dict) -> int:
+def count_params(config) -> int:
     """Exact parameter count (tied weights once) without allocating: built on the meta device."""
-    return build_model(cfg, device="meta").num_params()
+    return build_model(config, device="meta").num_params()
 
 
-__all__ = ["build_model", "count_params", "make_config", "model_fields", "KVCache"]
+__all__ = ["build_model", "count_params", "make_config", "model_fields", "model_section", "KVCache"]

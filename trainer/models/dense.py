@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -20,6 +21,8 @@ INIT_SCHEMES = ("gpt2", "depth_scaled", "fan_in")
 
 @dataclass
 class DenseConfig:
+    arch: ClassVar[str] = "dense"  # the family name a curriculum's model.arch gives
+
     vocab_size: int
     d_model: int
     n_layers: int

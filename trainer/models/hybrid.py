@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -32,6 +33,8 @@ MIXERS = ("linear", "csa", "full")
 
 @dataclass
 class HybridConfig:
+    arch: ClassVar[str] = "hybrid"  # the family name a curriculum's model.arch gives
+
     vocab_size: int = 32000              # Llama 2 SentencePiece
     d_model: int = 576
     n_layers: int = 16

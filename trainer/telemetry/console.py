@@ -1,7 +1,7 @@
 """The trainer's one logger: rank-aware, configured once (on first import; trainer.run's main sets the
 rank it got from torchrun).
 
-    from trainer.log import log
+    from trainer.telemetry.console import log
     log.info("[resume] ...")      # shown by rank 0 only
     log.warning("...")            # shown by every rank, prefixed "[rank N]" off rank 0
 

@@ -23,6 +23,10 @@ from pathlib import Path
 
 import torch
 
+from shards.tokenizers import post_processor_bos
+from trainer.models import make_config
+from trainer.models.dense import DenseConfig
+
 # Fields of DenseConfig that change nothing a forward pass computes from the weights.
 NON_COMPUTE = {"activation_checkpointing", "max_seq_len", "init", "init_std", "use_fla", "linear_chunk_size",
                "rope_layout"}
@@ -106,8 +110,6 @@ def _rename(sd: dict, n_layers: int, top: dict, block: dict, prefix: str, invers
 
 
 def is_llama_exact(model) -> bool:
-    from trainer.models.dense import DenseConfig
-
     return isinstance(model.config, DenseConfig) and not llama_blockers(model.config)
 
 
@@ -331,9 +333,7 @@ def read_folder(folder: str | Path) -> tuple[dict, dict]:
 def fit_to(sd: dict, src_section: dict, model) -> dict:
     """`sd` (laid out as src_section says) made ready for `model`: the same computation is required
     (a differing field is an error naming it); a different RoPE layout is converted."""
-    from trainer.models import make_config
-
-    src, _ = make_config(src_section)
+    src = make_config(src_section)
     dst = model.config
     if type(src) is not type(dst):
         raise FormatError(f"the weights are a {type(src).__name__} model, the curriculum builds a {type(dst).__name__}")
@@ -361,8 +361,6 @@ def tokenizer_section(folder: Path) -> dict:
         return v.get("content") if isinstance(v, dict) else v
     bos, add_bos = token(tc.get("bos_token")), tc.get("add_bos_token")
     if add_bos is None:  # no stated convention: the post-processor's (transformers applies it too)
-        from shards.tokenizers import post_processor_bos
-
         if prepended := post_processor_bos(folder / "tokenizer.json"):
             bos, add_bos = prepended, True
     return {"name": str((folder / "tokenizer.json").resolve()), "eos": token(tc.get("eos_token")),

@@ -16,6 +16,8 @@ import json
 import struct
 import warnings
 
+from shards.tokenizers import CL100K_PATTERN, QWEN_PATTERN, HFTokenizer, SentencePieceTokenizer, TiktokenTokenizer
+
 TOK_MAGIC = b"SLTK"
 KIND = {"none": 0, "sentencepiece": 1, "bytelevel": 2}
 PRETOK = {"none": 0, "gpt2": 1, "cl100k": 2, "qwen2": 3}
@@ -34,8 +36,6 @@ def _section(kind, pretok, bos, eos, flags, pieces) -> bytes:
 
 
 def _tiktoken(tok) -> bytes:
-    from shards.tokenizers import CL100K_PATTERN, QWEN_PATTERN
-
     pieces = [(b"", 0.0, HIDDEN)] * tok.vocab_size
     for i, special, data in tok._id_tokens():  # a tiktoken id is its rank
         pieces[i] = (data, 0.0, SPECIAL) if special else (data, -float(i), NORMAL)
@@ -66,8 +66,6 @@ def _sentencepiece(tok) -> bytes:
 
 def _hf_pretok(spec: dict | None) -> tuple[str | None, int]:
     """(pre-tokenizer name, flags) for a ByteLevel setup the C encoder knows; (None, 0) otherwise."""
-    from shards.tokenizers import CL100K_PATTERN, QWEN_PATTERN
-
     if spec is None:
         return None, 0
     if spec.get("type") == "ByteLevel" and spec.get("use_regex", True):
@@ -106,8 +104,6 @@ def _hf(tok) -> bytes:
 
 def tokenizer_section(tok) -> bytes:
     """The tokenizer section of model.bin for `tok` (None: an empty section, ids only)."""
-    from shards.tokenizers import HFTokenizer, SentencePieceTokenizer, TiktokenTokenizer
-
     if tok is None:
         return _section("none", "none", None, None, 0, [])
     if isinstance(tok, TiktokenTokenizer):

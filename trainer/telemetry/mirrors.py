@@ -17,7 +17,7 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from .config import Config, ConfigError
+from trainer.config import Config, ConfigError
 
 
 def scalars(row: dict) -> dict[str, float]:
