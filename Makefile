@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(BIN)/python -m shards verify $(DEMO_DIR)/shards/topics
 	$(BIN)/python -m trainer.run curricula/demo-atom.yaml \
 	    data.sources.0.path=$(DEMO_DIR)/shards/topics data.sources.1.path=$(DEMO_DIR)/shards/docstrings \
-	    tokenizer.path=$(DEMO_DIR)/tokenizer.json --run-dir $(DEMO_DIR)/run --overwrite
+	    tokenizer.path=$(DEMO_DIR)/tokenizer.json eval.include_path=$(DEMO_DIR)/tasks --run-dir $(DEMO_DIR)/run --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

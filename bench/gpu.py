@@ -4,7 +4,7 @@ against our chunked Gated DeltaNet. Written for one H100/H200-class GPU; the who
 
     python -m bench.gpu                    # needs CUDA; bench/gpu_run.sh sets up fla from carried wheels
     python -m bench.gpu --only atom,axiom-380m --budget 200
-    python -m bench.gpu --smoke [--inline] # the same code on CPU at tiny shapes (tests/test_bench_gpu.py)
+    python -m bench.gpu --smoke [--inline] # the same code on CPU at tiny shapes (tests/trainer/test_bench_gpu.py)
 
 Every row runs in its own process with its own time cap (killed with its process group when over
 it), so a crash, an out-of-memory or a hung compile costs that row only; its partial figures are kept.

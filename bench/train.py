@@ -80,7 +80,7 @@ def time_plain(cur: Path, a) -> float:
     """The minimal loop: model, AdamW (same groups), forward, CE, backward, clip, step. Nothing else."""
     from trainer.config import load_curriculum
     from trainer.models import build_model
-    from trainer.loop import make_loader
+    from trainer.preflight import make_loader
     from trainer.parallel import Dist
 
     (cfg,) = load_curriculum(cur)

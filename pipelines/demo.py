@@ -154,6 +154,46 @@ def _digest(paths) -> str:
     return h.hexdigest()
 
 
+DEMO_TASK = """task: demo_pydoc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{query}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{gold}}}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+def write_demo_task(folder: Path, n: int = 40, seed: int = 0) -> Path:
+    """A small multiple-choice task in lm-eval's YAML format, so the demo's training loop scores a
+    downstream task offline: the opening of a Python reference topic, then its true next words
+    against the same span of three other topics. The topics are in the training corpus: it shows
+    the panel move, it is not a benchmark."""
+    import random
+
+    words = [r["text"].split() for r in topic_rows()]
+    words = [w for w in words if len(w) >= 40]
+    rng = random.Random(seed)
+    docs = []
+    for i in rng.sample(range(len(words)), min(n, len(words))):
+        others = rng.sample([j for j in range(len(words)) if j != i], 3)
+        choices = [" " + " ".join(words[j][30:38]) for j in [i, *others]]
+        order = list(range(4))
+        rng.shuffle(order)
+        docs.append({"query": " ".join(words[i][:30]), "choices": [choices[k] for k in order], "gold": order.index(0)})
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "demo_pydoc.jsonl"
+    _write_if_changed(data, "".join(json.dumps(d) + "\n" for d in docs).encode())
+    _write_if_changed(folder / "demo_pydoc.yaml", DEMO_TASK.format(data=data.resolve()).encode())
+    return folder
+
+
 def run(output: str | Path, tasks: int = 2, val_fraction: float = 0.05, filter_sample: int = 40) -> dict:
     from .cli import main as cli_main
     from .fineweb import CORPUS
@@ -191,6 +231,7 @@ def run(output: str | Path, tasks: int = 2, val_fraction: float = 0.05, filter_s
                                str(out / "filter-sample"), "--limit", str(filter_sample)])
         if rc:
             raise SystemExit(rc)
+    write_demo_task(out / "tasks")
     t_all = time.perf_counter() - t0
     return summary(out, files, tok_path, dict(corpus=t_corpus, bpe=t_bpe, tokenize=t_tok, total=t_all))
 

@@ -145,6 +145,13 @@ class EvalSection:
     every: int = 0  # 0: only at the end
     batches: int = 8
     micro_batch: int | None = None  # None: batch.micro_batch
+    # lm-evaluation-harness tasks scored on the live model (trainer/evals/tasks.py): task, group or tag
+    # names; include_path a folder of task YAMLs; limit examples per task (a fraction below 1)
+    tasks: list[str] = field(default_factory=list)
+    include_path: str | None = None
+    limit: float | None = None
+    tasks_every: int | None = None  # steps; None: at every eval; the final eval always scores them
+    tasks_batch_size: int = 8  # requests per forward
 
 
 @dataclass
@@ -601,6 +608,12 @@ def validate(cfg: Config, world_size: int = 1, where: str = "") -> None:
     _validate_data(cfg, world_size, err)
     if cfg.eval.every < 0 or cfg.eval.batches < 0:
         err("eval", "every and batches must be >= 0")
+    if cfg.eval.tasks_every is not None and cfg.eval.tasks_every < 0:
+        err("eval.tasks_every", f"must be >= 0, got {cfg.eval.tasks_every}")
+    if cfg.eval.limit is not None and cfg.eval.limit <= 0:
+        err("eval.limit", f"must be > 0, got {cfg.eval.limit}")
+    if cfg.eval.tasks_batch_size < 1:
+        err("eval.tasks_batch_size", "must be >= 1")
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 1:
         err("checkpoint", "every >= 0 and keep_last >= 1")
     if cfg.checkpoint.upload is not None and not is_s3_uri(cfg.checkpoint.upload):

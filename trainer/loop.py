@@ -22,7 +22,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .checkpoint import latest_checkpoint, load_model, load_model_weights, rng_state, save_checkpoint, step_dir
 from .config import Config, ConfigError
-from .data import MixtureLoader, SourceSpec
+from .data import MixtureLoader
+from .evals.bpb import token_byte_lengths
+from .evals.tasks import TaskResults, live_lm, run_tasks
+from .evals.val import val_metrics
 from .tools.generate import sample_generation
 from .telemetry.console import log
 from .telemetry.mirrors import open_loggers
@@ -33,7 +36,7 @@ from .models import build_model
 from .optim import build_optimizer
 from .parallel import Dist, GradSync, gather_for_checkpoint, is_sharded, pick_device, shard_model
 from .prefetch import Prefetcher
-from .preflight import check_tokenizer, load_eval_sets, verify_sources
+from .preflight import preflight
 from .resume import TrainState, checkpoint_config, restore
 from .upload import Uploader
 
@@ -42,16 +45,6 @@ def seed_all(seed: int):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def make_loader(cfg: Config, d: Dist, vocab_size: int):
-    return MixtureLoader(
-        [SourceSpec(s.name, s.path) for s in cfg.data.sources], cfg.resolved.mixture,
-        seq_len=cfg.batch.seq_len, micro_batch=cfg.batch.micro_batch, seed=cfg.train.seed,
-        rank=d.rank, world_size=d.world, total_tokens=cfg.resolved.total_tokens, split="train",
-        cache_dir=cfg.data.cache_dir, grad_accum=cfg.resolved.grad_accum, packing=cfg.data.packing,
-        vocab_size=vocab_size,
-    )
 
 
 def forward_backward(model, batches, step_tokens: int, world: int, device: torch.device,
@@ -80,37 +73,6 @@ def forward_backward(model, batches, step_tokens: int, world: int, device: torch
     return total
 
 
-@torch.no_grad()
-def evaluate(model, eval_sets, device, autocast, d: Dist) -> dict[str, float]:
-    was = model.training
-    model.eval()
-    out = {}
-    tot = torch.zeros(2, dtype=torch.float64)
-    for name, batches in eval_sets.items():
-        acc = torch.zeros(2, dtype=torch.float64)  # sum of loss*tokens, tokens
-        mine = batches[d.rank :: d.world]
-        # FSDP: each forward all-gathers, so every rank runs as many as the busiest (extra ones not counted)
-        rounds = -(-len(batches) // d.world) if is_sharded(model) else len(mine)
-        for i in range(rounds):
-            x, y, mask = mine[i] if i < len(mine) else batches[0]
-            x, y = x.to(device), y.to(device)
-            mask = mask.to(device) if mask is not None else None
-            with autocast():
-                logits = model(x)
-            if i >= len(mine):
-                continue
-            n = float(mask.sum()) if mask is not None else float(y.numel())
-            acc += torch.tensor([compute_loss(logits, y, mask).item() * n, n], dtype=torch.float64)
-        d.sum(acc)
-        if acc[1] > 0:
-            out[name] = float(acc[0] / acc[1])
-            tot += acc
-    if tot[1] > 0:
-        out["overall"] = float(tot[0] / tot[1])
-    model.train(was)
-    return out
-
-
 @dataclass
 class Stage:
     """Everything one stage trains with, built once by `build_stage`."""
@@ -119,7 +81,7 @@ class Stage:
     dir: Path
     d: Dist
     device: torch.device
-    loader: object
+    loader: MixtureLoader
     eval_sets: dict
     model: torch.nn.Module       # what runs forward/backward (DDP / compiled wrappers included)
     raw_model: torch.nn.Module   # the module itself: weights, clipping, eval, checkpoints, the sample
@@ -128,6 +90,8 @@ class Stage:
     metrics: MetricsLog
     use_bf16: bool
     masked: bool                 # loss tokens counted from masks (SFT), else fixed per step
+    tokenizer: object | None = None  # None: cannot be loaded here (no bpb, no tasks)
+    byte_table: torch.Tensor | None = None  # UTF-8 bytes per id, for bpb (trainer/evals/bpb.py)
     start_step: int = 0
     uploader: Uploader | None = None  # checkpoint.upload (rank 0)
 
@@ -159,11 +123,9 @@ def build_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
     then model, optimizer and, with --resume, the newest good checkpoint."""
     device = pick_device(cfg, d)
     d.init(device.type)
-    if cfg.data.verify_checksums:
-        verify_sources(cfg)
-    loader = make_loader(cfg, d, cfg.model.vocab_size)  # opens every source, validates dtype/sizes/tokenizer/vocab
-    check_tokenizer(cfg, loader, d)
-    eval_sets = load_eval_sets(cfg, d)
+    checked = preflight(cfg, d)
+    if d.main and checked.task_counts:
+        log.info("[eval] tasks: " + ", ".join(f"{t} ({n} examples)" for t, n in checked.task_counts.items()))
 
     resume_from = latest_checkpoint(stage_dir) if resume else None
     if resume and resume_from is None:
@@ -196,8 +158,11 @@ def build_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
     metrics = MetricsLog(stage_dir, enabled=d.main, loggers=open_loggers(cfg, stage_dir) if d.main else [],
                          flops_per_token=float(raw_model.flops_per_token(cfg.batch.seq_len)),
                          peak=peak_flops(device) * d.world)
-    s = Stage(cfg, stage_dir, d, device, loader, eval_sets, model, raw_model, ddp, opt, metrics, use_bf16=cfg.train.dtype == "bf16" and device.type == "cuda",
-              masked=cfg.data.packing == "document" or any(src.has_loss for src in loader.sources))
+    loader, tok = checked.loader, checked.tokenizer
+    s = Stage(cfg, stage_dir, d, device, loader, checked.eval_sets, model, raw_model, ddp, opt, metrics,
+              use_bf16=cfg.train.dtype == "bf16" and device.type == "cuda",
+              masked=cfg.data.packing == "document" or any(src.has_loss for src in loader.sources), tokenizer=tok,
+              byte_table=token_byte_lengths(tok, cfg.model.vocab_size).to(device) if tok is not None else None)
     if resume_from is not None:
         s.start_step = restore(resume_from, cfg, s.world, raw_model, opt, loader, device, d)
         log.info(f"[resume] {resume_from} (step {s.start_step}, {fmt_count(s.start_step * s.tps)} tokens)")
@@ -231,15 +196,41 @@ def save(s: Stage, step: int) -> None:
     s.d.barrier()
 
 
-def run_eval(s: Stage, step: int) -> None:
-    if not s.eval_sets:
+def eval_due(cfg: Config, done: int, total: int) -> tuple[bool, bool]:
+    """(val loss/bpb, tasks) due after `done` steps. The final step does both; tasks_every None: with
+    every val eval."""
+    if done == total:
+        return True, bool(cfg.eval.tasks)
+    val = bool(cfg.eval.every) and done % cfg.eval.every == 0
+    every = cfg.eval.tasks_every
+    tasks = bool(cfg.eval.tasks) and (val if every is None else bool(every) and done % every == 0)
+    return val, tasks
+
+
+def score_tasks(s: Stage) -> TaskResults | None:
+    """The curriculum's tasks on the live model (eval mode, the run's autocast); every rank scores its
+    share, rank 0 gets the results."""
+    lm = live_lm(s.raw_model, s.tokenizer, device=s.device, autocast=s.autocast, batch_size=s.cfg.eval.tasks_batch_size,
+                 rank=s.d.rank, world_size=s.world, sharded=is_sharded(s.raw_model))
+    limit = s.cfg.eval.limit
+    limit = int(limit) if limit is not None and limit >= 1 else limit  # lm-eval: an int counts, a float is a share
+    return run_tasks(lm, s.cfg.eval.tasks, s.cfg.eval.include_path, limit)
+
+
+def run_eval(s: Stage, step: int, val: bool = True, tasks: bool = False) -> None:
+    res = val_metrics(s.raw_model, s.eval_sets, s.byte_table, s.device, s.autocast, s.d) \
+        if val and s.eval_sets else None
+    scores = score_tasks(s) if tasks else None
+    if res is None and not tasks:
         return
-    losses = evaluate(s.raw_model, s.eval_sets, s.device, s.autocast, s.d)
-    s.metrics.log_eval(step, step * s.tps, losses)
+    s.metrics.log_eval(step, step * s.tps, res.loss if res else {}, res.bpb if res else None,
+                       scores.scores if scores else None, scores.seconds if scores else None)
     s.metrics.log({"type": "mixture", "step": step, "tokens": step * s.tps, "tokens_by_source": s.tokens_by_source()})
     if s.d.main:
-        log.info("[eval] step {} | ".format(step) + " | ".join(
-            f"{k} {v:.4f} (ppl {math.exp(min(v, 50)):.1f})" for k, v in losses.items()))
+        parts = [f"{k} {v:.4f} (bpb {res.bpb.get(k, float('nan')):.4f})" for k, v in res.loss.items()] if res else []
+        parts += [f"{t} {m} {v:.4f}" for t, ms in (scores.scores if scores else {}).items()
+                  for m, v in ms.items() if m in ("acc", "acc_norm")]
+        log.info(f"[eval] step {step} | " + " | ".join(parts) + (f" | tasks {scores.seconds:.1f}s" if scores else ""))
         try:
             plot(s.dir)
         except Exception as e:  # noqa: BLE001 - a plotting problem must never stop training
@@ -280,7 +271,7 @@ def finish(s: Stage, sample: bool) -> Path:
     """The final eval and checkpoint, DONE, and (last stage) the sample from the trained model."""
     final = step_dir(s.dir, s.total_steps)
     if s.start_step < s.total_steps:  # else resumed from the final checkpoint: its eval (logged first) and save are done
-        run_eval(s, s.total_steps)
+        run_eval(s, s.total_steps, *eval_due(s.cfg, s.total_steps, s.total_steps))
         save(s, s.total_steps)
     s.metrics.close()
     if s.d.main:
@@ -308,8 +299,8 @@ def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
     for step in range(s.start_step, total):
         train_step(s, prefetch, step, prog)
         done = step + 1
-        if cfg.eval.every and done % cfg.eval.every == 0 and done != total:
-            run_eval(s, done)
+        if done != total and any(due := eval_due(cfg, done, total)):
+            run_eval(s, done, *due)
         if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != total:
             save(s, done)
     prefetch.close()

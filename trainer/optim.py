@@ -29,7 +29,7 @@ def zeropower_newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7, 
     X ← G/‖G‖_F, then `steps` times X ← aX + (b·A + c·A²)X with A = XXᵀ. Each singular value σ
     (after the Frobenius normalisation) maps through p(x) = ax + bx³ + cx⁵ five times. The
     coefficients maximise the slope at 0, so p⁵ does not converge to 1: for normalised σ >= ~3e-3 it
-    lands in [0.68, 1.21] (checked numerically in tests/test_optim.py), tiny σ stay small.
+    lands in [0.68, 1.21] (checked numerically in tests/trainer/test_optim.py), tiny σ stay small.
     """
     a, b, c = NS_COEFFS
     X = G.to(dtype or G.dtype)

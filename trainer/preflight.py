@@ -1,8 +1,11 @@
 """Checks that run before any model memory or training step, so bad input stops with one line naming
-the file or field: shard checksums, the tokenizer against the sources' manifests, the val sets, the
-tokenizer the end-of-run sample needs."""
+the file or field: shard checksums, the sources (opened by the loader), the tokenizer against the
+sources' manifests, the val sets, the eval tasks (lm-eval resolves and loads each one here, never at
+step N), the tokenizer the end-of-run sample needs. `preflight` runs them in order and returns what
+training goes on with."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from shards.check import check_files
@@ -10,7 +13,8 @@ from shards.manifest import read_manifest
 from shards.s3 import is_s3_uri
 
 from .config import Config, ConfigError
-from .data import DataError, SplitTooSmall, val_batches
+from .data import DataError, MixtureLoader, SourceSpec, SplitTooSmall, val_batches
+from .evals.tasks import check_tasks
 from shards.tokenizers import load_tokenizer
 from .telemetry.console import log
 from .parallel import Dist
@@ -34,15 +38,62 @@ def verify_sources(cfg: Config) -> None:
                 raise DataError(f"source '{s.name}' ({s.path}): {f} fails its sha256 check against manifest.json (corrupted shard)")
 
 
-def check_tokenizer(cfg: Config, loader, d: Dist) -> None:
+@dataclass
+class Checked:
+    """What preflight opened and checked, for the stage to train with."""
+
+    loader: MixtureLoader
+    eval_sets: dict                      # source -> fixed val batches
+    tokenizer: object | None             # None: cannot be loaded here (no bpb, no tasks)
+    task_counts: dict[str, int] = field(default_factory=dict)  # eval task -> examples scored
+
+
+def preflight(cfg: Config, d: Dist) -> Checked:
+    if cfg.data.verify_checksums:
+        verify_sources(cfg)
+    loader = make_loader(cfg, d, cfg.model.vocab_size)  # opens every source, validates dtype/sizes/tokenizer/vocab
+    tok, why = try_tokenizer(cfg)
+    check_tokenizer(cfg, loader, tok, why)
+    return Checked(loader, load_eval_sets(cfg, d), tok, check_eval_tasks(cfg, tok, why))
+
+
+def make_loader(cfg: Config, d: Dist, vocab_size: int):
+    return MixtureLoader(
+        [SourceSpec(s.name, s.path) for s in cfg.data.sources], cfg.resolved.mixture,
+        seq_len=cfg.batch.seq_len, micro_batch=cfg.batch.micro_batch, seed=cfg.train.seed,
+        rank=d.rank, world_size=d.world, total_tokens=cfg.resolved.total_tokens, split="train",
+        cache_dir=cfg.data.cache_dir, grad_accum=cfg.resolved.grad_accum, packing=cfg.data.packing,
+        vocab_size=vocab_size,
+    )
+
+
+def try_tokenizer(cfg: Config):
+    """(the curriculum's tokenizer, "") or (None, why it cannot be loaded here)."""
+    try:
+        return load_tokenizer(cfg.to_dict()), ""
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        return None, (str(e).splitlines() or [type(e).__name__])[0]
+
+
+def check_eval_tasks(cfg: Config, tok, why: str) -> dict[str, int]:
+    """Every eval task resolves and loads (task -> examples), or one line naming it before step 0."""
+    if not cfg.eval.tasks:
+        return {}
+    if tok is None:
+        raise ConfigError(f"{cfg.source_file}: eval.tasks: scoring tasks needs the tokenizer, which cannot be "
+                          f"loaded here ({why})")
+    try:
+        return check_tasks(cfg.eval.tasks, cfg.eval.include_path, cfg.eval.limit)
+    except ValueError as e:
+        raise ConfigError(f"{cfg.source_file}: eval.tasks: {e}") from None
+
+
+def check_tokenizer(cfg: Config, loader, tok, why: str) -> None:
     """Every source must have been tokenized with the curriculum's tokenizer, compared by vocabulary
     hash (one vocabulary may be named, or its file typed, two ways). A tokenizer that cannot be
     loaded here is compared with the manifests by name only, and the log says so."""
     want = cfg.tokenizer.path or cfg.tokenizer.name
-    try:
-        info, why = load_tokenizer(cfg.to_dict()).info(), ""
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        info, why = None, (str(e).splitlines() or [type(e).__name__])[0]
+    info = tok.info() if tok is not None else None
     for src in loader.sources:
         t = src.reader.manifest.tokenizer
         where = f"source '{src.name}' ({src.reader.directory / 'manifest.json'})"

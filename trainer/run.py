@@ -33,7 +33,7 @@ from .loop import train_stage
 from .models import build_model
 from .telemetry.metrics import fmt_count
 from .parallel import Dist, pick_device
-from .preflight import check_sample_tokenizer
+from .preflight import check_eval_tasks, check_sample_tokenizer, try_tokenizer
 from .upload import fetch_init, fetch_resume
 
 
@@ -100,6 +100,16 @@ def parse_args(argv):
     return args
 
 
+def print_tasks(cfg: Config, counts: dict[str, int]) -> None:
+    if not counts:
+        return
+    when = f"every {cfg.eval.tasks_every} steps" if cfg.eval.tasks_every else (
+        f"every {cfg.eval.every} steps" if cfg.eval.every and cfg.eval.tasks_every is None else "")
+    print(f"  eval tasks ({when + ' and ' if when else ''}at the end; lm-eval, live model)")
+    for task, n in counts.items():
+        print(f"    {task:24s} {n:,} examples")
+
+
 def dry_run(stages: list[Config], d: Dist, as_json: bool, skip_data: bool) -> None:
     """Validate, build on the meta device, print each stage's summary and data budget (and with
     as_json a last stdout line of JSON)."""
@@ -109,11 +119,15 @@ def dry_run(stages: list[Config], d: Dist, as_json: bool, skip_data: bool) -> No
         sums.append(s)
         if d.main:
             print_summary(s, cfg)
-        if not skip_data:  # a missing or empty source stops here (DataError, one line)
+        if not skip_data:  # a missing or empty source, or a task that cannot load, stops here (one line)
             budgets.append(stage_budget(cfg))
             s["sources"] = [dataclasses.asdict(b) for b in budgets[-1]]
+            s["tasks"] = check_eval_tasks(cfg, *try_tokenizer(cfg))
             if d.main:
                 print_budget(budgets[-1])
+                print_tasks(cfg, s["tasks"])
+        elif d.main and cfg.eval.tasks:
+            print(f"  eval tasks      {', '.join(cfg.eval.tasks)} (not resolved: --skip-data)")
     if as_json and d.main:
         first = sums[0]
         out = {k: first[k] for k in ("parameters", "tokens_per_step", "grad_accum", "world_size",

@@ -1,5 +1,8 @@
 """Run metrics: `metrics.jsonl` (every train step and eval), `eval.csv`, a live progress line and
-`training.png` (loss, LR and mixture weights against tokens).
+`training.png` (loss, bits per byte, LR, mixture weights and task scores against tokens).
+
+eval.csv has one row per val source and eval (loss, perplexity, bpb; `task` empty) and one row per
+task metric and eval (`task`, `metric`, `value`; the val columns empty), so one file holds both.
 
 Rows are appended and flushed as they happen, so a crash loses nothing already logged. On resume,
 rows past the checkpoint's step are dropped (they will be produced again by the resumed run), so
@@ -14,7 +17,7 @@ import os
 import time
 from pathlib import Path
 
-EVAL_FIELDS = ["step", "tokens", "source", "loss", "perplexity"]
+EVAL_FIELDS = ["step", "tokens", "source", "loss", "perplexity", "bpb", "task", "metric", "value"]
 
 
 class MetricsLog:
@@ -53,21 +56,32 @@ class MetricsLog:
             logger.close()
         self.loggers = []
 
-    def log_eval(self, step: int, tokens: int, losses: dict[str, float]) -> None:
-        """losses: per source plus 'overall'."""
+    def log_eval(self, step: int, tokens: int, losses: dict[str, float], bpb: dict[str, float] | None = None,
+                 tasks: dict[str, dict[str, float]] | None = None, tasks_seconds: float | None = None) -> None:
+        """losses and bpb: per source plus 'overall'; tasks: {task: {metric: value}} (lm-eval's names)."""
         if not self.enabled:
             return
+        bpb = bpb or {}
         new = not self.csv.exists()
         with open(self.csv, "a", newline="") as f:
             w = csv.writer(f)
             if new:
                 w.writerow(EVAL_FIELDS)
             for src, loss in losses.items():
-                w.writerow([step, tokens, src, f"{loss:.6f}", f"{perplexity(loss):.4f}"])
+                b = f"{bpb[src]:.6f}" if src in bpb else ""
+                w.writerow([step, tokens, src, f"{loss:.6f}", f"{perplexity(loss):.4f}", b, "", "", ""])
+            for task, scores in (tasks or {}).items():
+                for metric, value in scores.items():
+                    w.writerow([step, tokens, "", "", "", "", task, metric, f"{value:.6f}"])
             f.flush()
             os.fsync(f.fileno())
-        self.log({"type": "eval", "step": step, "tokens": tokens,
-                  "loss": losses, "perplexity": {k: perplexity(v) for k, v in losses.items()}})
+        row = {"type": "eval", "step": step, "tokens": tokens,
+               "loss": losses, "perplexity": {k: perplexity(v) for k, v in losses.items()}}
+        if bpb:
+            row["bpb"] = bpb
+        if tasks is not None:
+            row["tasks"], row["tasks_seconds"] = tasks, tasks_seconds
+        self.log(row)
 
     def truncate_after(self, step: int) -> int:
         """Drop rows logged after `step` (resume from a checkpoint at `step`, or a restart from step 0
@@ -178,7 +192,9 @@ class Progress:
 
 
 def plot(run_dir: str | Path, rows: list[dict] | None = None) -> Path | None:
-    """training.png: train/eval loss, LR and mixture weights against tokens. Written atomically."""
+    """training.png against tokens, one shared x axis: train loss; val bits per byte per source (the
+    figure that compares across tokenizers); LR; mixture weights; and, where the run scores tasks,
+    their scores right under the mixture, so a schedule's effect reads off one image. Atomic write."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -190,39 +206,68 @@ def plot(run_dir: str | Path, rows: list[dict] | None = None) -> Path | None:
     evals = [r for r in rows if r.get("type") == "eval"]
     if not train:
         return None
-    toks = [r["tokens"] for r in train]
-    fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
-    ax = axes[0]
-    losses = [r["loss"] for r in train]
+    panels = [_loss_panel, *([_bpb_panel] if any(e.get("bpb") for e in evals) else []), _lr_panel, _mixture_panel,
+              *([_tasks_panel] if any(e.get("tasks") for e in evals) else [])]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels)), sharex=True)
+    for draw, ax in zip(panels, axes):
+        draw(ax, train, evals)
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("tokens")
+    fig.tight_layout()
+    out, tmp = run_dir / "training.png", run_dir / "training.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def _loss_panel(ax, train, evals) -> None:
+    toks, losses = [r["tokens"] for r in train], [r["loss"] for r in train]
     ax.plot(toks, losses, lw=0.6, alpha=0.35, color="tab:blue", label="train")
     ema, sm = 0.0, []
     for i, v in enumerate(losses, 1):  # smoothed train loss: bias-corrected EMA over ~20 rows
         ema = 0.95 * ema + 0.05 * v
         sm.append(ema / (1 - 0.95**i))
     ax.plot(toks, sm, lw=1.5, color="tab:blue", label="train (EMA)")
-    if evals:
-        for src in evals[-1]["loss"]:
-            ax.plot([e["tokens"] for e in evals if src in e["loss"]], [e["loss"][src] for e in evals if src in e["loss"]],
-                    marker="o", ms=3, lw=1.5 if src == "overall" else 1, label=f"val {src}")
+    val = [e for e in evals if "overall" in e.get("loss", {})]
+    if val:
+        ax.plot([e["tokens"] for e in val], [e["loss"]["overall"] for e in val], marker="o", ms=3, color="k",
+                label="val overall")
     ax.set_ylabel("loss")
     ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    axes[1].plot(toks, [r["lr"] for r in train], color="tab:orange")
-    axes[1].set_ylabel("learning rate")
-    axes[1].grid(alpha=0.3)
+
+
+def _bpb_panel(ax, train, evals) -> None:
+    for src in evals[-1].get("bpb") or {}:
+        pts = [(e["tokens"], e["bpb"][src]) for e in evals if src in (e.get("bpb") or {})]
+        ax.plot(*zip(*pts), marker="o", ms=3, lw=1.5 if src == "overall" else 1, label=f"val {src}")
+    ax.set_ylabel("bits per byte")
+    ax.legend(fontsize=7)
+
+
+def _lr_panel(ax, train, evals) -> None:
+    ax.plot([r["tokens"] for r in train], [r["lr"] for r in train], color="tab:orange")
+    ax.set_ylabel("learning rate")
+
+
+def _mixture_panel(ax, train, evals) -> None:
     names = sorted({k for r in train for k in r.get("weights", {})})
     for n in names:
-        axes[2].plot(toks, [r.get("weights", {}).get(n, 0.0) for r in train], label=n)
-    axes[2].set_ylabel("mixture weight")
-    axes[2].set_xlabel("tokens")
-    axes[2].set_ylim(-0.02, 1.02)
+        ax.plot([r["tokens"] for r in train], [r.get("weights", {}).get(n, 0.0) for r in train], label=n)
+    ax.set_ylabel("mixture weight")
+    ax.set_ylim(-0.02, 1.02)
     if names:
-        axes[2].legend(fontsize=7)
-    axes[2].grid(alpha=0.3)
-    fig.tight_layout()
-    out = run_dir / "training.png"
-    tmp = run_dir / "training.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+        ax.legend(fontsize=7)
+
+
+def _tasks_panel(ax, train, evals) -> None:
+    """acc_norm where a task has it (the cards report it), else acc, else its first metric."""
+    scored = [e for e in evals if e.get("tasks")]
+    for task in sorted({t for e in scored for t in e["tasks"]}):
+        metrics = next(e["tasks"][task] for e in scored if task in e["tasks"])
+        m = next((k for k in ("acc_norm", "acc") if k in metrics), next(iter(metrics), None))
+        pts = [(e["tokens"], e["tasks"][task][m]) for e in scored if m in e["tasks"].get(task, {})]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, label=f"{task} {m}")
+    ax.set_ylabel("task score")
+    ax.legend(fontsize=7)

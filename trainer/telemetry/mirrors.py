@@ -31,6 +31,10 @@ def scalars(row: dict) -> dict[str, float]:
     elif kind == "eval":
         out.update({f"val/{k}": float(v) for k, v in row["loss"].items()})
         out.update({f"val_ppl/{k}": float(v) for k, v in row.get("perplexity", {}).items()})
+        out.update({f"val_bpb/{k}": float(v) for k, v in row.get("bpb", {}).items()})
+        out.update({f"tasks/{t}/{m}": float(v) for t, ms in (row.get("tasks") or {}).items() for m, v in ms.items()})
+        if row.get("tasks_seconds") is not None:
+            out["tasks/seconds"] = float(row["tasks_seconds"])
     elif kind == "mixture":
         out.update({f"tokens/{k}": float(v) for k, v in row["tokens_by_source"].items()})
     return out

@@ -22,7 +22,7 @@ from trainer.tools.generate import GenerationConfig, generate
 from trainer.models import build_model
 
 torch.set_num_threads(1)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SEQ = 200
 MODELS = {
     # one period of linear, linear, csa, full; csa_window 64 and csa_block 4 (the defaults)

@@ -103,7 +103,7 @@ def test_checkpoint_config_makes_the_tokenizer_path_absolute(tmp_path, monkeypat
 
     (tmp_path / "tok.json").write_text("{}")
     monkeypatch.chdir(tmp_path)
-    cfg = load_curriculum(Path(__file__).resolve().parents[1] / "curricula/demo-atom.yaml", ["tokenizer.path=tok.json"])[-1]
+    cfg = load_curriculum(Path(__file__).resolve().parents[2] / "curricula/demo-atom.yaml", ["tokenizer.path=tok.json"])[-1]
     out = checkpoint_config(cfg, world=1)
     assert out["tokenizer"]["path"] == str((tmp_path / "tok.json").resolve())
     assert out["world_size"] == 1 and out["model"] == cfg.to_dict()["model"]

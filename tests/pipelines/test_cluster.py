@@ -27,7 +27,7 @@ from pipelines.fineweb import CORPUS
 from trainhelp import paragraphs, shard_files, write_corpus
 from trainhelp import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOK = ["--tokenizer", "cl100k", "--val-fraction", "0.2"]
 
 

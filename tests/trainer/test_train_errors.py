@@ -83,12 +83,6 @@ def test_bad_yaml_field_cli(tmp_path):
     assert_stopped_before_training(tmp_path / "r")
 
 
-def test_vocab_too_small_for_data(tmp_path, capsys):
-    cur = tiny_curriculum(tmp_path)
-    rc, _, err = train([cur, "model.vocab_size=32", "--run-dir", str(tmp_path / "r")], capsys)
-    assert rc == 2 and "vocab_size" in err and "manifest.json" in err, err
-
-
 def test_sft_loss_ignores_masked_tokens():
     torch.manual_seed(0)
     model = build_model(dict(arch="dense", vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=2, ffn_dim=64, max_seq_len=32))

@@ -19,8 +19,8 @@ from trainer.models import build_model
 from trainer.models.layers import KVCache
 
 torch.set_num_threads(1)
-REPO = Path(__file__).resolve().parents[1]
-LLAMA2 = Path(__file__).resolve().parents[2] / "shared/data/llama2-tokenizer.model"
+REPO = Path(__file__).resolve().parents[2]
+LLAMA2 = Path(__file__).resolve().parents[3] / "shared/data/llama2-tokenizer.model"
 TINY = {"arch": "dense", "preset": "atom", "vocab_size": 300, "d_model": 48, "n_layers": 2, "n_heads": 3,
         "n_kv_heads": 1, "head_dim": 16, "ffn_dim": 64}
 

@@ -24,7 +24,7 @@ from shards.reader import open_split
 from shards.tokenizers import get_tokenizer
 from trainhelp import tokenize_stats, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def module(corpus: str):

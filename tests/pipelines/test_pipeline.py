@@ -27,7 +27,7 @@ from shards.manifest import read_manifest
 from shards.reader import open_split
 from trainhelp import paragraphs, shard_files, tokenize_stats, write_corpus
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------------ corpus

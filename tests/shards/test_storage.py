@@ -34,7 +34,7 @@ from shards.reader import open_split  # noqa: E402
 from shards.storage import StorageError  # noqa: E402
 from trainhelp import SECRET, write_shards  # noqa: E402  (the s3 fixture's secret key: must never appear in any output)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
 
 

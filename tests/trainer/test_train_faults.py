@@ -1,6 +1,5 @@
-"""Nothing silent, nothing lost: faults and bad inputs a user can cause, each reproduced here.
-Crashes are injected from the test (a patched hook raises where a kill would land), never by the
-training loop itself; the real SIGKILL case is in test_resume.py. Tiny models, in-process CLIs."""
+"""Trainer faults, each reproduced: crash and restart, damaged checkpoints, no DONE marker, tokenizer and vocab
+vs the shards, one-line errors, changes on resume, open files (crash: a patched hook; real SIGKILL: test_resume.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -14,7 +13,7 @@ import torch
 import trainhelp
 import trainer.loop as loop
 from trainer.parallel import Dist
-from trainhelp import tokenize_stats, train
+from trainhelp import tiny_curriculum, train
 
 
 class Crash(Exception):
@@ -202,37 +201,13 @@ def test_sources_with_one_vocabulary_under_two_names_are_accepted(tmp_path):
                       total_tokens=320)
 
 
-def _tokenize(inp, out, *extra):
-    from pipelines.cli import main
-    from pipelines.fineweb import CORPUS
-
-    return main(CORPUS, ["tokenize", "--input", str(inp), "--output", str(out), "--val-fraction", "0", *map(str, extra)])
+# ------------------------------------ 6. the model's vocabulary: too small for the shards, ids beyond it
 
 
-def _jsonl(path, texts, key="text"):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"id": f"d{i}", key: t}) + "\n" for i, t in enumerate(texts)))
-    return path
-
-
-def test_manifest_records_a_resolved_tokenizer_path(tmp_path, monkeypatch):
-    """The manifest kept the path as typed ("tok/tokenizer.json", relative to where tokenize ran), so
-    `shards inspect` from another folder could not decode."""
-    from shards.check import inspect_dir
-    from shards.manifest import read_manifest
-
-    trainhelp.make_tokenizer_json(tmp_path / "tok" / "tokenizer.json")
-    _jsonl(tmp_path / "in" / "rows.jsonl", ["w1 w2 w3", "w4 w5"])
-    monkeypatch.chdir(tmp_path)
-    assert _tokenize("in", "out", "--tokenizer", "tok/tokenizer.json") == 0
-    m = read_manifest(tmp_path / "out")
-    assert m.extra["tokenizer_path"] == str(tmp_path / "tok" / "tokenizer.json")
-    monkeypatch.chdir(tmp_path / "in")
-    doc = inspect_dir(tmp_path / "out")["first_document"]
-    assert doc["note"] == "" and doc["text"].startswith("w1"), doc
-
-
-# --------------------------------------------------------------- 6. ids beyond the model's vocabulary
+def test_vocab_too_small_for_data(tmp_path, capsys):
+    cur = tiny_curriculum(tmp_path)
+    rc, _, err = train([cur, "model.vocab_size=32", "--run-dir", str(tmp_path / "r")], capsys)
+    assert rc == 2 and "vocab_size" in err and "manifest.json" in err, err
 
 
 def test_shard_with_ids_beyond_the_model_vocabulary_fails_before_step_0(tmp_path, capsys):
@@ -378,173 +353,3 @@ def test_a_mixture_of_more_shards_than_open_files_allowed_trains(tmp_path):
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert len(seen) == 320 and int(x.max()) < trainhelp.VOCAB and mask is not None
-
-
-# ===================================================================================== pipelines
-
-
-
-
-def _texts(n, seed=0):
-    import random
-
-    r = random.Random(seed)  # incompressible enough that a cut .gz loses only its tail
-    return [" ".join(f"w{r.randrange(1, 64)}" for _ in range(40)) for _ in range(n)]
-
-
-@pytest.fixture()
-def tok_json(tmp_path):
-    return trainhelp.make_tokenizer_json(tmp_path / "tok" / "tokenizer.json")
-
-
-# --------------------------------------------------------------------- 10. damaged input files
-
-
-def test_parquet_with_a_damaged_page_is_a_counted_named_skip(tmp_path, tok_json, capfd):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    inp = tmp_path / "in"
-    inp.mkdir()
-    texts = _texts(150)
-    pq.write_table(pa.table({"id": [f"g{i}" for i in range(150)], "text": texts}), inp / "good.parquet")
-    bad = inp / "bad.parquet"
-    pq.write_table(pa.table({"id": [f"b{i}" for i in range(150)], "text": texts}), bad, row_group_size=50,
-                   compression="snappy")
-    off = pq.ParquetFile(bad).metadata.row_group(1).column(1).data_page_offset
-    raw = bytearray(bad.read_bytes())
-    raw[off : off + 40] = b"\xff" * 40  # row group 1's text page header; the footer is intact
-    bad.write_bytes(bytes(raw))
-    capfd.readouterr()
-    assert _tokenize(inp, tmp_path / "out", "--tokenizer", tok_json) == 0
-    err = capfd.readouterr().err
-    assert "bad.parquet" in err and "unreadable at row" in err and "Traceback" not in err, err[-3000:]
-    s = tokenize_stats(tmp_path / "out")
-    assert s["skipped_unreadable"] == 1 and s["skipped_unreadable_rows"] == 50 == 300 - s["train_documents"]
-    # every good row, and bad.parquet's row groups 0 and 2: only the damaged one is lost
-
-
-def test_empty_parquet_beside_good_files_exits_2_before_any_executor(tmp_path, tok_json, capsys):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    inp = tmp_path / "in"
-    inp.mkdir()
-    pq.write_table(pa.table({"text": _texts(10)}), inp / "a.parquet")
-    (inp / "b.parquet").write_bytes(b"")
-    assert _tokenize(inp, tmp_path / "out", "--tokenizer", tok_json) == 2
-    err = capsys.readouterr().err
-    assert str(inp / "b.parquet") in err and "empty" in err and len(err.strip().splitlines()) == 1, err
-    assert not (tmp_path / "out").exists()
-
-
-def test_truncated_jsonl_gz_keeps_and_counts_its_readable_rows(tmp_path, tok_json, capfd):
-    import gzip
-
-    inp = tmp_path / "in"
-    inp.mkdir()
-    with gzip.open(inp / "cut.jsonl.gz", "wt") as f:
-        f.writelines(json.dumps({"id": f"c{i}", "text": t}) + "\n" for i, t in enumerate(_texts(100)))
-    raw = (inp / "cut.jsonl.gz").read_bytes()
-    (inp / "cut.jsonl.gz").write_bytes(raw[: len(raw) * 9 // 10])
-    capfd.readouterr()
-    assert _tokenize(inp, tmp_path / "out", "--tokenizer", tok_json) == 0
-    err = capfd.readouterr().err
-    s = tokenize_stats(tmp_path / "out")
-    assert s["skipped_unreadable"] == 1 and 80 <= s["train_documents"] < 100, s
-    assert f"cut.jsonl.gz: unreadable at row {s['train_documents']}" in err, err[-3000:]
-
-
-# ------------------------------------------------ 11, 13. every row skipped; a null text says null
-
-
-@pytest.mark.parametrize("case", ["no text column", "numeric text", "null text", "no rows"])
-def test_zero_documents_out_is_an_error_naming_why(case, tmp_path, tok_json, capfd):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    inp = tmp_path / "in"
-    inp.mkdir()
-    if case == "no text column":
-        pq.write_table(pa.table({"id": ["a", "b"], "content": ["x y", "z"]}), inp / "a.parquet")
-    elif case == "no rows":
-        (inp / "a.jsonl").write_text("\n\n")
-    else:
-        _jsonl(inp / "a.jsonl", [42, 7] if case == "numeric text" else [None, None])
-    capfd.readouterr()
-    assert _tokenize(inp, tmp_path / "out", "--tokenizer", tok_json) == 2
-    err = capfd.readouterr().err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("error:") and str(inp) in last, err[-3000:]
-    assert "0 documents" in last or case == "no text column", last  # that one is refused up front, by its columns
-    want = {"no text column": "no 'text' column", "numeric text": "skipped_no_text=2",
-            "null text": "skipped_no_text=2", "no rows": "0 rows"}[case]
-    assert want in last, last
-    if case == "null text":
-        assert "a.jsonl row 0: 'text' is null" in err, err[-3000:]
-    assert not (tmp_path / "out" / "manifest.json").exists()
-
-
-def test_manifest_step_refuses_zero_documents(tmp_path, tok_json):
-    """The manifest job of a Slurm/Ray run (or a pipeline of one's own) wrote a "complete" empty dataset."""
-    from pipelines.steps import write_shard_manifest
-
-    (tmp_path / "out" / "train").mkdir(parents=True)
-    with pytest.raises(RuntimeError, match="0 documents"):
-        write_shard_manifest(tmp_path / "out", str(tok_json))
-    assert not (tmp_path / "out" / "manifest.json").exists()
-
-
-# ------------------------------------------------------------------- 12. the input changed on rerun
-
-
-def test_rerun_over_changed_input_files_is_refused(tmp_path, tok_json, capsys):
-    """A file added between a run and its rerun was silently not read: the completion record held
-    the input path, not its files."""
-    inp = tmp_path / "in"
-    _jsonl(inp / "a.jsonl", _texts(5, 1))
-    _jsonl(inp / "b.jsonl", _texts(5, 2))
-    out = tmp_path / "out"
-    assert _tokenize(inp, out, "--tokenizer", tok_json) == 0
-    assert _tokenize(inp, out, "--tokenizer", tok_json) == 0  # an unchanged rerun: finished tasks skipped
-    _jsonl(inp / "c.jsonl", _texts(5, 3))
-    (inp / "a.jsonl").write_text((inp / "a.jsonl").read_text() + json.dumps({"text": "w1 w2"}) + "\n")
-    capsys.readouterr()
-    assert _tokenize(inp, out, "--tokenizer", tok_json) == 2
-    err = capsys.readouterr().err
-    assert "1 added (c.jsonl)" in err and "1 changed size (a.jsonl)" in err and "--logging-dir" in err, err
-    assert len(err.strip().splitlines()) == 1, err
-    assert _tokenize(inp, out, "--tokenizer", tok_json, "--logging-dir", tmp_path / "logs2") == 0
-    from shards.manifest import read_manifest
-
-    assert read_manifest(out).splits["train"].documents == 16  # every file, the appended row included
-
-
-# ------------------------------------------------------------ 14. verify covers the manifest itself
-
-
-@pytest.mark.parametrize("field, value", [("vocab_hash", "0" * 64), ("eos_id", 5)])
-def test_verify_catches_an_edited_tokenizer_field(field, value, tmp_path, tok_json):
-    from shards.check import format_verify, verify_dir
-
-    _jsonl(tmp_path / "in" / "rows.jsonl", _texts(20))
-    out = tmp_path / "out"
-    assert _tokenize(tmp_path / "in", out, "--tokenizer", tok_json) == 0
-    assert verify_dir(out).ok
-    m = json.loads((out / "manifest.json").read_text())
-    m["tokenizer"][field] = value
-    (out / "manifest.json").write_text(json.dumps(m))
-    rep = verify_dir(out)
-    assert not rep.ok and any(f"tokenizer.{field}" in p for p in rep.problems["manifest.json"]), format_verify(rep)
-
-
-def test_verify_says_when_the_tokenizer_cannot_be_checked(tmp_path):
-    from shards.check import format_verify, verify_dir
-
-    d = trainhelp.make_source(tmp_path / "a", 1)  # tokenizer "tiny": nothing to load it from
-    rep = verify_dir(d)
-    assert rep.ok and "tokenizer fields unchecked" in format_verify(rep), format_verify(rep)
-    m = json.loads((d / "manifest.json").read_text())
-    m["dtype"] = "uint32"  # checkable without the tokenizer: 64 ids are stored as uint16
-    (d / "manifest.json").write_text(json.dumps(m))
-    assert not verify_dir(d).ok

@@ -76,7 +76,7 @@ def test_url_filter_offline_without_env_and_import_leaves_env(monkeypatch, no_ne
     env = {k: v for k, v in os.environ.items() if not k.startswith("TLDEXTRACT")}
     probe = ("import os; before = dict(os.environ); import pipelines.filters; "
              "changed = sorted(set(os.environ.items()) ^ set(before.items())); print(changed)")
-    r = subprocess.run([sys.executable, "-c", probe], env=env, cwd=Path(__file__).resolve().parents[1],
+    r = subprocess.run([sys.executable, "-c", probe], env=env, cwd=Path(__file__).resolve().parents[2],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "[]"

@@ -9,7 +9,7 @@ import yaml
 from trainer.config import ConfigError, load_curriculum, resolve
 from trainhelp import run, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 BASE = {
     "model": {"arch": "dense", "vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 2, "ffn_dim": 64},
