@@ -291,6 +291,29 @@ def tokenize_stats(out: Path) -> dict:
     return merged
 
 
+def fineweb_tokenize(inp, out, *extra) -> int:
+    """The FineWeb pipeline's `tokenize` CLI in this process, everything to train (--val-fraction 0)."""
+    from pipelines.cli import main
+    from pipelines.fineweb import CORPUS
+
+    return main(CORPUS, ["tokenize", "--input", str(inp), "--output", str(out), "--val-fraction", "0", *map(str, extra)])
+
+
+def write_jsonl(path: Path, texts, key: str = "text") -> Path:
+    """One JSONL file of rows {"id": "dI", key: text} (a text may be any JSON value, None included)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"id": f"d{i}", key: t}) + "\n" for i, t in enumerate(texts)))
+    return path
+
+
+def word_texts(n: int, seed: int = 0) -> list[str]:
+    """`n` texts of 40 random words w1..w63 (make_tokenizer_json's vocabulary)."""
+    import random
+
+    r = random.Random(seed)  # incompressible enough that a cut .gz loses only its tail
+    return [" ".join(f"w{r.randrange(1, 64)}" for _ in range(40)) for _ in range(n)]
+
+
 # ------------------------------------------------------------------ model runs for export tests
 
 EXPORT_BASE = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=128)

@@ -213,7 +213,7 @@ class Config:
     sample: SampleSection = field(default_factory=SampleSection)
     name: str = ""  # stage name ("" for single-stage curricula)
     source_file: str = ""  # where this came from (for messages)
-    resolved: Resolved | None = field(default=None, repr=False, compare=False)  # set by `resolve`
+    resolved: Resolved | None = field(default=None, init=False, repr=False, compare=False)  # set by `resolve`
 
     # ---- derived quantities --------------------------------------------------------------------
     def grad_accum(self, world_size: int = 1) -> int:
@@ -402,7 +402,7 @@ def _typed_model(raw, file: str):
 
 def _build(cls, raw: dict, where: str, file: str):
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
     kwargs = {}
     for key, value in raw.items():
         path = f"{where}.{key}" if where else str(key)
@@ -528,7 +528,7 @@ def resolve(raw: dict, file: str, overrides: list[str] = (), world_size: int = 1
 
 def from_dict(d: dict, file: str = "<dict>") -> Config:
     """Rebuild a Config from `Config.to_dict()` (checkpoint config.json)."""
-    d = {k: v for k, v in d.items() if k != "source_file"}
+    d = {k: v for k, v in d.items() if k not in ("source_file", "world_size")}  # world_size: a checkpoint's
     d["model"] = {k: v for k, v in d.get("model", {}).items() if k != "activation_checkpointing"}  # older files
     cfg = _build(Config, d, "", file)
     cfg.source_file = file

@@ -79,6 +79,19 @@ def test_eval_rows_hold_bpb_and_lm_eval_scores(setup):
     assert (run / "training.png").stat().st_size > 0
 
 
+def test_trainer_evaluate_on_the_final_checkpoint_agrees_with_the_loop(setup, tmp_path):
+    """lm-eval's HF backend on an export of the final checkpoint gives the loop's scores, and
+    trainer.evaluate's bpb on the run's val shards is the loop's bpb."""
+    from trainer.tools.evaluate import evaluate
+
+    cur, run, tasks = setup
+    res = evaluate(run, ["seq_mc"], include_path=str(tasks), output=tmp_path / "lm_eval.json")
+    last = metric_rows(run, "eval")[-1]
+    hf = {m.split(",")[0]: v for m, v in res["results"]["seq_mc"].items() if m.split(",")[0] in ("acc", "acc_norm")}
+    assert hf == {m: last["tasks"]["seq_mc"][m] for m in ("acc", "acc_norm")}
+    assert res["bpb"] == pytest.approx(last["bpb"], rel=1e-6)
+
+
 def test_resumed_run_logs_the_same_task_scores(setup, tmp_path):
     """Resume from the step-4 checkpoint (as after a crash past it): the step-8 eval scores the same."""
     cur, run, _ = setup

@@ -13,14 +13,24 @@ Task data comes from the hub unless --include-path points at local task YAMLs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 from trainer.tools import hf
-from trainer.checkpoint import find_weights
+from shards.tokenizers import load_tokenizer
+from trainer.checkpoint import find_weights, load_model
+from trainer.config import from_dict
+from trainer.data import DataError
+from trainer.evals.bpb import token_byte_lengths
+from trainer.evals.val import val_metrics
+from trainer.parallel import Dist
+from trainer.preflight import load_eval_sets
 
 
 def evaluate(src: str | Path, tasks: list[str], include_path: str | None = None, limit: float | None = None,
@@ -48,12 +58,29 @@ def evaluate(src: str | Path, tasks: list[str], include_path: str | None = None,
             model="hf", model_args={"pretrained": str(model_dir), "trust_remote_code": remote, "dtype": "float32",
                                     "device": device},
             tasks=tasks, task_manager=manager, limit=limit, batch_size=batch_size, log_samples=False)
+    if not hf.is_hf_folder(folder):  # a run or checkpoint knows its sources: bpb on their val split too
+        results["bpb"] = val_bpb(folder, device)
     # beside the checkpoint; a hub download is a cache, not a place to write results
     out = Path(output) if output else (Path.cwd() if str(src).startswith("hf://") else folder) / "lm_eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=handle_non_serializable, sort_keys=True) + "\n")
     results["output_path"] = str(out)
     return results
+
+
+def val_bpb(ckpt: Path, device: str = "cpu") -> dict[str, float]:
+    """Bits per byte (per source and overall) of a checkpoint on its curriculum's val batches, as the
+    training loop measures them; {} when the sources or the tokenizer are not on this machine."""
+    cfg = from_dict(json.loads((ckpt / "config.json").read_text()), str(ckpt / "config.json"))
+    try:
+        eval_sets = load_eval_sets(cfg, Dist())
+        tok = load_tokenizer(cfg.to_dict())
+    except (DataError, FileNotFoundError, ValueError) as e:
+        print(f"[evaluate] no bpb: {str(e).splitlines()[0]}", file=sys.stderr)
+        return {}
+    model = load_model(ckpt, device=device)[0]
+    table = token_byte_lengths(tok, cfg.model.vocab_size).to(device)
+    return val_metrics(model, eval_sets, table, torch.device(device), contextlib.nullcontext, Dist()).bpb
 
 
 def main(argv=None) -> int:
@@ -80,6 +107,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(make_table(results))
+    if results.get("bpb"):
+        print("bits per byte (val): " + ", ".join(f"{k} {v:.4f}" for k, v in results["bpb"].items()))
     print(f"[evaluate] results -> {results['output_path']}", file=sys.stderr)
     return 0
 
