@@ -51,7 +51,7 @@ def require_lm_eval():
     """The lm_eval package, or an ImportError with one line saying how to install it."""
     try:
         import lm_eval
-        import lm_eval.api.model  # noqa: F401
+        import lm_eval.api.model
     except ImportError:
         raise ImportError(INSTALL_HINT) from None
     return lm_eval
@@ -292,7 +292,7 @@ class TaskResults:
         return {f"{prefix}{task}/{m}": v for task, ms in self.scores.items() for m, v in ms.items()}
 
 
-def run_tasks(lm, tasks: list[str], include_path: str | None = None, limit: int | float | None = None,
+def run_tasks(lm, tasks: list[str], include_path: str | None = None, limit: float | None = None,
               bootstrap_iters: int = 100) -> TaskResults | None:
     """Score `tasks` (names of tasks, groups or tags) with lm-eval's own evaluator. Every rank must
     call it; rank 0 gets TaskResults, the other ranks None (lm-eval gathers to rank 0 only).
@@ -314,7 +314,7 @@ def run_tasks(lm, tasks: list[str], include_path: str | None = None, limit: int 
     return TaskResults(_metrics(out["results"]), time.perf_counter() - start)
 
 
-def check_tasks(tasks: list[str], include_path: str | None = None, limit: int | float | None = None) -> dict[str, int]:
+def check_tasks(tasks: list[str], include_path: str | None = None, limit: float | None = None) -> dict[str, int]:
     """Resolve every task before training: {leaf task: documents it will score (after `limit`)}.
     An unknown name, an unreadable YAML, a dataset that does not load, a generative task or a
     missing lm_eval is a ValueError naming the task and the reason, on one line."""

@@ -166,7 +166,7 @@ def transformers_llama(model, attn_implementation: str = "sdpa"):
 
 def copy_modeling_code(out: Path) -> None:
     """The trainer's own model files, imports made package-relative (how transformers loads them)."""
-    src = Path(__file__).parent / "models"
+    src = Path(__file__).resolve().parents[1] / "models"
     for name in MODEL_FILES:
         text = (src / name).read_text()
         (out / name).write_text(re.sub(r"\bfrom trainer\.models\.(\w+) import", r"from .\1 import", text))
