@@ -149,7 +149,7 @@ def measure(row: Row, smoke: bool, micro_batch: int, partial) -> dict:
         out.update(train_steps(model, fwd, opt, cfg, loader, Prefetcher(loader, 0, max_steps, pin_memory=cuda),
                                device, autocast, forward_backward, max_steps, smoke, partial, out))
     out["loader_share_sync"] = out["loader_ms_per_step"] / out["step_ms"]
-    out["mfu"] = out["flops_per_token"] * out["tokens_per_s"] / out["peak_flops"]
+    out["mfu"] = out["flops_per_token"] * out["tokens_per_s"] / out["peak_flops"] if out["peak_flops"] else None
     return out
 
 
@@ -386,7 +386,8 @@ def print_row(r: dict) -> None:
         print(f"  {r['model']:<28} {r.get('error') or r.get('skipped')}", flush=True)
         return
     mem = f"{r['peak_mem_gb']:.1f} GB" if "peak_mem_gb" in r else "-"
-    print(f"  {r['model']:<28} {r['tokens_per_s']:>12,.0f} tok/s  MFU {100 * r['mfu']:5.1f}%  mem {mem:>8}  "
+    mfu = f"{100 * r['mfu']:5.1f}%" if r.get("mfu") is not None else "  n/a (unknown GPU peak)"
+    print(f"  {r['model']:<28} {r['tokens_per_s']:>12,.0f} tok/s  MFU {mfu}  mem {mem:>8}  "
           f"compile {r['compile_s']:5.1f}s  loader {100 * r['loader_share_sync']:.2f}% sync, "
           f"{100 * r['loader_wait_share']:.2f}% waited  fla={r['fla']}", flush=True)
 

@@ -31,7 +31,7 @@ from .telemetry.console import log
 from .telemetry.mirrors import open_loggers
 from .loss import compute_loss, loss_tokens
 from .lr_schedule import set_lr
-from .telemetry.metrics import MetricsLog, Progress, fmt_count, peak_flops, plot
+from .telemetry.metrics import MetricsLog, Progress, fmt_count, peak_flops, peak_flops_note, plot
 from .models import build_model
 from .optim import build_optimizer
 from .parallel import Dist, GradSync, gather_for_checkpoint, is_sharded, pick_device, shard_model
@@ -153,11 +153,13 @@ def build_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
         model = ddp = DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None)
     if cfg.train.compile:
         model = torch.compile(model)
+    if d.main and device.type == "cuda" and (note := peak_flops_note(device)):
+        log.info(note)
     if cfg.train.dtype == "bf16" and device.type != "cuda":
         log.info("[dtype] bf16 autocast is a GPU path; training in fp32 on CPU")
     metrics = MetricsLog(stage_dir, enabled=d.main, loggers=open_loggers(cfg, stage_dir) if d.main else [],
                          flops_per_token=float(raw_model.flops_per_token(cfg.batch.seq_len)),
-                         peak=peak_flops(device) * d.world)
+                         peak=(peak_flops(device) or 0.0) * d.world)
     loader, tok = checked.loader, checked.tokenizer
     s = Stage(cfg, stage_dir, d, device, loader, checked.eval_sets, model, raw_model, ddp, opt, metrics,
               use_bf16=cfg.train.dtype == "bf16" and device.type == "cuda",

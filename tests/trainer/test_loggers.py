@@ -86,3 +86,16 @@ def test_wandb_offline_run_history_holds_the_losses(tmp_path, monkeypatch):
     assert history[4]["val/overall"] == pytest.approx(metric_rows(run_dir, "eval")[-1]["loss"]["overall"])
     assert history[4]["mixture/a"] == pytest.approx(train[-1]["weights"]["a"])
     assert (run_dir / "wandb_id").read_text().strip() in files[0].name
+
+
+def test_peak_flops_tells_gpu_variants_apart_and_invents_none():
+    """An H100 PCIe is not an SXM, an L40S is not an L40; an unknown GPU gets no peak (MFU left out, as
+    a fallback figure once reported 200% MFU)."""
+    from trainer.telemetry.metrics import Progress, gpu_peak
+
+    assert gpu_peak("NVIDIA H100 PCIe") == 756e12 and gpu_peak("NVIDIA H100 80GB HBM3") == 989e12
+    assert gpu_peak("NVIDIA L40S") == 362e12 and gpu_peak("NVIDIA L40") == 181e12
+    assert gpu_peak("NVIDIA H200") == 989e12 and gpu_peak("Tesla T4") is None
+    line = Progress(10, 0, 100, 6.0, 0.0).line(0, 1.0, 1e-3)
+    assert "MFU" not in line and "tok/s" in line
+    assert "MFU" in Progress(10, 0, 100, 6.0, 1e12).line(0, 1.0, 1e-3)

@@ -149,9 +149,17 @@ def fmt_count(n: float) -> str:
     return f"{n:.0f}"
 
 
-def peak_flops(device) -> float:
-    """Dense bf16 peak of the accelerator (fp32 FMA estimate on CPU) for the MFU estimate.
-    Override with SHARDLOOM_PEAK_FLOPS."""
+# Dense bf16 tensor-core peaks (FLOP/s, no sparsity), by a fragment of torch.cuda.get_device_name. The
+# first match wins, so a variant comes before its family: an H100 PCIe is not an SXM, an L40S is not an L40.
+GPU_PEAKS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+             ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+             ("A10", 125e12), ("4090", 165e12))
+
+
+def peak_flops(device) -> float | None:
+    """The MFU denominator: the accelerator's dense bf16 peak, or None for a GPU not in GPU_PEAKS (no
+    invented figure: MFU is left out, and `peak_flops_note` says why). CPU: an fp32 FMA estimate.
+    SHARDLOOM_PEAK_FLOPS overrides."""
     env = os.environ.get("SHARDLOOM_PEAK_FLOPS")
     if env:
         return float(env)
@@ -159,13 +167,23 @@ def peak_flops(device) -> float:
 
     if getattr(device, "type", str(device)) == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, flops in (("H200", 989e12), ("H100", 989e12), ("B200", 2250e12), ("A100", 312e12),
-                           ("L40", 181e12), ("L4", 121e12), ("4090", 165e12), ("A10", 125e12)):
-            if key in name:
-                return flops
-        return 100e12
+        return gpu_peak(name)
     # CPU: ~32 fp32 FLOP/cycle/core (2 AVX2 FMA units) at ~3 GHz
     return torch.get_num_threads() * 32 * 3e9
+
+
+def gpu_peak(name: str) -> float | None:
+    return next((flops for key, flops in GPU_PEAKS if key in name), None)
+
+
+def peak_flops_note(device) -> str | None:
+    """One line for the log when MFU cannot be given (an unknown GPU)."""
+    import torch
+
+    if peak_flops(device) is None:
+        return (f"[mfu] no peak FLOP/s known for {torch.cuda.get_device_name(device)}: MFU left out "
+                f"(set SHARDLOOM_PEAK_FLOPS to its dense bf16 peak)")
+    return None
 
 
 class Progress:
@@ -186,9 +204,9 @@ class Progress:
         self.last_t, self.last_step = now, done
         avg = (now - self.t0) / max(1, done - self.start)
         eta = avg * (self.total - done)
-        mfu = self.fpt * tok_s / self.peak if self.peak else float("nan")
-        return (f"step {done:>6d}/{self.total} | loss {loss:.4f} | lr {lr:.3e} | {fmt_count(tok_s)} tok/s | "
-                f"MFU {100 * mfu:.1f}% | ETA {fmt_duration(eta)}{extra}")
+        mfu = f" | MFU {100 * self.fpt * tok_s / self.peak:.1f}%" if self.peak else ""
+        return (f"step {done:>6d}/{self.total} | loss {loss:.4f} | lr {lr:.3e} | {fmt_count(tok_s)} tok/s"
+                f"{mfu} | ETA {fmt_duration(eta)}{extra}")
 
 
 def plot(run_dir: str | Path, rows: list[dict] | None = None) -> Path | None:
