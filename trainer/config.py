@@ -38,7 +38,8 @@ OptimName = Literal["adamw", "adamw8bit", "muon"]
 LRScheduleKind = Literal["wsd", "warmup_constant_cosine", "cosine", "constant"]
 MuonMomentumStyle = Literal["sum", "ema"]  # buf = mu*buf + g (Llama Think, the default) | buf = lerp(buf, g, 1-mu)
 MuonNSDtype = Literal["fp32", "bf16"]  # Newton-Schulz precision; bf16 applies on CUDA only
-Packing = Literal["stream", "document"]  # pretraining windows | SFT: one conversation per row
+# pretraining windows | SFT: one conversation per row | whole documents per row by best fit (trainer/packing.py)
+Packing = Literal["stream", "document", "bestfit"]
 ParamKind = Literal["embedding", "matrix", "vector"]
 
 
@@ -125,6 +126,17 @@ class BatchSection:
 
 
 @dataclass
+class RollbackSection:
+    """A bad step (non-finite loss or gradient norm; a spike when spike_sigma is set) rolls back to the
+    last good checkpoint and skips its batches (trainer/guard.py)."""
+
+    max_rollbacks: int = 3  # then stop with one line; 0: a bad step stops the run at once
+    spike_sigma: float | None = None  # loss > mean + sigma * sd of the trailing window; None: off
+    window: int = 100
+    min_history: int = 20  # losses in the window before spikes are judged
+
+
+@dataclass
 class TrainSection:
     steps: int | None = None
     tokens: float | None = None  # steps = tokens // tokens_per_step when steps is not given
@@ -138,6 +150,7 @@ class TrainSection:
     reset_data_cursor: bool = False  # with init_from: the loader starts from step 0 of its own schedule
     log_every: int = 1  # metrics.jsonl train rows (loss all-reduced: one sync per row)
     print_every: int = 10  # progress line
+    rollback: RollbackSection = field(default_factory=RollbackSection)
 
 
 @dataclass
@@ -577,9 +590,10 @@ def validate(cfg: Config, world_size: int = 1, where: str = "") -> None:
     if cfg.batch.seq_len > cfg.model.max_seq_len:  # positions past the model's context: refused, not extrapolated
         err("batch.seq_len", f"{cfg.batch.seq_len} is longer than the model's context (model.max_seq_len "
                              f"{cfg.model.max_seq_len}); raise model.max_seq_len to train longer windows")
-    if cfg.train.parallel == "fsdp" and cfg.optim.name != "adamw":
-        # Muon orthogonalises whole matrices; bitsandbytes' 8-bit state is per tensor
-        err("train.parallel", f"fsdp supports optim.name adamw, not {cfg.optim.name} (use train.parallel: ddp)")
+    if cfg.train.parallel == "fsdp" and cfg.optim.name == "adamw8bit":
+        # bitsandbytes keeps its 8-bit state per whole tensor, not per DTensor shard (Muon gathers its matrices)
+        err("train.parallel", "fsdp supports optim.name adamw or muon, not adamw8bit (bitsandbytes' 8-bit "
+                              "state is per whole tensor; use train.parallel: ddp)")
     if cfg.optim.lr <= 0:
         err("optim.lr", f"must be > 0, got {cfg.optim.lr}")
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):

@@ -10,10 +10,10 @@ checkpoint reproduces the uninterrupted run bit for bit on the same hardware.
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 import time
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from .data import MixtureLoader
 from .evals.bpb import token_byte_lengths
 from .evals.tasks import TaskResults, live_lm, run_tasks
 from .evals.val import val_metrics
+from .guard import BadStep, GuardState, data_step, problem, remember
 from .tools.generate import sample_generation
 from .telemetry.console import log
 from .telemetry.mirrors import open_loggers
@@ -94,6 +95,7 @@ class Stage:
     byte_table: torch.Tensor | None = None  # UTF-8 bytes per id, for bpb (trainer/evals/bpb.py)
     start_step: int = 0
     uploader: Uploader | None = None  # checkpoint.upload (rank 0)
+    guard: GuardState = field(default_factory=GuardState)  # skipped batches, spike window (trainer/guard.py)
 
     @property
     def world(self) -> int:
@@ -163,10 +165,11 @@ def build_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
     loader, tok = checked.loader, checked.tokenizer
     s = Stage(cfg, stage_dir, d, device, loader, checked.eval_sets, model, raw_model, ddp, opt, metrics,
               use_bf16=cfg.train.dtype == "bf16" and device.type == "cuda",
-              masked=cfg.data.packing == "document" or any(src.has_loss for src in loader.sources), tokenizer=tok,
+              masked=cfg.data.packing != "stream" or any(src.has_loss for src in loader.sources), tokenizer=tok,
               byte_table=token_byte_lengths(tok, cfg.model.vocab_size).to(device) if tok is not None else None)
     if resume_from is not None:
-        s.start_step = restore(resume_from, cfg, s.world, raw_model, opt, loader, device, d)
+        st = restore(resume_from, cfg, s.world, raw_model, opt, loader, device, d)
+        s.start_step, s.guard = int(st.step), GuardState(**st.guard)
         log.info(f"[resume] {resume_from} (step {s.start_step}, {fmt_count(s.start_step * s.tps)} tokens)")
     elif init_from is not None and cfg.train.reset_data_cursor:
         loader.reset_data_cursor(0)
@@ -189,7 +192,8 @@ def save(s: Stage, step: int) -> None:
     if s.d.main:
         state = TrainState(step=step, tokens_seen=step * s.tps, optimizer={} if folders else s.opt.state_dict(),
                            loader=s.loader.state_dict(), rng=rng_state(), tokens_by_source=s.tokens_by_source(),
-                           stage=s.cfg.name, world_size=s.world, total_steps=s.total_steps)
+                           stage=s.cfg.name, world_size=s.world, total_steps=s.total_steps,
+                           guard=dataclasses.asdict(s.guard))
         p = save_checkpoint(s.dir, step, weights, state.state_dict(), checkpoint_config(s.cfg, s.world),
                             s.cfg.checkpoint.keep_last, folders=folders)
         log.info(f"[checkpoint] saved {p}")
@@ -253,11 +257,17 @@ def train_step(s: Stage, prefetch, step: int, prog: Progress) -> None:
     gnorm = None
     if cfg.optim.grad_clip and cfg.optim.grad_clip > 0:
         gnorm = torch.nn.utils.clip_grad_norm_(s.raw_model.parameters(), cfg.optim.grad_clip)
+    loss_val = float(s.d.sum(loss_sum)) / max(step_tokens, 1)  # every rank: the same global figure
+    rb = cfg.train.rollback
+    if why := problem(loss_val, float(gnorm) if gnorm is not None else None, s.guard.history, rb.spike_sigma,
+                      rb.min_history):
+        s.opt.zero_grad(set_to_none=True)
+        raise BadStep(step, why)  # before the update: the weights stay as they were
+    remember(s.guard, loss_val, rb.window)
     s.opt.step()
     s.opt.zero_grad(set_to_none=True)
     done = step + 1
     if done % cfg.train.log_every == 0 or done == s.total_steps or done == s.start_step + 1:
-        loss_val = float(s.d.sum(loss_sum)) / max(step_tokens, 1)
         row = {"type": "train", "step": done, "tokens": done * s.tps, "loss": loss_val, "lr": lr,
                "weights": weights, "time": time.time()}
         if gnorm is not None:
@@ -265,8 +275,28 @@ def train_step(s: Stage, prefetch, step: int, prog: Progress) -> None:
         s.metrics.log(row)
         if s.d.main and (done % cfg.train.print_every == 0 or done == s.total_steps or done == s.start_step + 1):
             log.info(prog.line(step, loss_val, lr))
-        if not math.isfinite(loss_val):
-            raise FloatingPointError(f"loss is {loss_val} at step {done}: stopping (last checkpoint kept)")
+
+
+def roll_back(s: Stage, bad: BadStep) -> int:
+    """Every rank back to the newest good checkpoint, the bad step's batches skipped from now on;
+    returns the step to continue from. Stops with one line after train.rollback.max_rollbacks."""
+    rb, g = s.cfg.train.rollback, s.guard
+    ckpt = latest_checkpoint(s.dir)
+    if g.rollbacks >= rb.max_rollbacks or ckpt is None:
+        why = (f"gave up after {g.rollbacks} rollbacks (train.rollback.max_rollbacks)" if ckpt is not None
+               else "no checkpoint to roll back to (checkpoint.every)")
+        raise FloatingPointError(f"{bad}: stopping, {why}; last checkpoint kept")
+    skip = data_step(bad.step, g.skipped)
+    st = restore(ckpt, s.cfg, s.world, s.raw_model, s.opt, s.loader, s.device, s.d)
+    s.guard = GuardState(sorted(set(g.skipped) | {skip}), GuardState(**st.guard).history, g.rollbacks + 1)
+    back = int(st.step)
+    s.metrics.truncate_after(back)  # the steps after it are trained again: the files read as one run
+    s.metrics.log({"type": "rollback", "step": back, "at_step": bad.step + 1, "reason": bad.reason,
+                   "skipped_data_step": skip, "rollbacks": s.guard.rollbacks})
+    if s.d.main:
+        log.warning(f"[rollback] {bad}: back to {ckpt.name}; data step {skip}'s batches skipped from now on "
+                    f"(rollback {s.guard.rollbacks} of at most {rb.max_rollbacks})")
+    return back
 
 
 def finish(s: Stage, sample: bool) -> Path:
@@ -296,14 +326,28 @@ def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
         log.info(f"[train] {cfg.name or Path(cfg.source_file).stem}: {total} steps x {s.tps:,} tokens "
                  f"(grad_accum {cfg.resolved.grad_accum}, world {s.world}) on {s.device.type} -> {stage_dir}")
     s.model.train()
-    # builds the next step's batches during this one
-    prefetch = Prefetcher(s.loader, s.start_step, total, pin_memory=s.device.type == "cuda")
-    for step in range(s.start_step, total):
+    step = s.start_step
+    while step < total:
+        # builds the next step's batches during this one
+        prefetch = Prefetcher(s.loader, step, total, pin_memory=s.device.type == "cuda",
+                              data_step=lambda t, skipped=tuple(s.guard.skipped): data_step(t, skipped))
+        try:
+            step = train_steps(s, prefetch, step, prog)
+        except BadStep as bad:
+            step = roll_back(s, bad)
+        finally:
+            prefetch.close()
+    return finish(s, sample)
+
+
+def train_steps(s: Stage, prefetch: Prefetcher, start: int, prog: Progress) -> int:
+    """Steps from `start` to the end, with their evals and checkpoints; returns the step reached."""
+    cfg, total = s.cfg, s.total_steps
+    for step in range(start, total):
         train_step(s, prefetch, step, prog)
         done = step + 1
         if done != total and any(due := eval_due(cfg, done, total)):
             run_eval(s, done, *due)
         if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != total:
             save(s, done)
-    prefetch.close()
-    return finish(s, sample)
+    return total

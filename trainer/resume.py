@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint import load_model_weights, load_train_state, set_rng_state
@@ -50,6 +50,7 @@ class TrainState:
     stage: str
     world_size: int
     total_steps: int
+    guard: dict = field(default_factory=dict)  # trainer.guard.GuardState as a dict: skipped steps, spike window
 
     def state_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -57,15 +58,15 @@ class TrainState:
     @classmethod
     def load(cls, ckpt: Path) -> "TrainState":
         raw = load_train_state(ckpt)
-        names = [f.name for f in dataclasses.fields(cls)]
-        missing = [n for n in names if n not in raw]
+        fields = dataclasses.fields(cls)
+        missing = [f.name for f in fields if f.name not in raw and f.default_factory is dataclasses.MISSING]
         if missing:
             raise ConfigError(f"{ckpt / 'train_state.pt'}: not a train state of this trainer (missing {missing})")
-        return cls(**{n: raw[n] for n in names})
+        return cls(**{f.name: raw[f.name] for f in fields if f.name in raw})
 
 
-def restore(ckpt: Path, cfg: Config, world: int, model, opt, loader, device, d: Dist) -> int:
-    """Load a checkpoint for --resume; returns its step. What would change the batches (steps, schedule,
+def restore(ckpt: Path, cfg: Config, world: int, model, opt, loader, device, d: Dist) -> TrainState:
+    """Load a checkpoint for --resume (or a rollback); returns its train state. What would change the batches (steps, schedule,
     batch, world size) or cannot carry over (another optimizer, another model shape) is refused in one
     line; any other change (optim.lr, schedule, ...) is applied from this step on, and printed."""
     st = TrainState.load(ckpt)
@@ -102,4 +103,4 @@ def restore(ckpt: Path, cfg: Config, world: int, model, opt, loader, device, d: 
             g.update(f)
         log.info(f"[resume] changed since {ckpt.name}, applied from step {int(st.step)} on: {', '.join(changes)}")
     set_rng_state(st.rng)
-    return int(st.step)
+    return st

@@ -193,6 +193,9 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except FloatingPointError as e:  # bad steps beyond what rollback may repair (trainer/guard.py)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 3
     except Exception as e:
         if isinstance(e, DataError):  # names the source and file already: no traceback
             print(f"error: {e}", file=sys.stderr, flush=True)
