@@ -4,7 +4,8 @@ Per stage and source: the train tokens its shards hold (`tokens_available`, from
 tokens the mixture schedule will draw from it (`tokens_planned`: the loader's rows of that source,
 the exact integral of the schedule rounded as the loader rounds it, times seq_len), and `epochs`, how
 many times the loader will read its data: planned rows / the rows it has (windows of seq_len+1 tokens
-for stream packing, documents for document packing), so the tail shorter than a window that each shard
+for stream packing, documents for document packing, best-fit rows for bestfit, whose tokens cropped
+and padded it shows too), so the tail shorter than a window that each shard
 leaves unused is counted as not there. More than 1.0 epoch means repetition, and the dry run warns,
 naming the source. Over a staged curriculum the epochs of one shard directory add up across stages.
 A source that is missing, incomplete or empty stops the dry run (trainer.data.DataError). s3:// sources
@@ -12,6 +13,7 @@ are not downloaded for a dry run: their figures are unknown (None).
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 
@@ -30,6 +32,9 @@ class SourceBudget:
     tokens_available: int | None  # train tokens in the shards (None: s3://, not counted)
     tokens_planned: int  # tokens the schedule draws: rows of this source * seq_len
     epochs: float | None  # rows drawn / rows the source has (None: unknown)
+    # bestfit packing: tokens of one pass over the data that no row holds, and row positions padded
+    cropped: int | None = None
+    padded: int | None = None
 
 
 def stage_budget(cfg: Config) -> list[SourceBudget]:
@@ -47,10 +52,11 @@ def stage_budget(cfg: Config) -> list[SourceBudget]:
         if source.reader.tokens == 0:
             raise DataError(f"{where}: the shards hold no tokens (an empty source)")
         if source.n == 0 and n:
-            unit = f"window of {seq + 1} tokens" if cfg.data.packing == "stream" else "document"
+            unit = f"window of {seq + 1} tokens" if cfg.data.packing == "stream" else source.unit
             raise DataError(f"{where}: {source.reader.tokens:,} tokens, not one {unit}")
+        stats = getattr(source, "pack_stats", None)  # bestfit: counted when the plan was made, free here
         out.append(SourceBudget(spec.name, str(spec.path), source.reader.tokens, n * seq,
-                                n / source.n if source.n else 0.0))
+                                n / source.n if source.n else 0.0, stats and stats.cropped, stats and stats.padded))
     return out
 
 
@@ -61,7 +67,7 @@ def curriculum_budget(stages: list[list[SourceBudget]]) -> list[SourceBudget]:
         for b in stage:
             m = merged.get(b.path)
             if m is None:
-                merged[b.path] = SourceBudget(b.name, b.path, b.tokens_available, b.tokens_planned, b.epochs)
+                merged[b.path] = dataclasses.replace(b)
                 continue
             m.tokens_planned += b.tokens_planned
             m.epochs = None if m.epochs is None or b.epochs is None else m.epochs + b.epochs
@@ -78,6 +84,9 @@ def print_budget(budget: list[SourceBudget], title: str = "data budget (train sp
         avail = f"{b.tokens_available:,}" if b.tokens_available is not None else "? (remote)"
         epochs = f"{b.epochs:.3f}" if b.epochs is not None else "?"
         print(f"    {b.name:<{width}} {avail:>16} {b.tokens_planned:>16,} {epochs:>8}", file=out)
+        if b.cropped is not None and b.tokens_available:
+            print(f"    {'':<{width}} bestfit, per epoch: {b.cropped:,} tokens cropped "
+                  f"({b.cropped / b.tokens_available:.2%}), {b.padded:,} padded", file=out)
     warnings = [f"warning: source '{b.name}' ({b.path}) will be repeated: {b.epochs:.2f} epochs "
                 f"({b.tokens_planned:,} tokens planned, {b.tokens_available:,} available)"
                 for b in budget if b.epochs is not None and b.epochs > 1.0]

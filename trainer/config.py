@@ -318,6 +318,24 @@ def _type_name(tp) -> str:
     return str(tp)
 
 
+def _convert_number(value, tp, where: str, file: str):
+    """An int or float field: YAML numbers, or strings such as '1e-3' and '20_000' (YAML 1.1 reads those
+    as strings); never a bool, never inf or nan."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{file}: {where}: expected {_type_name(tp)}, got {value!r}")
+    try:
+        num = float(value.replace("_", "").strip()) if isinstance(value, str) else value
+    except ValueError:
+        raise ConfigError(f"{file}: {where}: expected {_type_name(tp)}, got {value!r}") from None
+    if not math.isfinite(num):
+        raise ConfigError(f"{file}: {where}: expected a finite number, got {value!r}")
+    if tp is int:
+        if float(num) != int(num):
+            raise ConfigError(f"{file}: {where}: expected an integer, got {value!r}")
+        return int(num)
+    return float(num)
+
+
 def _convert(value, tp, where: str, file: str):
     """Coerce a YAML/CLI value to the annotated type or raise ConfigError naming file and field."""
     origin = typing.get_origin(tp)
@@ -366,24 +384,7 @@ def _convert(value, tp, where: str, file: str):
             return value.strip().lower() in _TRUE
         raise ConfigError(f"{file}: {where}: expected true/false, got {value!r}")
     if tp in (int, float):
-        if isinstance(value, bool):
-            raise ConfigError(f"{file}: {where}: expected {_type_name(tp)}, got {value!r}")
-        if isinstance(value, (int, float)):
-            num = value
-        elif isinstance(value, str):
-            try:
-                num = float(value.replace("_", "").strip())
-            except ValueError:
-                raise ConfigError(f"{file}: {where}: expected {_type_name(tp)}, got {value!r}") from None
-        else:
-            raise ConfigError(f"{file}: {where}: expected {_type_name(tp)}, got {value!r}")
-        if not math.isfinite(num):
-            raise ConfigError(f"{file}: {where}: expected a finite number, got {value!r}")
-        if tp is int:
-            if float(num) != int(num):
-                raise ConfigError(f"{file}: {where}: expected an integer, got {value!r}")
-            return int(num)
-        return float(num)
+        return _convert_number(value, tp, where, file)
     if tp is str:
         if isinstance(value, (dict, list)) or value is None:
             raise ConfigError(f"{file}: {where}: expected a string, got {value!r}")

@@ -10,6 +10,7 @@ Contract (consumed by trainer/run.py):
                                        trainer/prefetch.py); loader.mark_served(step, micro_step) moves it
     loader.state_dict() / loader.load_state_dict(sd) / loader.reset_data_cursor(step)
     loader.weights_at(tokens_seen) -> {source: weight};  loader.validate()
+    loader.packing_stats() -> {source: PackStats} (bestfit: tokens cropped and padded; else {})
     val_batches(source_path, seq_len, batch_size, n_batches, split="val") -> [(x, y, loss_mask), ...]
     iterate(loader, start_step) -> yields (x, y, state), nanochat-style (y = -1 where the mask is 0)
 
@@ -35,6 +36,10 @@ How a batch is chosen (why it is exact, disjoint and independent of worker count
 - Windows: stream packing cuts each shard into non-overlapping windows of seq_len+1 tokens (stride
   seq_len, so y covers every token; the < seq_len tail of each shard is unused). Document packing
   (SFT) uses one document per row, truncated to seq_len+1 and padded with EOS that carries no loss.
+  Best-fit packing (`bestfit`, trainer/packing.py) packs whole documents into rows that each start at
+  a document boundary, by a per-shard plan fixed by the data; a plan row is drawn as a window is, so
+  all of the above holds unchanged. Its padding carries no loss; `packing_stats()` counts it and the
+  tokens cropped from documents longer than a row.
 - The val split is never opened by the train loader; `val_batches` reads it in fixed order.
 """
 from __future__ import annotations
@@ -52,6 +57,7 @@ from shards.s3 import is_s3_uri
 from trainer.config import Packing
 from trainer.telemetry.console import log
 from trainer.mixture import MixtureError, MixturePoint, MixtureSchedule
+from trainer.packing import PackStats, bestfit_plan, gather_rows, plan_stats
 
 
 STATE_FORMAT = "shardloom.loader/1"
@@ -162,14 +168,21 @@ def open_reader(name: str, path: str, split: str, cache_dir: str | None) -> Spli
 
 
 class Source:
-    """One source's split as windows (stream) or documents (document packing)."""
+    """One source's split as windows (stream), documents (document packing) or best-fit rows
+    (bestfit: trainer/packing.py's plan per shard); `n` of them, each one row of the loader."""
 
     def __init__(self, name: str, reader: SplitReader, seq_len: int, packing: str):
         self.name, self.reader, self.packing = name, reader, packing
         self.shards = reader.shards
         L = seq_len + 1
+        self.unit = {"stream": "window", "document": "document", "bestfit": "row"}[packing]
         if packing == "stream":
             counts = [max(0, (len(s.tokens) - 1) // seq_len) for s in self.shards]
+        elif packing == "bestfit":
+            lengths = [np.diff(s.offsets.astype(np.int64)) for s in self.shards]
+            self.plans = [bestfit_plan(n, L) for n in lengths]
+            counts = [len(ptr) - 1 for _, ptr in self.plans]
+            self.pack_stats = sum((plan_stats(n, c, L) for n, c in zip(lengths, counts)), PackStats())
         else:
             counts = [s.documents for s in self.shards]
         self.cum = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -199,6 +212,10 @@ class Source:
             rows = np.flatnonzero(shard_of == j)
             shard = self.shards[j]
             local = samples[rows] - self.cum[j]
+            if self.packing == "bestfit":
+                toks[rows], mask[rows] = gather_rows(shard.tokens, shard.offsets, shard.loss, *self.plans[j], local,
+                                                     self.L, eos)
+                continue
             start, end = shard.offsets[local], shard.offsets[local + 1]
             idx = np.minimum(start[:, None] + ar, (end - 1)[:, None])
             valid = ar < (end - start)[:, None]
@@ -415,7 +432,7 @@ class MixtureLoader:
         src, samples, epoch = plan["source"][micro_step], plan["sample"][micro_step], plan["epoch"][micro_step]
         counts, top = plan["rows_per_source"][micro_step], plan["max_epoch"][micro_step]
         present = np.flatnonzero(counts)
-        want_mask = self.packing == "document" or bool(self._has_loss[present].any())
+        want_mask = self.packing != "stream" or bool(self._has_loss[present].any())  # padding has no loss
         T = self.seq_len
         if self.packing == "stream":
             ids = self._base[src] + samples
@@ -455,7 +472,7 @@ class MixtureLoader:
             return
         row = int(np.flatnonzero((rows >= self.vocab_size).any(axis=1))[0])
         source = self.sources[int(src[row])]
-        unit = "window" if self.packing == "stream" else "document"
+        unit = source.unit
         raise DataError(f"step {step + 1}: source '{source.name}' ({source.reader.directory}) {unit} {int(samples[row])} "
                         f"(epoch {int(epoch[row])}) holds token id {top} >= the model's vocab_size {self.vocab_size}, "
                         "though manifest.json's max ids pass: a shard changed after its manifest was written "
@@ -483,8 +500,8 @@ class MixtureLoader:
             s, e = divmod(code, span)
             params[i] = self._network(s, e)
             if e > self._epochs_logged[self.names[s]]:
-                log.info("source '%s': epoch %d begins (all %d %s read)", self.names[s], e, self._sizes[s],
-                         "windows" if self.packing == "stream" else "documents")
+                log.info("source '%s': epoch %d begins (all %d %ss read)", self.names[s], e, self._sizes[s],
+                         self.sources[s].unit)
                 self._epochs_logged[self.names[s]] = e
         samples = permute_many(pos, n, np.ascontiguousarray(params[inv.ravel()].T)).astype(np.int64)
         cell = np.repeat(np.arange(A), B) * S + src  # (micro-step, source) of each row
@@ -503,6 +520,10 @@ class MixtureLoader:
             key = _stable_hash(self.seed, self.names[s], epoch)
             net = self._networks[(s, epoch)] = feistel_params(int(self._sizes[s]), key)
         return net
+
+    def packing_stats(self) -> dict[str, PackStats]:
+        """Per source, the documents, tokens, rows, and tokens cropped and padded by best-fit packing."""
+        return {src.name: src.pack_stats for src in self.sources if self.packing == "bestfit"}
 
     def weights_at(self, tokens_seen: float) -> dict[str, float]:
         w = self.schedule.weights(tokens_seen / self.seq_len)

@@ -120,6 +120,31 @@ class Stage:
         return {k: v * self.cfg.batch.seq_len for k, v in self.loader.state_dict()["cursors"].items()}
 
 
+def build_model_and_optimizer(cfg: Config, device: torch.device, d: Dist, init_from: Path | None):
+    """(what runs forward/backward, the module itself, its gradient-sync handle, the optimizer): the
+    model seeded, its init weights loaded, sharded (fsdp) or wrapped (DDP), compiled if asked."""
+    seed_all(cfg.train.seed)
+    model = build_model(cfg.model, device=device)
+    if init_from is not None:
+        try:
+            load_model_weights(model, init_from, device=device)
+        except ValueError as e:  # another architecture, an unreadable file: name it before step 0
+            raise ConfigError(f"{cfg.source_file}: train.init_from: {e}") from None
+        log.info(f"[init] model weights from {init_from} (fresh optimizer"
+                 f"{', data cursor reset' if cfg.train.reset_data_cursor else ''})")
+    if cfg.train.parallel == "fsdp":
+        shard_model(model, cfg, device, d.world)  # in place, before the optimizer takes the parameters
+    opt = build_optimizer(model, cfg.optim, device.type)
+    raw_model, ddp = model, None
+    if is_sharded(model):
+        ddp = GradSync(model)
+    elif d.enabled:
+        model = ddp = DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    return model, raw_model, ddp, opt
+
+
 def build_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: Path | None) -> Stage:
     """Preflight (everything that can fail on bad input, before any model memory or training step),
     then model, optimizer and, with --resume, the newest good checkpoint."""
@@ -135,26 +160,7 @@ def build_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
     if not resume and (stage_dir / "checkpoints").exists() and any((stage_dir / "checkpoints").iterdir()):
         raise ConfigError(f"{stage_dir}: already holds checkpoints; pass --resume to continue or --overwrite to start over")
 
-    seed_all(cfg.train.seed)
-
-    model = build_model(cfg.model, device=device)
-    if init_from is not None and resume_from is None:
-        try:
-            load_model_weights(model, init_from, device=device)
-        except ValueError as e:  # another architecture, an unreadable file: name it before step 0
-            raise ConfigError(f"{cfg.source_file}: train.init_from: {e}") from None
-        log.info(f"[init] model weights from {init_from} (fresh optimizer"
-               f"{', data cursor reset' if cfg.train.reset_data_cursor else ''})")
-    if cfg.train.parallel == "fsdp":
-        shard_model(model, cfg, device, d.world)  # in place, before the optimizer takes the parameters
-    opt = build_optimizer(model, cfg.optim, device.type)
-    raw_model, ddp = model, None
-    if is_sharded(model):
-        ddp = GradSync(model)
-    elif d.enabled:
-        model = ddp = DDP(model, device_ids=[d.local_rank] if device.type == "cuda" else None)
-    if cfg.train.compile:
-        model = torch.compile(model)
+    model, raw_model, ddp, opt = build_model_and_optimizer(cfg, device, d, init_from if resume_from is None else None)
     if d.main and device.type == "cuda" and (note := peak_flops_note(device)):
         log.info(note)
     if cfg.train.dtype == "bf16" and device.type != "cuda":

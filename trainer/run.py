@@ -141,6 +141,49 @@ def dry_run(stages: list[Config], d: Dist, as_json: bool, skip_data: bool) -> No
         print(json.dumps(out))
 
 
+def init_path_of(cfg: Config, prev_final: Path | None) -> Path | None:
+    """train.init_from resolved: the previous stage's final checkpoint, a run, a checkpoint (weights
+    suffice), an HF folder, hf://org/name or s3://."""
+    init = cfg.train.init_from
+    if init == "@previous":
+        if prev_final is None:
+            raise ConfigError(f"{cfg.source_file}: train.init_from: '@previous' in the first stage")
+        return prev_final
+    return find_weights(resolve_hub(fetch_init(init, cfg))) if init else None
+
+
+def finished_stage(cfg: Config, stage_dir: Path) -> Path:
+    """The final checkpoint of a stage whose DONE marker exists (--resume), refused when these settings
+    would make another number of steps."""
+    final = Path((stage_dir / "DONE").read_text().strip())
+    done = STEP_RE.match(final.name)
+    if done and int(done.group(1)) != cfg.resolved.total_steps:
+        raise ConfigError(
+            f"{stage_dir}: finished at step {int(done.group(1))}, but these settings make "
+            f"{cfg.resolved.total_steps} steps: --resume only continues an unfinished run (the LR "
+            f"and mixture schedules span the whole run); to train further, start a new run with "
+            f"train.init_from={final}")
+    return final
+
+
+def run_stages(stages: list[Config], run_dir: Path, resume, d: Dist) -> None:
+    prev_final: Path | None = None
+    resumed_done: Path | None = None
+    for i, cfg in enumerate(stages):
+        stage_dir = run_dir if len(stages) == 1 else run_dir / f"{i}-{cfg.name}"
+        init_path = init_path_of(cfg, prev_final)
+        if isinstance(resume, str):  # s3://: the checkpoint comes into this stage's checkpoints/ first
+            fetch_resume(resume, stage_dir, cfg, stage_dir.name if cfg.name else None)
+        if resume and (stage_dir / "DONE").exists():
+            prev_final = finished_stage(cfg, stage_dir)
+            log.info(f"[stage] {cfg.name or i}: already done ({prev_final})")
+            resumed_done = prev_final if i == len(stages) - 1 else None
+            continue
+        prev_final = train_stage(cfg, stage_dir, d, resume, init_path, sample=i == len(stages) - 1)
+    if d.main and resumed_done is not None:  # the last stage had finished: sample its checkpoint
+        sample_generation(stages[-1], load_model(resumed_done, device=pick_device(stages[-1], d))[0])
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     d = Dist()
@@ -160,47 +203,14 @@ def main(argv=None) -> int:
             if d.main and run_dir.exists():
                 shutil.rmtree(run_dir)
             d.barrier()
-        prev_final: Path | None = None
-        resumed_done: Path | None = None
-        for i, cfg in enumerate(stages):
-            stage_dir = run_dir if len(stages) == 1 else run_dir / f"{i}-{cfg.name}"
-            init = cfg.train.init_from
-            init_path = None
-            if init == "@previous":
-                if prev_final is None:
-                    raise ConfigError(f"{cfg.source_file}: train.init_from: '@previous' in the first stage")
-                init_path = prev_final
-            elif init:  # a run, a checkpoint (weights suffice), an HF folder, hf://org/name or s3://
-                init_path = find_weights(resolve_hub(fetch_init(init, cfg)))
-            if isinstance(args.resume, str):  # s3://: the checkpoint comes into this stage's checkpoints/ first
-                fetch_resume(args.resume, stage_dir, cfg, stage_dir.name if cfg.name else None)
-            if args.resume and (stage_dir / "DONE").exists():
-                prev_final = Path((stage_dir / "DONE").read_text().strip())
-                done = STEP_RE.match(prev_final.name)
-                if done and int(done.group(1)) != cfg.resolved.total_steps:
-                    raise ConfigError(
-                        f"{stage_dir}: finished at step {int(done.group(1))}, but these settings make "
-                        f"{cfg.resolved.total_steps} steps: --resume only continues an unfinished run (the LR "
-                        f"and mixture schedules span the whole run); to train further, start a new run with "
-                        f"train.init_from={prev_final}")
-                log.info(f"[stage] {cfg.name or i}: already done ({prev_final})")
-                resumed_done = prev_final if i == len(stages) - 1 else None
-                continue
-            prev_final = train_stage(cfg, stage_dir, d, args.resume, init_path, sample=i == len(stages) - 1)
-        if d.main and resumed_done is not None:  # the last stage had finished: sample its checkpoint
-            sample_generation(stages[-1], load_model(resumed_done, device=pick_device(stages[-1], d))[0])
+        run_stages(stages, run_dir, args.resume, d)
         return 0
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, DataError) as e:  # each names its file or field: no traceback
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except FloatingPointError as e:  # bad steps beyond what rollback may repair (trainer/guard.py)
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 3
-    except Exception as e:
-        if isinstance(e, DataError):  # names the source and file already: no traceback
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            return 2
-        raise
     finally:
         d.close()
 

@@ -354,7 +354,7 @@ def test_sft_mask_alignment_stream_and_document(tmp_path):
     assert int((yi == -1).sum()) == int((~dl.batch(2, 0)[2]).sum())
 
 
-@pytest.mark.parametrize("packing", ["stream", "document"])
+@pytest.mark.parametrize("packing", ["stream", "document", "bestfit"])
 def test_an_id_edited_in_after_the_manifest_is_named_by_the_loader(tmp_path, packing):
     # validate() trusts each manifest's max ids; a shard edited afterwards is caught on the rows
     # themselves, naming the step, the source and the window or document.
@@ -367,7 +367,7 @@ def test_an_id_edited_in_after_the_manifest_is_named_by_the_loader(tmp_path, pac
         toks.tofile(f)
     sched = [MixturePoint(0, {"chat": 1})]
     ld = loader(src, schedule=sched, total=None, seq_len=48, packing=packing, vocab_size=1000)
-    unit = "window" if packing == "stream" else "document"
+    unit = {"stream": "window", "document": "document", "bestfit": "row"}[packing]
     with pytest.raises(DataError, match=rf"step 1: source 'chat' \(.*chat\) {unit} \d+ \(epoch 0\) holds token id 1001 "
                                         r">= the model's vocab_size 1000.*shards verify"):
         ld.batch(0, 0)
