@@ -15,6 +15,8 @@ import math
 import typing
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from .config import MuonMomentumStyle, MuonNSDtype, OptimName, OptimSection
 from .telemetry.console import log
@@ -84,31 +86,124 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(g)
-                buf = state["momentum_buffer"]
-                if group["momentum_style"] == "sum":
-                    buf.mul_(mu).add_(g)
-                    u = g.add(buf, alpha=mu) if group["nesterov"] else buf
-                else:
-                    buf.lerp_(g, 1 - mu)
-                    u = g.lerp(buf, mu) if group["nesterov"] else buf
-                u2 = u.reshape(u.size(0), -1)
-                rows, cols = u2.shape
-                bf16 = group["ns_dtype"] == "bf16" and p.is_cuda
-                ns_dtype = torch.bfloat16 if bf16 else torch.promote_types(u2.dtype, torch.float32)
-                O = zeropower_newton_schulz(u2, steps=group["ns_steps"], dtype=ns_dtype)
-                scale = math.sqrt(max(rows, cols) / min(rows, cols))
-                if wd:
-                    p.mul_(1 - lr * wd)
-                p.add_(O.view_as(p).to(p.dtype), alpha=-lr * scale)
+            params = [p for p in group["params"] if p.grad is not None]
+            sharded = [p for p in params if isinstance(p, DTensor)]  # FSDP2 at world > 1
+            for p in params:
+                if not isinstance(p, DTensor):
+                    rows, cols = _matrix_shape(p)
+                    O = _orthogonalise(self._momentum(p, group), group)
+                    _apply_update(p, O, group, rows, cols)
+            if sharded:
+                _sharded_step(self, sharded, group)
         return loss
+
+    def _momentum(self, p, group) -> torch.Tensor:
+        """Update p's momentum buffer and return the direction to orthogonalise as [rows, cols] (this
+        rank's rows under FSDP2: the update is elementwise, so each rank keeps only its shard)."""
+        mu, g, state = group["momentum"], p.grad, self.state[p]
+        if "momentum_buffer" not in state:  # a DTensor under FSDP2: DCP saves and reshards it
+            state["momentum_buffer"] = torch.zeros_like(g)
+        buf = state["momentum_buffer"]
+        if isinstance(g, DTensor):  # local shards: no DTensor dispatch for pointwise work
+            g, buf = g.to_local(), buf.to_local()
+        if group["momentum_style"] == "sum":
+            buf.mul_(mu).add_(g)
+            u = g.add(buf, alpha=mu) if group["nesterov"] else buf
+        else:
+            buf.lerp_(g, 1 - mu)
+            u = g.lerp(buf, mu) if group["nesterov"] else buf
+        return u.reshape(u.size(0), _matrix_shape(p)[1])  # cols from the full shape: a shard may hold 0 rows
+
+
+def _matrix_shape(p) -> tuple[int, int]:
+    """The full parameter's [rows, cols] (a 3-D conv weight [out, in, k] is [out, in*k])."""
+    return p.shape[0], p.numel() // p.shape[0]
+
+
+def _orthogonalise(u2: torch.Tensor, group) -> torch.Tensor:
+    bf16 = group["ns_dtype"] == "bf16" and u2.is_cuda
+    ns_dtype = torch.bfloat16 if bf16 else torch.promote_types(u2.dtype, torch.float32)
+    return zeropower_newton_schulz(u2, steps=group["ns_steps"], dtype=ns_dtype)
+
+
+def _apply_update(p: torch.Tensor, O: torch.Tensor, group, rows: int, cols: int) -> None:
+    """p ← p·(1 − lr·wd) − lr·√(max/min)·O, with the full matrix's aspect ratio (p may be a shard)."""
+    lr, wd = group["lr"], group["weight_decay"]
+    scale = math.sqrt(max(rows, cols) / min(rows, cols))
+    if wd:
+        p.mul_(1 - lr * wd)
+    p.add_(O.view_as(p).to(p.dtype), alpha=-lr * scale)
+
+
+# ---- Muon over FSDP2 shards. Newton–Schulz needs the whole matrix, FSDP2 gives each rank rows
+# [Shard(0)]. As nanochat's DistMuon and torchtitan's dist Muon spread the work, the params go in
+# blocks of `world`: in a block rank r owns param r, gathers its momentum rows from every rank,
+# orthogonalises it alone, and scatters the rows back; each rank then updates its own shard. The
+# traffic is one gather and one scatter of each matrix (an all-gather's worth), the NS work is 1/world.
+
+def _shard_rows(rows: int, world: int) -> list[int]:
+    """Rows per rank of FSDP2's Shard(0) split (torch.chunk: ceil(rows/world) each, the last short or empty)."""
+    step = -(-rows // world)
+    return [max(0, min(step, rows - r * step)) for r in range(world)]
+
+
+def _pad_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Collectives need equal sizes on every rank: pad a short shard with zero rows."""
+    if t.size(0) == n:
+        return t.contiguous()
+    return torch.cat([t, t.new_zeros(n - t.size(0), *t.shape[1:])])
+
+
+def _sharded_step(opt: Muon, params: list, group) -> None:
+    from torch.distributed.tensor import Shard
+
+    mesh = params[0].device_mesh
+    if mesh.ndim != 1 or any(p.placements != (Shard(0),) for p in params):
+        raise ValueError("sharded Muon needs FSDP2's 1-D mesh with Shard(0) parameters")
+    pg = mesh.get_group()
+    for start in range(0, len(params), pg.size()):
+        block = params[start:start + pg.size()]
+        us = [opt._momentum(p, group) for p in block]
+        for p, u in zip(block, us):
+            if u.size(0) != _shard_rows(p.shape[0], pg.size())[pg.rank()]:
+                raise ValueError(f"sharded Muon: shard of {tuple(p.shape)} holds {u.size(0)} rows, not torch.chunk's")
+        mine = _gather_to_owners(block, us, pg)
+        O = _orthogonalise(mine, group) if mine is not None else None
+        for p, o in zip(block, _scatter_from_owners(block, us, O, pg)):
+            _apply_update(p.to_local(), o, group, *_matrix_shape(p))
+
+
+def _gather_to_owners(block: list, us: list, pg) -> torch.Tensor | None:
+    """Every rank sends its rows of block[j] to rank j (all gathers in flight at once); returns the
+    full matrix this rank owns, or None when the block is shorter than the world."""
+    works, mine = [], None
+    for owner, (p, u) in enumerate(zip(block, us)):
+        sizes = _shard_rows(p.shape[0], pg.size())
+        send = _pad_rows(u, sizes[0])
+        recv = [torch.empty_like(send) for _ in sizes] if owner == pg.rank() else None
+        works.append(dist.gather(send, recv, group=pg, group_dst=owner, async_op=True))
+        if recv is not None:
+            mine = (recv, sizes)
+    for w in works:
+        w.wait()
+    if mine is None:
+        return None
+    recv, sizes = mine
+    return torch.cat([r[:n] for r, n in zip(recv, sizes)])
+
+
+def _scatter_from_owners(block: list, us: list, O: torch.Tensor | None, pg) -> list[torch.Tensor]:
+    """Rank j sends each rank its rows of the orthogonalised block[j]; returns this rank's rows of each."""
+    works, outs = [], []
+    for owner, (p, u) in enumerate(zip(block, us)):
+        sizes = _shard_rows(p.shape[0], pg.size())
+        out = u.new_empty(sizes[0], u.size(1))
+        send = [_pad_rows(c, sizes[0]) for c in O.to(u.dtype).split(sizes)] if owner == pg.rank() else None
+        works.append(dist.scatter(out, send, group=pg, group_src=owner, async_op=True))
+        outs.append(out)
+    for w in works:
+        w.wait()
+    return [o[:u.size(0)] for o, u in zip(outs, us)]
 
 
 class CombinedOptimizer:

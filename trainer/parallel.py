@@ -80,7 +80,7 @@ def gather_for_checkpoint(model, opt, checkpoint_dir: Path, main: bool) -> tuple
         shutil.rmtree(staging, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
-    dcp.save({"optimizer": get_optimizer_state_dict(model, opt)}, checkpoint_id=staging)
+    dcp.save({"optimizer": get_optimizer_state_dict(model, _optimizers(opt))}, checkpoint_id=staging)
     return (full if main else None), {OPTIMIZER_DIR: staging}
 
 
@@ -94,9 +94,15 @@ def load_checkpoint(model, opt, ckpt: Path) -> None:
 
     set_model_state_dict(model, load_file(str(ckpt / "model.safetensors")),
                          options=StateDictOptions(full_state_dict=True))
-    state = {"optimizer": get_optimizer_state_dict(model, opt)}  # the layout DCP fills in place
+    state = {"optimizer": get_optimizer_state_dict(model, _optimizers(opt))}  # the layout DCP fills in place
     dcp.load(state, checkpoint_id=ckpt / OPTIMIZER_DIR)
-    set_optimizer_state_dict(model, opt, state["optimizer"])
+    set_optimizer_state_dict(model, _optimizers(opt), state["optimizer"])
+
+
+def _optimizers(opt):
+    """What torch's state-dict helpers take: a torch Optimizer, or Muon's CombinedOptimizer as its parts
+    (their states key on parameter names, so the parts merge into one DCP state and split on load)."""
+    return tuple(opt.optimizers) if hasattr(opt, "optimizers") else opt
 
 
 
