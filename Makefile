@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.train
 	$(BIN)/python -m bench.c_runner
 	$(BIN)/python -m bench.generate
+	$(BIN)/python -m bench.tasks
 
 # The single-file C runner (c/run.c, docs/c-format.md): libm only, OpenMP threads when cc has them.
 C_FLAGS ?= -O3 -march=native -std=c99 -Wall

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import save_file, save_model
 
 from shards.manifest import sha256_file
+from trainer.faults import is_no_space, no_space, tensor_bytes
 from trainer.models import build_model
 from trainer.tools import hf
 from trainer.telemetry.console import log
@@ -93,12 +94,34 @@ def save_checkpoint(run_dir, step: int, model: torch.nn.Module | dict, train_sta
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    staged = _files_bytes((folders or {}).values())  # measured now: the write moves them into tmp
+    try:
+        _write(tmp, model, train_state, config, folders or {})
+    except Exception as e:
+        needed = tensor_bytes(model) + tensor_bytes(train_state) + staged
+        full = is_no_space(e, tmp)  # asked before the partial files go: a full disk shows ~0 bytes free
+        for p in (tmp, *(folders or {}).values()):  # at once: a full disk must not keep a partial save
+            shutil.rmtree(p, ignore_errors=True)
+        if not full:
+            raise
+        good = list_checkpoints(run_dir)
+        raise no_space(final, needed, good[-1] if good else None) from None
+    if final.exists():  # re-saving the same step (e.g. a resumed run finishing): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    prune(run_dir, keep_last)
+    return final
+
+
+def _write(tmp: Path, model, train_state: dict, config: dict, folders: dict[str, Path]) -> None:
+    """Every file of a checkpoint into `tmp`, checksummed and fsynced."""
     if isinstance(model, dict):
         save_file({k: v.contiguous() for k, v in model.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     else:
         save_model(model, str(tmp / "model.safetensors"))  # dedups tied tensors
     names = FILES
-    for name, folder in (folders or {}).items():
+    for name, folder in folders.items():
         os.replace(folder, tmp / name)
         names += tuple(sorted(p.relative_to(tmp).as_posix() for p in (tmp / name).rglob("*") if p.is_file()))
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -110,12 +133,11 @@ def save_checkpoint(run_dir, step: int, model: torch.nn.Module | dict, train_sta
         with open(tmp / name, "rb") as f:
             os.fsync(f.fileno())
     _fsync_dir(tmp)
-    if final.exists():  # re-saving the same step (e.g. a resumed run finishing): replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    prune(run_dir, keep_last)
-    return final
+
+
+def _files_bytes(folders) -> int:
+    """Bytes of the files under the staged folders (FSDP's DCP shards) that a save moves in whole."""
+    return sum(f.stat().st_size for d in folders for f in Path(d).rglob("*") if f.is_file())
 
 
 def is_valid(path: Path, files=FILES) -> bool:

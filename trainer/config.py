@@ -29,6 +29,7 @@ import yaml
 from shards.s3 import is_s3_uri
 
 from .errors import ConfigError, did_you_mean
+from .loss import LOSS_CHUNK
 from .mixture import MixtureError, MixturePoint, MixtureSchedule
 from .models import make_config, model_fields, model_section
 
@@ -41,6 +42,7 @@ MuonNSDtype = Literal["fp32", "bf16"]  # Newton-Schulz precision; bf16 applies o
 # pretraining windows | SFT: one conversation per row | whole documents per row by best fit (trainer/packing.py)
 Packing = Literal["stream", "document", "bestfit"]
 ParamKind = Literal["embedding", "matrix", "vector"]
+StopSignal = Literal["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP"]  # trainer/faults.py
 
 
 @dataclass
@@ -150,7 +152,17 @@ class TrainSection:
     reset_data_cursor: bool = False  # with init_from: the loader starts from step 0 of its own schedule
     log_every: int = 1  # metrics.jsonl train rows (loss all-reduced: one sync per row)
     print_every: int = 10  # progress line
+    # tokens per chunk of the fused head + cross-entropy (trainer/loss.py): the [tokens, vocab] logits
+    # never exist at once; exact (the same loss and gradients); 0: full logits
+    loss_chunk: int = LOSS_CHUNK
     rollback: RollbackSection = field(default_factory=RollbackSection)
+    # faults of the machine (trainer/faults.py): these signals stop after the current step with a
+    # checkpoint (exit 75); requeue runs `scontrol requeue` after a stop by one of requeue_signals
+    # (SIGUSR1: what `sbatch --signal=USR1@120` sends before the time limit; SIGTERM is also scancel's)
+    stop_signals: list[StopSignal] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
+    requeue: bool = False
+    requeue_signals: list[StopSignal] = field(default_factory=lambda: ["SIGUSR1"])
+    dist_timeout: float = 10.0  # minutes a collective waits for every rank before the run exits (exit 69)
 
 
 @dataclass
@@ -614,6 +626,8 @@ def validate(cfg: Config, world_size: int = 1, where: str = "") -> None:
     cfg.grad_accum(world_size)  # divisibility
     if cfg.train.steps is None and cfg.train.tokens is None:
         err("train", "give steps or tokens")
+    if cfg.train.loss_chunk < 0:
+        err("train.loss_chunk", f"must be >= 0 (0: full logits), got {cfg.train.loss_chunk}")
     if cfg.train.steps is not None and cfg.train.steps <= 0:
         err("train.steps", f"must be > 0, got {cfg.train.steps}")
     if cfg.total_steps(world_size) <= 0:
@@ -629,6 +643,11 @@ def validate(cfg: Config, world_size: int = 1, where: str = "") -> None:
         err("eval.limit", f"must be > 0, got {cfg.eval.limit}")
     if cfg.eval.tasks_batch_size < 1:
         err("eval.tasks_batch_size", "must be >= 1")
+    if cfg.train.dist_timeout <= 0:
+        err("train.dist_timeout", f"minutes, must be > 0, got {cfg.train.dist_timeout}")
+    if cfg.train.requeue and not set(cfg.train.requeue_signals) <= set(cfg.train.stop_signals):
+        err("train.requeue_signals", f"{cfg.train.requeue_signals} must be among train.stop_signals "
+                                     f"{cfg.train.stop_signals} (only those stop the run with a checkpoint)")
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 1:
         err("checkpoint", "every >= 0 and keep_last >= 1")
     if cfg.checkpoint.upload is not None and not is_s3_uri(cfg.checkpoint.upload):

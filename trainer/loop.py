@@ -26,11 +26,12 @@ from .data import MixtureLoader
 from .evals.bpb import token_byte_lengths
 from .evals.tasks import TaskResults, live_lm, run_tasks
 from .evals.val import val_metrics
+from .faults import CollectiveWatch, NoSpace, StopRequest, Stopped, any_rank, preflight_disk
 from .guard import BadStep, GuardState, data_step, problem, remember
 from .tools.generate import sample_generation
 from .telemetry.console import log
 from .telemetry.mirrors import open_loggers
-from .loss import compute_loss, loss_tokens
+from .loss import loss_tokens
 from .lr_schedule import set_lr
 from .telemetry.metrics import MetricsLog, Progress, fmt_count, peak_flops, peak_flops_note, plot
 from .models import build_model
@@ -64,9 +65,8 @@ def forward_backward(model, batches, step_tokens: int, world: int, device: torch
         # DDP all-reduces gradients only on the last micro-step of the optimizer step
         sync = ddp.no_sync() if (ddp is not None and micro < len(batches) - 1) else contextlib.nullcontext()
         with sync:
-            with autocast():
-                logits = model(x)
-            loss = compute_loss(logits, y, mask)
+            with autocast():  # the head and loss in chunks (train.loss_chunk): no [tokens, vocab] logits
+                loss = model(x, targets=y, loss_mask=mask)
             # a division, so unmasked data (step_tokens = world * n * accum) computes `loss / accum` exactly
             scaled = loss / (step_tokens / (world * n)) if n else loss * 0.0
             scaled.backward()
@@ -96,6 +96,8 @@ class Stage:
     start_step: int = 0
     uploader: Uploader | None = None  # checkpoint.upload (rank 0)
     guard: GuardState = field(default_factory=GuardState)  # skipped batches, spike window (trainer/guard.py)
+    stop: StopRequest = field(default_factory=StopRequest)  # stop signals recorded (trainer/faults.py)
+    watch: CollectiveWatch | None = None  # the step a collective's timeout names
 
     @property
     def world(self) -> int:
@@ -125,6 +127,7 @@ def build_model_and_optimizer(cfg: Config, device: torch.device, d: Dist, init_f
     model seeded, its init weights loaded, sharded (fsdp) or wrapped (DDP), compiled if asked."""
     seed_all(cfg.train.seed)
     model = build_model(cfg.model, device=device)
+    model.loss_chunk = cfg.train.loss_chunk
     if init_from is not None:
         try:
             load_model_weights(model, init_from, device=device)
@@ -145,11 +148,12 @@ def build_model_and_optimizer(cfg: Config, device: torch.device, d: Dist, init_f
     return model, raw_model, ddp, opt
 
 
-def build_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: Path | None) -> Stage:
+def build_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: Path | None,
+                strict_disk: bool = False) -> Stage:
     """Preflight (everything that can fail on bad input, before any model memory or training step),
-    then model, optimizer and, with --resume, the newest good checkpoint."""
+    then model, optimizer, the disk check and, with --resume, the newest good checkpoint."""
     device = pick_device(cfg, d)
-    d.init(device.type)
+    d.init(device.type, cfg.train.dist_timeout)
     checked = preflight(cfg, d)
     if d.main and checked.task_counts:
         log.info("[eval] tasks: " + ", ".join(f"{t} ({n} examples)" for t, n in checked.task_counts.items()))
@@ -161,6 +165,7 @@ def build_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
         raise ConfigError(f"{stage_dir}: already holds checkpoints; pass --resume to continue or --overwrite to start over")
 
     model, raw_model, ddp, opt = build_model_and_optimizer(cfg, device, d, init_from if resume_from is None else None)
+    preflight_disk(cfg, stage_dir, d, device, raw_model, opt, strict_disk)  # needs the parameter counts
     if d.main and device.type == "cuda" and (note := peak_flops_note(device)):
         log.info(note)
     if cfg.train.dtype == "bf16" and device.type != "cuda":
@@ -189,10 +194,10 @@ def build_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
     return s
 
 
-def save(s: Stage, step: int) -> None:
+def save(s: Stage, step: int) -> Path:
     """A checkpoint after `step` steps (tokens_seen is step * tps: a resumed loader refuses another
-    rows_per_step)."""
-    weights, folders = s.raw_model, {}
+    rows_per_step). Out of space: NoSpace on every rank (rank 0's names the folder)."""
+    weights, folders, failed = s.raw_model, {}, None
     if s.cfg.train.parallel == "fsdp":  # every rank: full weights to rank 0, optimizer shards through DCP
         weights, folders = gather_for_checkpoint(s.raw_model, s.opt, step_dir(s.dir, step), s.d.main)
     if s.d.main:
@@ -200,12 +205,18 @@ def save(s: Stage, step: int) -> None:
                            loader=s.loader.state_dict(), rng=rng_state(), tokens_by_source=s.tokens_by_source(),
                            stage=s.cfg.name, world_size=s.world, total_steps=s.total_steps,
                            guard=dataclasses.asdict(s.guard))
-        p = save_checkpoint(s.dir, step, weights, state.state_dict(), checkpoint_config(s.cfg, s.world),
-                            s.cfg.checkpoint.keep_last, folders=folders)
-        log.info(f"[checkpoint] saved {p}")
-        if s.uploader is not None:
-            s.uploader.push(p)
-    s.d.barrier()
+        try:
+            p = save_checkpoint(s.dir, step, weights, state.state_dict(), checkpoint_config(s.cfg, s.world),
+                                s.cfg.checkpoint.keep_last, folders=folders)
+        except NoSpace as e:  # its partial folder is gone already
+            failed = e
+        else:
+            log.info(f"[checkpoint] saved {p}")
+            if s.uploader is not None:
+                s.uploader.push(p)
+    if any_rank(s.d, failed is not None, s.device):  # in place of a barrier: every rank hears of a full disk
+        raise failed or NoSpace("")
+    return step_dir(s.dir, step)
 
 
 def eval_due(cfg: Config, done: int, total: int) -> tuple[bool, bool]:
@@ -263,7 +274,8 @@ def train_step(s: Stage, prefetch, step: int, prog: Progress) -> None:
     gnorm = None
     if cfg.optim.grad_clip and cfg.optim.grad_clip > 0:
         gnorm = torch.nn.utils.clip_grad_norm_(s.raw_model.parameters(), cfg.optim.grad_clip)
-    loss_val = float(s.d.sum(loss_sum)) / max(step_tokens, 1)  # every rank: the same global figure
+    # every rank: the same global figure; the ranks' stop votes ride on this all-reduce (trainer/faults.py)
+    loss_val = float(s.stop.sum_with_vote(s.d, loss_sum)) / max(step_tokens, 1)
     rb = cfg.train.rollback
     if why := problem(loss_val, float(gnorm) if gnorm is not None else None, s.guard.history, rb.spike_sigma,
                       rb.min_history):
@@ -324,36 +336,56 @@ def finish(s: Stage, sample: bool) -> Path:
 
 
 def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: Path | None,
-                sample: bool = False) -> Path:
-    s = build_stage(cfg, stage_dir, d, resume, init_from)
-    total = s.total_steps
-    prog = Progress(total, s.start_step, s.tps, s.metrics.fpt, s.metrics.peak)  # the metrics' own MFU inputs
-    if d.main:
-        log.info(f"[train] {cfg.name or Path(cfg.source_file).stem}: {total} steps x {s.tps:,} tokens "
-                 f"(grad_accum {cfg.resolved.grad_accum}, world {s.world}) on {s.device.type} -> {stage_dir}")
-    s.model.train()
-    step = s.start_step
-    while step < total:
-        # builds the next step's batches during this one
-        prefetch = Prefetcher(s.loader, step, total, pin_memory=s.device.type == "cuda",
-                              data_step=lambda t, skipped=tuple(s.guard.skipped): data_step(t, skipped))
-        try:
-            step = train_steps(s, prefetch, step, prog)
-        except BadStep as bad:
-            step = roll_back(s, bad)
-        finally:
-            prefetch.close()
-    return finish(s, sample)
+                sample: bool = False, strict_disk: bool = False) -> Path:
+    # while the stage runs, stop signals are only recorded and a collective's timeout is named
+    with StopRequest(cfg.train.stop_signals) as stop, \
+            CollectiveWatch(d, cfg.train.dist_timeout, stage_dir) as watch:
+        s = build_stage(cfg, stage_dir, d, resume, init_from, strict_disk)
+        s.stop, s.watch = stop, watch
+        total = s.total_steps
+        prog = Progress(total, s.start_step, s.tps, s.metrics.fpt, s.metrics.peak)  # the metrics' own MFU inputs
+        if d.main:
+            log.info(f"[train] {cfg.name or Path(cfg.source_file).stem}: {total} steps x {s.tps:,} tokens "
+                     f"(grad_accum {cfg.resolved.grad_accum}, world {s.world}) on {s.device.type} -> {stage_dir}")
+        s.model.train()
+        step = s.start_step
+        while step < total:
+            # builds the next step's batches during this one
+            prefetch = Prefetcher(s.loader, step, total, pin_memory=s.device.type == "cuda",
+                                  data_step=lambda t, skipped=tuple(s.guard.skipped): data_step(t, skipped))
+            try:
+                step = train_steps(s, prefetch, step, prog)
+            except BadStep as bad:
+                step = roll_back(s, bad)
+            finally:
+                prefetch.close()
+        return finish(s, sample)
 
 
 def train_steps(s: Stage, prefetch: Prefetcher, start: int, prog: Progress) -> int:
     """Steps from `start` to the end, with their evals and checkpoints; returns the step reached."""
     cfg, total = s.cfg, s.total_steps
     for step in range(start, total):
+        if s.watch is not None:
+            s.watch.step = step + 1
         train_step(s, prefetch, step, prog)
         done = step + 1
         if done != total and any(due := eval_due(cfg, done, total)):
             run_eval(s, done, *due)
-        if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done != total:
+        saved = bool(cfg.checkpoint.every) and done % cfg.checkpoint.every == 0 and done != total
+        if saved:
             save(s, done)
+        if done != total and s.stop.agreed(s.d, s.device):  # after the step's eval: resumed, it reads as one run
+            halt(s, done, saved)
     return total
+
+
+def halt(s: Stage, done: int, saved: bool) -> None:
+    """Every rank agreed to stop after `done` steps: a checkpoint (unless this step made one), metrics
+    and uploads flushed, then Stopped (trainer.run prints its line and exits EXIT_STOPPED)."""
+    ckpt = step_dir(s.dir, done) if saved else save(s, done)
+    s.metrics.close()
+    if s.d.main and s.uploader is not None and (failed := s.uploader.close()):
+        log.warning(f"[upload] not uploaded: {', '.join(failed)} (kept locally, see above)")
+    name = s.stop.signame or "a signal to another rank"
+    raise Stopped(name, done, ckpt, requeue=s.cfg.train.requeue and name in s.cfg.train.requeue_signals)

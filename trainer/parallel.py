@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -113,12 +114,15 @@ class Dist:
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.enabled = False
 
-    def init(self, device_type: str):
+    def init(self, device_type: str, timeout_minutes: float | None = None):
+        """The process group; `timeout_minutes` (train.dist_timeout) bounds how long a collective waits
+        for a rank that stopped (trainer/faults.py names it), instead of the backend's default."""
         if self.world > 1 and not dist.is_initialized():
             backend = "nccl" if device_type == "cuda" else "gloo"
             if device_type == "cuda":
                 torch.cuda.set_device(self.local_rank)
-            dist.init_process_group(backend=backend)
+            timeout = {"timeout": timedelta(minutes=timeout_minutes)} if timeout_minutes else {}
+            dist.init_process_group(backend=backend, **timeout)
             self.enabled = True
 
     @property

@@ -1,7 +1,7 @@
 """Train a model from a curriculum.
 
     python -m trainer.run curricula/atom.yaml [section.key=value ...] [--dry-run [--json] [--skip-data]]
-                          [--resume] [--run-dir DIR] [--overwrite]
+                          [--resume] [--run-dir DIR] [--overwrite] [--strict-disk]
     torchrun --nproc_per_node=N -m trainer.run curricula/atom.yaml ...     (gloo on CPU, NCCL on GPU;
     multi-node through torchrun's --nnodes/--node_rank/--rdzv_endpoint)
 
@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -26,6 +28,7 @@ from .budget import curriculum_budget, print_budget, stage_budget
 from .checkpoint import STEP_RE, find_weights, load_model
 from .config import Config, ConfigError, load_curriculum
 from .data import DataError
+from .faults import EXIT_NO_SPACE, EXIT_PEER_LOST, EXIT_STOPPED, NoSpace, PeerTimeout, Stopped, requeue
 from .tools.generate import sample_generation
 from .tools.hf import resolve_hub
 from .telemetry.console import log, setup as setup_logging
@@ -84,6 +87,9 @@ def parse_args(argv):
     ap.add_argument("overrides", nargs="*", help="section.key=value")
     ap.add_argument("--dry-run", action="store_true", help="validate, build on the meta device, print a summary")
     ap.add_argument("--json", action="store_true", help="with --dry-run: last stdout line is a JSON summary")
+    ap.add_argument("--gpu-mem", type=float, default=None, metavar="GB",
+                    help="with --dry-run: GPU memory per rank the memory plan must fit (default: the local GPU's); "
+                         "WORLD_SIZE=N plans N ranks")
     ap.add_argument("--skip-data", action="store_true",
                     help="with --dry-run: no data budget (sources not opened; for a curriculum whose shards are not built)")
     ap.add_argument("--resume", nargs="?", const=True, default=False, metavar="S3_URI",
@@ -91,6 +97,9 @@ def parse_args(argv):
                          "checkpoint, downloaded into the run dir first)")
     ap.add_argument("--run-dir", default=None, help="default: runs/<curriculum name>")
     ap.add_argument("--overwrite", action="store_true", help="delete an existing run dir first")
+    ap.add_argument("--strict-disk", action="store_true",
+                    help="too little free space for the checkpoints the run keeps is an error before step 0, "
+                         "not a warning")
     args = ap.parse_intermixed_args(argv)  # overrides may come before or after the flags
     if isinstance(args.resume, str) and not is_s3_uri(args.resume):
         if "=" not in args.resume:
@@ -110,15 +119,18 @@ def print_tasks(cfg: Config, counts: dict[str, int]) -> None:
         print(f"    {task:24s} {n:,} examples")
 
 
-def dry_run(stages: list[Config], d: Dist, as_json: bool, skip_data: bool) -> None:
-    """Validate, build on the meta device, print each stage's summary and data budget (and with
-    as_json a last stdout line of JSON)."""
-    sums, budgets = [], []
+def dry_run(stages: list[Config], d: Dist, as_json: bool, skip_data: bool, gpu_mem: float | None = None) -> None:
+    """Validate, build on the meta device, print each stage's summary, memory plan and data budget
+    (and with as_json a last stdout line of JSON)."""
+    from .memory import report as memory_report  # torch's memory trackers: only a dry run needs them
+
+    sums, budgets, plans = [], [], {}
     for cfg in stages:
         s = summary(cfg)
         sums.append(s)
         if d.main:
             print_summary(s, cfg)
+            s["memory"] = memory_report(cfg, gpu_mem, plans, d.local_rank)  # the same on every rank: rank 0 plans
         if not skip_data:  # a missing or empty source, or a task that cannot load, stops here (one line)
             budgets.append(stage_budget(cfg))
             s["sources"] = [dataclasses.asdict(b) for b in budgets[-1]]
@@ -138,6 +150,7 @@ def dry_run(stages: list[Config], d: Dist, as_json: bool, skip_data: bool) -> No
         out["stages"] = sums
         if budgets:  # the whole curriculum: a shard dir read in several stages sums up
             out["sources"] = [dataclasses.asdict(b) for b in curriculum_budget(budgets)]
+        out["memory"] = max((s["memory"] for s in sums), key=lambda m: m.get("per_rank_gb", 0.0))  # the largest stage
         print(json.dumps(out))
 
 
@@ -166,7 +179,7 @@ def finished_stage(cfg: Config, stage_dir: Path) -> Path:
     return final
 
 
-def run_stages(stages: list[Config], run_dir: Path, resume, d: Dist) -> None:
+def run_stages(stages: list[Config], run_dir: Path, resume, d: Dist, strict_disk: bool = False) -> None:
     prev_final: Path | None = None
     resumed_done: Path | None = None
     for i, cfg in enumerate(stages):
@@ -179,7 +192,8 @@ def run_stages(stages: list[Config], run_dir: Path, resume, d: Dist) -> None:
             log.info(f"[stage] {cfg.name or i}: already done ({prev_final})")
             resumed_done = prev_final if i == len(stages) - 1 else None
             continue
-        prev_final = train_stage(cfg, stage_dir, d, resume, init_path, sample=i == len(stages) - 1)
+        prev_final = train_stage(cfg, stage_dir, d, resume, init_path, sample=i == len(stages) - 1,
+                                 strict_disk=strict_disk)
     if d.main and resumed_done is not None:  # the last stage had finished: sample its checkpoint
         sample_generation(stages[-1], load_model(resumed_done, device=pick_device(stages[-1], d))[0])
 
@@ -191,7 +205,7 @@ def main(argv=None) -> int:
     try:
         stages = load_curriculum(args.curriculum, args.overrides, world_size=d.world)
         if args.dry_run:
-            dry_run(stages, d, args.json, args.skip_data)
+            dry_run(stages, d, args.json, args.skip_data, args.gpu_mem)
             return 0
         check_sample_tokenizer(stages[-1])  # a bad tokenizer.path must not surface only after training
         run_dir = Path(args.run_dir or Path("runs") / Path(args.curriculum).stem)
@@ -199,20 +213,41 @@ def main(argv=None) -> int:
             # rank 0 deletes; no rank may look at the run dir before that is done (the "already holds
             # checkpoints" check), hence the process group first and a barrier after
             if d.world > 1:
-                d.init(pick_device(stages[0], d).type)
+                d.init(pick_device(stages[0], d).type, stages[0].train.dist_timeout)
             if d.main and run_dir.exists():
                 shutil.rmtree(run_dir)
             d.barrier()
-        run_stages(stages, run_dir, args.resume, d)
+        run_stages(stages, run_dir, args.resume, d, args.strict_disk)
         return 0
+    except (Stopped, NoSpace, PeerTimeout) as e:  # faults of the machine (trainer/faults.py)
+        return machine_fault(e, d)
     except (ConfigError, FileNotFoundError, DataError) as e:  # each names its file or field: no traceback
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except FloatingPointError as e:  # bad steps beyond what rollback may repair (trainer/guard.py)
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 3
+    except OSError as e:  # the disk filled outside a checkpoint save (metrics, the DONE marker)
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: {e.strerror} writing {e.filename or 'a file of the run'}; free space, then --resume",
+              file=sys.stderr, flush=True)
+        return EXIT_NO_SPACE
     finally:
         d.close()
+
+
+def machine_fault(e: Exception, d: Dist) -> int:
+    """One line and the exit status for a stop signal, a full disk or a rank that stopped answering."""
+    if isinstance(e, Stopped):
+        if d.main:  # every rank saved and flushed; one line for the run
+            print(f"stopped: {e}", file=sys.stderr, flush=True)
+            if e.requeue:
+                requeue(os.environ.get("SLURM_JOB_ID"))
+        return EXIT_STOPPED
+    if str(e):  # NoSpace: rank 0's names the folder; PeerTimeout: every surviving rank names its wait
+        print(f"error: {e}", file=sys.stderr, flush=True)
+    return EXIT_NO_SPACE if isinstance(e, NoSpace) else EXIT_PEER_LOST
 
 
 if __name__ == "__main__":

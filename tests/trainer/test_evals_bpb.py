@@ -105,8 +105,7 @@ def test_loss_and_bytes_equal_an_independent_count(tiny):
     for text in TEXTS[:8]:
         seq = [tok.eos_id, *tok.encode(text), tok.eos_id]
         with torch.no_grad():
-            logits = model(torch.tensor([seq[:-1]]))
-        loss, nbytes = loss_and_bytes(logits, torch.tensor([seq[1:]]), None, table)
+            loss, nbytes = loss_and_bytes(model, torch.tensor([seq[:-1]]), torch.tensor([seq[1:]]), None, table)
         assert loss.dtype == torch.float64 and nbytes.dtype == torch.int64
         nll = _nll(model, seq)
         assert float(loss) == pytest.approx(sum(nll), rel=1e-5)
@@ -124,15 +123,16 @@ def test_masked_and_ignored_targets_count_nothing(tiny):
     prompt, answer = "Q: what is 😀 in 中文?", " A: 笑脸 — a smiling face."
     p, a = tok.encode(prompt), tok.encode(answer)
     seq = [tok.eos_id, *p, *a, tok.eos_id]
-    with torch.no_grad():
-        logits = model(torch.tensor([seq[:-1]]))
-    y = torch.tensor([seq[1:]])
+    x, y = torch.tensor([seq[:-1]]), torch.tensor([seq[1:]])
     mask = torch.tensor([[False] * len(p) + [True] * (len(a) + 1)])
     nll = _nll(model, seq)
     answer_nll = sum(nll[len(p):])
-    for loss, nbytes in (loss_and_bytes(logits, y, mask, table), loss_and_bytes(logits, y.masked_fill(~mask, -1), None, table)):
+    with torch.no_grad():
+        both = (loss_and_bytes(model, x, y, mask, table), loss_and_bytes(model, x, y.masked_fill(~mask, -1), None, table))
+        skip = loss_and_bytes(model, x, y, mask, table, skip_zero_byte=True)
+    for loss, nbytes in both:
         assert float(loss) == pytest.approx(answer_nll, rel=1e-5) and int(nbytes) == len(answer.encode())
-    loss, nbytes = loss_and_bytes(logits, y, mask, table, skip_zero_byte=True)
+    loss, nbytes = skip
     assert float(loss) == pytest.approx(answer_nll - nll[-1], rel=1e-5) and int(nbytes) == len(answer.encode())
 
 

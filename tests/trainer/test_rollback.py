@@ -4,7 +4,6 @@ step's batches, logs it, and the run completes; a SIGKILL + resume after the rol
 after max_rollbacks it stops with one line."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

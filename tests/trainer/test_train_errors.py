@@ -136,8 +136,8 @@ def test_step_loss_is_token_weighted_over_micro_batches_and_ranks():
     ref_loss.backward()
     ref = grads()
 
-    def close(g):
-        return all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(g, ref))
+    def close(g):  # atol: the fused head (train.loss_chunk) sums the tied embedding's gradient in another order
+        return all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(g, ref))
 
     # one rank, four micro-steps
     loss_sum = forward_backward(model, batches, total, 1, torch.device("cpu"))

@@ -313,7 +313,7 @@ def test_optimizer_change_on_resume_is_one_line(unfinished, capsys):
 def test_world_size_refusal_names_tokens_per_step(unfinished, capsys, monkeypatch):
     cur, run_dir = unfinished
     monkeypatch.setenv("WORLD_SIZE", "2")  # rank 0 of 2, without a process group: refused before any collective
-    monkeypatch.setattr(Dist, "init", lambda self, device_type: None)
+    monkeypatch.setattr(Dist, "init", lambda self, *args: None)
     rc, out, err = train([cur, "--run-dir", run_dir, "--resume"], capsys)
     assert rc == 2 and "world size 1" in err and "batch.tokens_per_step=128" in err, err
     # the advice works: the same rows per step at world size 2 (grad_accum 1)

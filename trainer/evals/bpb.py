@@ -3,7 +3,7 @@
     table = token_byte_lengths(tok, model_vocab_size).to(device)      # once, at start-up
     loss_sum, n_bytes = 0.0, 0
     for x, y, mask in val_batches:                                    # the val loop
-        l, b = loss_and_bytes(model(x), y, mask, table)
+        l, b = loss_and_bytes(model, x, y, mask, table)
         loss_sum, n_bytes = loss_sum + l, n_bytes + b                 # all-reduce both across ranks
     bpb = bits_per_byte(float(loss_sum), int(n_bytes))
 
@@ -33,7 +33,6 @@ import math
 import re
 
 import torch
-import torch.nn.functional as F
 
 _BYTE_PIECE = re.compile(rb"<0x[0-9A-Fa-f]{2}>")
 _METASPACE = "▁".encode()
@@ -57,12 +56,13 @@ def bits_per_byte(loss_sum_nats: float, n_bytes: int) -> float:
     return loss_sum_nats / math.log(2) / n_bytes if n_bytes else math.nan
 
 
-def loss_and_bytes(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None, byte_table: torch.Tensor,
+def loss_and_bytes(model, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None, byte_table: torch.Tensor,
                    skip_zero_byte: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed next-token loss in nats, float64; summed bytes, int64) over the counted targets of one
-    batch: logits [B,T,V], targets y [B,T], mask [B,T] (None: all count). A target counts where mask
-    is true and y >= 0 (the loader writes -1 for masked targets); byte_table is `token_byte_lengths`
-    on logits' device. Both stay tensors, so a val loop sums them without a sync per batch."""
+    batch x [B,T] -> targets y [B,T]. A target counts where mask [B,T] is true (None: all) and y >= 0
+    (the loader writes -1 for masked targets). The loss comes from the model's own head + loss
+    (`model(x, targets=, loss_mask=)`, chunked: no [tokens, vocab] logits); byte_table is
+    `token_byte_lengths` on x's device. Both stay tensors: a val loop sums them without a sync per batch."""
     counted = y >= 0
     if mask is not None:
         counted &= mask.bool()
@@ -70,9 +70,9 @@ def loss_and_bytes(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | N
     nbytes = byte_table[safe_y] * counted
     if skip_zero_byte:
         counted &= nbytes > 0
-    ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), safe_y.reshape(-1), reduction="none")
-    loss = (ce.double() * counted.reshape(-1)).sum()
-    return loss, nbytes.sum()
+    n = counted.sum()
+    mean = model(x, targets=safe_y, loss_mask=counted)
+    return mean.double() * n, nbytes.sum()
 
 
 def _measure(tok):

@@ -173,13 +173,14 @@ def _score_batch(live: LiveModel, pairs) -> list[tuple[float, bool]]:
     for r, row in enumerate(rows):
         x[r, :len(row)] = torch.tensor(row, dtype=torch.long)
     logits = _forward(live, x.to(live.device))
-    results = []
+    sums, greedy = [], []
     for r, ((_, cont), row) in enumerate(zip(pairs, rows)):
         logp = torch.log_softmax(logits[r, len(row) - len(cont):len(row)].float(), dim=-1)
         target = torch.tensor(cont, dtype=torch.long, device=logp.device)
-        greedy = bool((logp.argmax(dim=-1) == target).all())
-        results.append((float(logp.gather(-1, target[:, None]).sum()), greedy))
-    return results
+        greedy.append((logp.argmax(dim=-1) == target).all())
+        sums.append(logp.gather(-1, target[:, None]).sum())
+    # one device-to-host copy per batch, not two per request
+    return list(zip(torch.stack(sums).tolist(), torch.stack(greedy).tolist()))
 
 
 def _forward(live: LiveModel, x: torch.Tensor) -> torch.Tensor:
@@ -305,8 +306,7 @@ def run_tasks(lm, tasks: list[str], include_path: str | None = None, limit: floa
     start = time.perf_counter()
     with _preserved_rng(), _env("DISABLE_MULTIPROC", "1"):
         _seed_like_simple_evaluate()
-        loaded = _load(list(tasks), include_path)
-        _prepare(loaded["tasks"].values())
+        loaded = _loaded(tuple(tasks), str(include_path) if include_path else None)
         out = evaluator.evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=bootstrap_iters,
                                  log_samples=False)
     if out is None:
@@ -391,6 +391,16 @@ def _load(tasks: list[str], include_path: str | None) -> dict:
             except KeyError:  # e.g. a local group of built-in tasks
                 pass
     return _manager(str(include_path) if include_path else None, True).load(tasks)
+
+
+@functools.lru_cache(maxsize=4)
+def _loaded(tasks: tuple[str, ...], include_path: str | None) -> dict:
+    """Tasks loaded and prepared once per process: every scoring round of a run reuses them (a task's
+    dataset and its document preprocessing, hellaswag's over its whole split, are not redone);
+    lm-eval's evaluate() rebuilds each task's requests itself."""
+    loaded = _load(list(tasks), include_path)
+    _prepare(loaded["tasks"].values())
+    return loaded
 
 
 def _prepare(tasks) -> None:

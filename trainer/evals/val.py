@@ -46,6 +46,8 @@ def val_metrics(model, eval_sets: dict, byte_table: torch.Tensor | None, device,
 def _source_sums(model, batches, byte_table, device, autocast, d: Dist) -> torch.Tensor:
     """(summed loss, counted targets, bytes) of one source over all ranks."""
     sums = torch.zeros(3, dtype=torch.float64, device=device)
+    table = byte_table if byte_table is not None else torch.zeros(model.config.vocab_size, dtype=torch.int64,
+                                                                    device=device)
     mine = batches[d.rank :: d.world]
     # FSDP: each forward all-gathers, so every rank runs as many as the busiest (extra ones not counted)
     rounds = -(-len(batches) // d.world) if is_sharded(model) else len(mine)
@@ -54,11 +56,9 @@ def _source_sums(model, batches, byte_table, device, autocast, d: Dist) -> torch
         x, y = x.to(device), y.to(device)
         mask = mask.to(device) if mask is not None else None
         with autocast():
-            logits = model(x)
+            loss, nbytes = loss_and_bytes(model, x, y, mask, table)
         if i >= len(mine):
             continue
-        table = byte_table if byte_table is not None else torch.zeros(logits.size(-1), dtype=torch.int64, device=device)
-        loss, nbytes = loss_and_bytes(logits, y, mask, table)
         n = mask.sum() if mask is not None else y.numel()
         sums += torch.stack([loss, torch.as_tensor(n, dtype=torch.float64, device=device), nbytes.double()])
     return d.sum(sums).cpu()

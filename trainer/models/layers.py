@@ -222,6 +222,11 @@ class CausalLM(nn.Module):
     A subclass passes its block factory and final norm, implements init_weights() and rope() (the
     cos/sin tables its blocks take; blocks are called as blk(x, cos, sin, cache)), and may ask for
     a final logit softcap: logits <- c * tanh(logits / c).
+
+    forward(ids) gives the logits; forward(ids, targets=y, loss_mask=m) gives the training loss
+    instead, through the chunked head + cross-entropy (trainer.loss.linear_cross_entropy) so no
+    [tokens, vocab] logits exist. `loss_chunk` is its tokens per chunk: None = trainer.loss.LOSS_CHUNK,
+    0 = the full logits then compute_loss (the same number either way).
     """
 
     def __init__(self, config, block: Callable[[int], nn.Module], norm: nn.Module,
@@ -233,6 +238,7 @@ class CausalLM(nn.Module):
         self.blocks = nn.ModuleList(block(i) for i in range(c.n_layers))
         self.norm = norm
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.loss_chunk: int | None = None  # set from train.loss_chunk; not model state (no checkpoint entry)
         if self.embed.weight.device.type != "meta":
             self.init_weights()
 
@@ -242,7 +248,18 @@ class CausalLM(nn.Module):
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, targets: torch.Tensor | None = None,
+                loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits [B, T, V]; with `targets` [B, T] (and an optional `loss_mask` [B, T]) the mean
+        cross-entropy over the counted tokens instead, as trainer.loss.compute_loss defines it. The loss
+        is computed here, not by the caller, so DDP/FSDP/compile wrappers see one ordinary forward."""
+        x = self.hidden(input_ids, cache)
+        if targets is None:
+            return self.head(x)
+        return self._loss(x, targets, loss_mask)
+
+    def hidden(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The final-normed hidden states [B, T, D] the head reads (advances `cache` past the input)."""
         T = input_ids.shape[1]
         pos0 = cache.pos if cache is not None else 0
         cos, sin = self.rope(torch.arange(pos0, pos0 + T, device=input_ids.device))
@@ -254,14 +271,30 @@ class CausalLM(nn.Module):
                 x = checkpoint(blk, x, cos, sin, use_reentrant=False)
             else:
                 x = blk(x, cos, sin, cache)
-        x = self.norm(x)
-        w = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, w).float()
-        if self.logit_softcap is not None:
-            logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
         if cache is not None:
             cache.advance(T)
+        return self.norm(x)
+
+    def head_weight(self) -> torch.Tensor:
+        """[V, D]: the embedding when tied, else the head's own weight."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of final-normed hidden states, softcapped where the model has a softcap."""
+        logits = F.linear(x, self.head_weight()).float()
+        if self.logit_softcap is not None:
+            logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
         return logits
+
+    def _loss(self, x: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
+        # Imported here, not at the top: an export carries this file without trainer/ (transformers'
+        # wrapper asks for logits and computes its own loss, so never reaches this line).
+        from trainer.loss import LOSS_CHUNK, compute_loss, linear_cross_entropy
+
+        chunk = LOSS_CHUNK if self.loss_chunk is None else self.loss_chunk
+        if chunk > 0:
+            return linear_cross_entropy(x, self.head_weight(), targets, loss_mask, self.logit_softcap, chunk)
+        return compute_loss(self.head(x), targets, loss_mask)
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         return KVCache(self.config.n_layers, batch_size, max_len or self.config.max_seq_len)
