@@ -9,14 +9,18 @@ unfinished task rewrites its shards from scratch (`TokenizeShards` removes its s
 so an interrupted run, rerun, equals an uninterrupted one. Keep `--tasks` fixed between reruns:
 the logging dir records the settings and refuses a rerun with different ones.
 
+`--decontaminate TASK[,TASK]` (filter, split, tokenize, run; `pipelines.decont`) loads and indexes the
+lm-eval tasks here, before any executor, and drops documents sharing an n-gram with them.
+
 Output layout (`--output DIR`):
   download  DIR/<subset>/*.parquet                  (a local mirror)
-  filter    DIR/kept/*.jsonl.gz, DIR/removed/<filter>/*.jsonl.gz
+  filter    DIR/kept/*.jsonl.gz, DIR/removed/<filter>/*.jsonl.gz, DIR/kept/shardloom-applied.yaml
   dedup     DIR/kept/, DIR/removed/minhash/, DIR/minhash/ (signatures, buckets, ids)
   split     DIR/train/*.jsonl.gz, DIR/val/*.jsonl.gz
   tokenize  DIR/train/NNNNN.ds*, DIR/val/NNNNN.ds*, DIR/manifest.json (written last)
   run       DIR/filtered/ (filter), DIR/dedup/ (with --dedup), DIR/shards/ (tokenize)
-Logs and completion markers: DIR/logs/<stage>/ unless --logging-dir.
+  --decontaminate  DIR/removed/decontaminate/ (the dropped documents)
+Logs and completion markers: DIR/logs/<stage>/ unless --logging-dir; the task index in DIR/logs/decont/.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ from shards.manifest import find_shards
 from .readers import InputError, input_files, make_reader
 from .spec import Corpus  # noqa: F401 - the corpus modules take it from here, beside main
 from .spec import SCORE_FLAGS, Job, ReadSpec, is_remote, job_from_args, sub
-from .steps import HashSplit, TokenizeShards, WriteManifest
+from .steps import SPLIT_KEYS, HashSplit, TokenizeShards, WriteManifest
 
 STAGES = ("download", "filter", "dedup", "split", "tokenize", "run")
 
@@ -66,8 +70,10 @@ def build_parser(corpus: Corpus, stages: tuple[str, ...] = STAGES) -> argparse.A
     tk.add_argument("--tokenizer-path", help="file for a named tokenizer (llama2's tokenizer.model), or a tokenizer.json")
     tk.add_argument("--val-fraction", type=float, default=0.001)
     tk.add_argument("--split-seed", type=int, default=1337)
-    tk.add_argument("--split-key", choices=("auto", "id", "text"), default="auto",
-                    help="auto: the source id, or the text when the row has none (hub rows get position ids)")
+    tk.add_argument("--split-key", choices=SPLIT_KEYS, default="text",
+                    help="text: the normalised text (NFC, whitespace collapsed), so a page carried by several "
+                         "corpora is in the same split in each; id: the source id, or the raw text when the row "
+                         "has none (the rule before text keys; auto is its old name)")
     tk.add_argument("--max-doc-tokens", type=int, default=1_000_000, help="longer documents are skipped (or cut)")
     tk.add_argument("--too-long", choices=("skip", "truncate"), default="skip")
     tk.add_argument("--invalid-utf8", choices=("skip", "replace"), default="skip")
@@ -81,6 +87,7 @@ def build_parser(corpus: Corpus, stages: tuple[str, ...] = STAGES) -> argparse.A
                         help=f"keep rows whose {column} >= X (counted; every stage that reads rows)"
                              + (f"; {corpus.name}'s score columns: {', '.join(corpus.scores)}" if corpus.scores else ""))
     fl.add_argument("--dedup", action="store_true", help="run: add MinHash dedup between filter and tokenize")
+    add_decont_args(p)
     fl.add_argument("--max-files", type=int, default=None, help="download: mirror only the first N parquet files")
     ex = p.add_argument_group("execution (datatrove executors)")
     ex.add_argument("--executor", choices=("local", "slurm", "ray"), default="local")
@@ -96,6 +103,17 @@ def build_parser(corpus: Corpus, stages: tuple[str, ...] = STAGES) -> argparse.A
                     help="extra keyword for the executor's constructor, repeatable (e.g. cpus_per_task=4, "
                          "mem_per_cpu_gb=4, qos=high, sbatch_args={account: x}); VALUE parsed as YAML")
     return p
+
+
+def add_decont_args(p: argparse.ArgumentParser) -> None:
+    dc = p.add_argument_group("decontamination (filter, split, tokenize, run)")
+    dc.add_argument("--decontaminate", metavar="TASK[,TASK]",
+                    help="drop documents sharing an n-gram with these lm-eval tasks' examples (question + each "
+                         "answer); counted per task, written to OUT/removed/decontaminate/, recorded in the manifest")
+    dc.add_argument("--include-path", metavar="DIR",
+                    help="folder of local lm-eval task YAMLs (as trainer.tools.evaluate)")
+    dc.add_argument("--decont-ngram", type=int, default=None, metavar="N",
+                    help="n-gram length in words (lowercased, punctuation stripped); default 13")
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -270,17 +288,54 @@ def stage_download(job: Job) -> str:
     return sub(dest, corpus.hub_subset)
 
 
+def decont_steps(job: Job, output: str) -> list:
+    """The Decontaminate step for --decontaminate (its exclusions under OUTPUT/removed/), or none."""
+    from . import decont
+
+    return [decont.step(job.decont, output, job.storage.options() or None)] if job.decont else []
+
+
+def decont_pass(job: Job, stats_dir: str) -> list[dict]:
+    """This stage's decontamination pass as the manifest records it (dropped counts are read from
+    `stats_dir` when the manifest is written), or none."""
+    if not job.decont:
+        return []
+    from shards.ngrams import read_info
+
+    from . import decont
+
+    return [{**decont.record(read_info(job.decont.folder)), "stats_dir": stats_dir}]
+
+
+def decont_settings(job: Job) -> dict:
+    """What a rerun must share for its completion markers to hold: the tasks, n and the index itself."""
+    if not job.decont:
+        return {}
+    from shards.ngrams import read_info
+
+    return {"decontaminate": {"tasks": list(job.decont.tasks), "n": job.decont.n,
+                              "index_sha256": read_info(job.decont.folder)["sha256"]}}
+
+
 def stage_filter(job: Job, reader, output: str, logs: str) -> str:
     from datatrove.pipeline.writers import JsonlWriter
 
+    from . import decont
+    from .applied import read_applied, write_applied
     from .filters import folder
 
+    names = job.filters.names() + ([decont.filter_name(job.decont)] if job.decont else [])
     files = check_run_settings(logs, reader=reader, settings=dict(
         stage="filter", input=job.read.path, tasks=job.execution.tasks, limit=job.read.limit,
-        filters=job.filters.names()))
+        filters=names, **decont_settings(job)))
     kept = folder(output, job.storage.options() or None, "kept")
-    pipeline = [reader, *job.filters.steps(output, job.storage), JsonlWriter(kept, output_filename="${rank}.jsonl.gz")]
+    pipeline = [reader, *job.filters.steps(output, job.storage), *decont_steps(job, output),
+                JsonlWriter(kept, output_filename="${rank}.jsonl.gz")]
     make_executor(job, pipeline, logs, job_name=f"{job.corpus.name}-filter", input_files=files).run()
+    if job.execution.executor != "slurm":  # it has run (slurm only queued it): record what it applied
+        upstream = read_applied(job.read.path)
+        write_applied(sub(output, "kept"), upstream["filters"] + names,
+                      upstream["decontamination"] + decont_pass(job, logs))
     if job.execution.executor == "local":
         print_stats(f"filter: {job.read.path} -> {output}", logs)
     return sub(output, "kept")
@@ -289,7 +344,8 @@ def stage_filter(job: Job, reader, output: str, logs: str) -> str:
 def stage_dedup(job: Job, reader, output: str, logs: str) -> str:
     import copy
 
-    from .filters import minhash_stages
+    from .applied import read_applied, write_applied
+    from .filters import MINHASH_NAME, minhash_stages
 
     files = check_run_settings(logs, reader=reader, settings=dict(stage="dedup", input=job.read.path,
                                                                   tasks=job.execution.tasks, limit=job.read.limit))
@@ -301,6 +357,9 @@ def stage_dedup(job: Job, reader, output: str, logs: str) -> str:
         prev = make_executor(job, pipeline, sub(logs, name), tasks=tasks, depends=prev,
                              job_name=f"{job.corpus.name}-{name}", input_files=files if reads_input else None)
     prev.run()  # runs its dependencies first (local), or submits the chain (slurm)
+    if job.execution.executor != "slurm":
+        upstream = read_applied(job.read.path)
+        write_applied(sub(output, "kept"), upstream["filters"] + [MINHASH_NAME], upstream["decontamination"])
     if job.execution.executor == "local":
         print_stats(f"dedup: {job.read.path} -> {output}", sub(logs, "minhash4_filter"))
     return sub(output, "kept")
@@ -309,13 +368,16 @@ def stage_dedup(job: Job, reader, output: str, logs: str) -> str:
 def stage_split(job: Job, reader, output: str, logs: str) -> str:
     from datatrove.pipeline.writers import JsonlWriter
 
+    from . import decont
     from .filters import folder
 
     sp, inline = job.split, job.filters.inline
+    names = job.filters.names(inline) + ([decont.filter_name(job.decont)] if job.decont else [])
     files = check_run_settings(logs, reader=reader, settings=dict(
         stage="split", input=job.read.path, tasks=job.execution.tasks, limit=job.read.limit,
-        val_fraction=sp.val_fraction, seed=sp.seed, key=sp.key, filters=job.filters.names(inline)))
-    pipeline = [reader, *job.filters.steps(output, job.storage, inline), HashSplit(sp.val_fraction, sp.seed, sp.key),
+        val_fraction=sp.val_fraction, seed=sp.seed, key=sp.key, filters=names, **decont_settings(job)))
+    pipeline = [reader, *job.filters.steps(output, job.storage, inline), *decont_steps(job, output),
+                HashSplit(sp.val_fraction, sp.seed, sp.key),
                 JsonlWriter(folder(output, job.storage.options() or None), output_filename="${split}/${rank}.jsonl.gz")]
     make_executor(job, pipeline, logs, job_name=f"{job.corpus.name}-split", input_files=files).run()
     if job.execution.executor == "local":
@@ -323,48 +385,59 @@ def stage_split(job: Job, reader, output: str, logs: str) -> str:
     return output
 
 
-def stage_tokenize(job: Job, reader, output: str, filters: list[str] | None = None) -> str:
+def stage_tokenize(job: Job, reader, output: str, upstream: dict | None = None) -> str:
+    """`upstream`: {filters, decontamination} already applied to the input (by `run`'s earlier stages);
+    None: read from the input folder's shardloom-applied.yaml, if an earlier command left one."""
+    from .applied import read_applied
+
     tk = job.tokenize
-    applied = list(filters or []) + job.filters.names(job.filters.inline)
+    upstream = upstream if upstream is not None else read_applied(job.read.path)
+    applied = list(upstream["filters"]) + job.filters.names(job.filters.inline)
 
     def step(out_dir, num_threads):
         return TokenizeShards(out_dir, tk.tokenizer, tk.path, max_doc_tokens=tk.max_doc_tokens, too_long=tk.too_long,
                               invalid_utf8=job.read.invalid_utf8, batch_size=tk.batch_size, num_threads=num_threads)
 
-    extra = {"corpus": job.corpus.name, "tasks": job.execution.tasks, "split_key": job.split.key,
-             "split_rule": "val iff blake2b(key, key=str(seed)) as little-endian uint64 / 2**64 < val_fraction; "
-                           "auto key = id, or text when the id is missing/position-based",
+    extra = {"corpus": job.corpus.name, "tasks": job.execution.tasks, **job.split.manifest_extra(),
              "max_doc_tokens": tk.max_doc_tokens, "too_long": tk.too_long, "invalid_utf8": job.read.invalid_utf8,
              "limit_per_task": job.read.limit}
     middle = job.filters.steps(output, job.storage, job.filters.inline)  # score thresholds, then the chain if inline
     return tokenize_job(job, reader, middle, step, output=output, filters=applied, extra=extra,
                         settings=dict(stage="tokenize", too_long=tk.too_long, invalid_utf8=job.read.invalid_utf8,
-                                      filters=applied))
+                                      filters=applied), decontaminated=upstream["decontamination"])
 
 
 def tokenize_job(job: Job, reader, middle: list, make_step, *, output: str, filters: list[str], extra: dict,
-                 settings: dict, source: str | None = None) -> str:
-    """What every corpus's tokenize stage shares: reader -> middle steps -> HashSplit -> the step
-    `make_step(out_dir, num_threads)` builds, then the manifest (in-process for local runs, a dependent
-    1-task job on Slurm/Ray), uploaded when `output` is s3://. `source` names the input in the
-    manifest (default: the path read)."""
+                 settings: dict, source: str | None = None, decontaminated: list[dict] | None = None) -> str:
+    """What every corpus's tokenize stage shares: reader -> middle steps -> [Decontaminate] -> HashSplit
+    -> the step `make_step(out_dir, num_threads)` builds, then the manifest (in-process for local runs, a
+    dependent 1-task job on Slurm/Ray), uploaded when `output` is s3://. `source` names the input in the
+    manifest (default: the path read); `decontaminated`: passes already applied to the input."""
+    from . import decont
+
     tk, sp, ex, logs = job.tokenize, job.split, job.execution, job.logs
     source = source or job.read.path
     remote = is_remote(output)
     local_out = (job.staging_dir or sub(logs, "staging")) if remote else output
+    if job.decont:
+        filters = filters + [decont.filter_name(job.decont)]
+        settings = {**settings, "filters": filters, **decont_settings(job)}
+    passes = list(decontaminated or []) + decont_pass(job, sub(logs, "tokenize"))
     files = check_run_settings(sub(logs, "tokenize"), reader=reader, settings=dict(
         input=source, output=output, tasks=ex.tasks, limit=job.read.limit, tokenizer=tk.tokenizer,
         tokenizer_path=tk.path, val_fraction=sp.val_fraction, split_seed=sp.seed,
         split_key=sp.key, max_doc_tokens=tk.max_doc_tokens, **settings))
     # The manifest marks completion: remove it before tasks start rewriting shards.
     Path(local_out, "manifest.json").unlink(missing_ok=True)
-    pipeline = [reader, *middle, HashSplit(sp.val_fraction, sp.seed, sp.key), make_step(local_out, ex.task_threads())]
+    pipeline = [reader, *middle, *decont_steps(job, output), HashSplit(sp.val_fraction, sp.seed, sp.key),
+                make_step(local_out, ex.task_threads())]
     if tk.file:
         extra = {**extra, "tokenizer_path": tk.file}
     manifest_step = WriteManifest(
         local_out, tk.tokenizer, tk.path, source=source, filters=filters,
         seeds={"split_seed": sp.seed, "val_fraction": sp.val_fraction}, extra=extra,
         upload_to=output if remote else None, storage_kwargs=job.storage.kwargs() if remote else None,
+        decontamination=passes,
     )
     tokenize = make_executor(job, pipeline, sub(logs, "tokenize"), job_name=f"{job.corpus.name}-tokenize",
                              input_files=files)
@@ -424,6 +497,10 @@ def run_stage(job: Job) -> None:
         stage_download(job)
         return
     reader = open_reader(job, job.read)  # input errors surface here, before any executor
+    if job.decont:  # the tasks are loaded and indexed here, once: a task that cannot load stops the run now
+        from . import decont
+
+        decont.prepare(job.decont)
     logs = job.logs
     if job.stage == "filter":
         stage_filter(job, reader, job.output, sub(logs, "filter"))
@@ -438,22 +515,31 @@ def run_stage(job: Job) -> None:
 
 
 def stage_run(job: Job, reader) -> None:
-    """filter -> [dedup] -> tokenize (hash split inside). Later stages read what the earlier wrote, with
-    the limit and score thresholds already applied by the filter stage."""
+    """filter (with --decontaminate) -> [dedup] -> tokenize (hash split inside). Later stages read what
+    the earlier wrote, with the limit, score thresholds and decontamination already applied."""
+    from . import decont
+    from .applied import read_applied
+    from .filters import MINHASH_NAME
+
     path = stage_filter(job, reader, sub(job.output, "filtered"), sub(job.logs, "filter"))
     slurm = job.execution.executor == "slurm"
     if slurm:
         job.chain.queued.add(path)
     if not is_remote(path) and not any(Path(path).glob("*.jsonl.gz")) and job.execution.executor == "local":
         raise InputError(f"the filter stage kept no documents (see the table above); nothing to tokenize in {path}")
-    applied = job.filters.names() + (["datatrove.MinhashDedup(4 stages)"] if job.dedup else [])
+    upstream = read_applied(job.read.path)
+    applied = upstream["filters"] + job.filters.names() + ([decont.filter_name(job.decont)] if job.decont else [])
+    applied += [MINHASH_NAME] if job.dedup else []
     if job.dedup:
-        dedup = replace(job, read=our_output(job.read, path))
+        dedup = replace(job, read=our_output(job.read, path), decont=None)
         path = stage_dedup(dedup, open_reader(dedup, dedup.read), sub(job.output, "dedup"), sub(job.logs, "dedup"))
         if slurm:
             job.chain.queued.add(path)
-    rest = replace(job, read=our_output(job.read, path), filters=replace(job.filters, scores=(), inline=False))
-    stage_tokenize(rest, open_reader(rest, rest.read), sub(job.output, "shards"), filters=applied)
+    rest = replace(job, read=our_output(job.read, path), filters=replace(job.filters, scores=(), inline=False),
+                   decont=None)
+    passes = upstream["decontamination"] + decont_pass(job, sub(job.logs, "filter"))
+    stage_tokenize(rest, open_reader(rest, rest.read), sub(job.output, "shards"),
+                   upstream={"filters": applied, "decontamination": passes})
 
 
 def main(corpus: Corpus, argv=None) -> int:

@@ -179,6 +179,8 @@ def chain_names(chain, language_threshold: float = 0.65, languages=(ENGLISH,),
 
 # ------------------------------------------------------------------------------------ MinHash dedup
 
+MINHASH_NAME = "datatrove.MinhashDedup(4 stages)"  # as a manifest's filters list names the dedup stage
+
 
 def minhash_stages(make_reader, work, output, storage_options: dict | None = None, num_buckets: int = 14,
                    hashes_per_bucket: int = 8):

@@ -135,7 +135,7 @@ def stage_tokenize(job: Job) -> str:
         return TokenizeShards(out_dir, tk.tokenizer, tk.path, max_doc_tokens=tk.max_doc_tokens,
                               batch_size=tk.batch_size, num_threads=num_threads, encode=encode_chatml)
 
-    extra = {"corpus": job.corpus.name, "format": "chatml", "tasks": job.execution.tasks,
+    extra = {"corpus": job.corpus.name, "format": "chatml", "tasks": job.execution.tasks, **job.split.manifest_extra(),
              "limit_per_task": job.read.limit, "im_start": im_start, "im_end": im_end,
              "system_turns": "dropped", "no_eos": True,
              "loss_mask": "1 on assistant turns incl. <|im_start|>assistant\\n header, <|im_end|> and trailing \\n"}
@@ -144,7 +144,14 @@ def stage_tokenize(job: Job) -> str:
 
 
 def run_stage(job: Job) -> None:
-    stage_download(job) if job.stage == "download" else stage_tokenize(job)
+    if job.stage == "download":
+        stage_download(job)
+        return
+    if job.decont:  # --decontaminate: the rendered conversations are checked against the tasks' n-grams
+        from .decont import prepare
+
+        prepare(job.decont)
+    stage_tokenize(job)
 
 
 def main(argv=None) -> int:

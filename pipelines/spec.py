@@ -94,7 +94,28 @@ class FilterSpec:
 class SplitSpec:
     val_fraction: float = 0.001
     seed: int = 1337
-    key: str = "auto"
+    key: str = "text"  # pipelines.steps.SPLIT_KEYS
+
+    def manifest_extra(self) -> dict:
+        """The split as a manifest's `extra` records it (shards.manifest.split_rule reads it back)."""
+        from shards.text import NORMALIZATION
+
+        from .steps import SPLIT_RULE
+
+        key = "id" if self.key == "auto" else self.key
+        return {"split_key": key, "split_rule": SPLIT_RULE,
+                **({"split_normalization": NORMALIZATION} if key == "text" else {})}
+
+
+@dataclass(frozen=True)
+class DecontSpec:
+    """--decontaminate: lm-eval task names, where local task YAMLs live, the n-gram size, and the
+    folder (under the logs) the command indexes them into before any executor starts."""
+
+    tasks: tuple[str, ...]
+    folder: str
+    include_path: str | None = None
+    n: int = 13
 
 
 @dataclass(frozen=True)
@@ -174,6 +195,7 @@ class Job:
     staging_dir: str | None = None  # local folder for shards bound for an s3:// output
     dedup: bool = False
     max_files: int | None = None
+    decont: DecontSpec | None = None
     chain: SlurmChain = field(default_factory=SlurmChain)
 
 
@@ -195,19 +217,48 @@ def job_from_args(args, corpus: Corpus) -> Job:
     if args.stage == "dedup" and not args.input:
         raise InputError("dedup needs --input (e.g. the kept/ folder of a filter run)")
     corpus = corpus_for(args, corpus)
+    logs = logging_base(args.logging_dir, args.output, corpus)
+    decont = decont_spec(args, logs)
     execution = exec_spec(args)
     scores = tuple((col, getattr(args, flag)) for flag, col in SCORE_FLAGS.items()
                    if getattr(args, flag, None) is not None)
     languages = None if args.languages.strip() == "any" else tuple(x.strip() for x in args.languages.split(","))
     return Job(
-        stage=args.stage, corpus=corpus, output=args.output, logs=logging_base(args.logging_dir, args.output, corpus),
+        stage=args.stage, corpus=corpus, output=args.output, logs=logs,
         read=ReadSpec(args.input or corpus.hub_input, args.limit, args.text_key, args.id_key, args.invalid_utf8),
         filters=FilterSpec(corpus.chain, args.language_threshold, languages, scores, args.filter),
         split=SplitSpec(args.val_fraction, args.split_seed, args.split_key),
         tokenize=tokenize_spec(args) if args.stage in ("tokenize", "run") else None,
         execution=execution, storage=Storage.from_args(args), staging_dir=args.staging_dir,
-        dedup=args.dedup, max_files=args.max_files,
+        dedup=args.dedup, max_files=args.max_files, decont=decont,
     )
+
+
+DECONT_STAGES = ("filter", "split", "tokenize", "run")
+
+
+def decont_spec(args, logs: str) -> DecontSpec | None:
+    """--decontaminate / --include-path / --decont-ngram checked; the index goes to LOGS/decont."""
+    tasks = getattr(args, "decontaminate", None)
+    if not tasks:
+        for flag in ("include_path", "decont_ngram"):
+            if getattr(args, flag, None) is not None:
+                raise InputError(f"--{flag.replace('_', '-')} applies only with --decontaminate TASK[,TASK]")
+        return None
+    from shards.evalsets import EvalSetError, parse_tasks
+
+    if args.stage not in DECONT_STAGES:
+        raise InputError(f"--decontaminate applies to the {', '.join(DECONT_STAGES)} stages, not {args.stage}")
+    n = 13 if args.decont_ngram is None else args.decont_ngram
+    if n < 1:
+        raise InputError(f"--decont-ngram must be >= 1, got {n}")
+    if is_remote(logs):
+        raise InputError(f"--decontaminate indexes the tasks into a local folder: --logging-dir {logs} is remote")
+    try:
+        names = tuple(parse_tasks(tasks))
+    except EvalSetError as e:
+        raise InputError(str(e)) from None
+    return DecontSpec(names, sub(logs, "decont"), args.include_path, n)
 
 
 def exec_spec(args) -> ExecSpec:

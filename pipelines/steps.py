@@ -11,7 +11,7 @@ feeds one writer that fans out to both splits, and a JsonlWriter can route by th
 """
 from __future__ import annotations
 
-import hashlib
+import errno
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,55 +26,52 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.utils.logging import logger
 
 from shards.format import SUFFIXES, ShardWriter, dtype_for_vocab
+from shards.text import assign_split, hash_fraction, normalize_text  # noqa: F401 - re-exported
 
-SPLIT_KEYS = ("auto", "id", "text")
+# text: the normalised text (shards.text.normalize_text), the default: the same page carried by two
+# corpora under different ids (FineWeb's `id`, Ultra-FineWeb's `uid`) lands in the same split in both.
+# id: the rule before that (the source id, or the raw text when there is none); "auto" is its old name.
+SPLIT_KEYS = ("text", "id", "auto")
 # datatrove's default adapter names a row without an id "<file path>/<row number>": such an id
 # changes when files are re-chunked or re-read from another mirror, so it must not drive the split.
 _POSITION_ID = re.compile(r".+\.(parquet|jsonl|json|jsonl\.gz|json\.gz|jsonl\.zst|jsonl\.bz2|csv|arrow)/\d+")
 POSITION_ID_FLAG = "id_is_position"  # set by pipelines.readers when the source row had no id
+SPLIT_RULE = ("val iff blake2b(key, key=str(seed)) as little-endian uint64 / 2**64 < val_fraction; "
+              "key text = the text after NFC and whitespace collapsing; key id = the source id, or the raw "
+              "text when the id is missing/position-based")
 
 
-def split_key(doc, key: str = "auto") -> tuple[str, str]:
-    """(kind, key) used to place `doc`. auto = the source id, unless it is missing or position-based
-    (datatrove's "<file>/<row>" fallback, or flagged by our readers): then the text itself."""
+def split_key(doc, key: str = "text") -> tuple[str, str]:
+    """(kind, key) used to place `doc`. text = its normalised text; id (or auto) = the source id, unless
+    it is missing or position-based (datatrove's "<file>/<row>" fallback, or flagged by our readers):
+    then the raw text, as before text keys were the default."""
     if key not in SPLIT_KEYS:
         raise ValueError(f"split key must be one of {SPLIT_KEYS}, got {key!r}")
-    if key == "text":
-        return "text", doc.text
+    if key == "text":  # a text-less row is skipped by TokenizeShards later; it needs a split until then
+        return "text", normalize_text(doc.text) if isinstance(doc.text, str) else ""
     synthetic = (
         not doc.id
         or doc.metadata.get(POSITION_ID_FLAG)
         or _POSITION_ID.fullmatch(str(doc.id)) is not None
     )
-    if key == "id" and synthetic and not doc.id:
-        raise ValueError("split key 'id' asked for, but a document has no id")
-    if key == "auto" and synthetic:
+    if synthetic:
         return "text", doc.text
     return "id", str(doc.id)
-
-
-def hash_fraction(key: str, seed: int) -> float:
-    """A uniform number in [0, 1) from (seed, key): blake2b, never Python's salted hash()."""
-    h = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8, key=str(int(seed)).encode())
-    return int.from_bytes(h.digest(), "little") / 2.0**64
-
-
-def assign_split(key: str, seed: int, val_fraction: float) -> str:
-    return "val" if hash_fraction(key, seed) < val_fraction else "train"
 
 
 class HashSplit(PipelineStep):
     """Tag each document `metadata["split"]` = "train" | "val" from a hash of a stable key.
 
     val iff blake2b(key; seed) / 2**64 < val_fraction, so a document's split depends only on itself
-    and the seed: not on tasks, workers or order. Identical texts without ids land together, which
-    also keeps exact duplicates from leaking across the split.
+    and the seed: not on tasks, workers, order or which corpus carries it. With the default text key,
+    exact copies (up to Unicode form and whitespace) land together within a source and across sources
+    split with the same seed and fraction, so no source's val holds a page another source trains on.
     """
 
     name = "✂️ Hash split"
     type = "🔀 - SPLIT"
 
-    def __init__(self, val_fraction: float = 0.001, seed: int = 1337, key: str = "auto", keep: str | None = None):
+    def __init__(self, val_fraction: float = 0.001, seed: int = 1337, key: str = "text", keep: str | None = None):
         super().__init__()
         if not 0.0 <= val_fraction <= 1.0:
             raise ValueError(f"val_fraction must be in [0, 1], got {val_fraction}")
@@ -335,6 +332,14 @@ class TokenizeShards(PipelineStep):
                 if pending is not None:
                     with self.track_time(unit="batch"):
                         self._write(writers, pending.result(), tok.eos_id)
+        except OSError as e:  # the writers removed this task's partial shards on the way out
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            from .readers import InputError  # readers imports this module
+
+            raise InputError(f"tokenize task {rank}: no space left on device writing shards to {self.output_dir} "
+                             f"(its partial shards removed): free space and rerun the same command (finished "
+                             f"tasks are kept, this one starts over)") from None
         finally:
             for label, n in sorted(self._counts.items()):
                 self.stat_update(label, value=n, unit="task")
@@ -389,6 +394,7 @@ class WriteManifest(PipelineStep):
         extra: dict | None = None,
         upload_to: str | None = None,
         storage_kwargs: dict | None = None,
+        decontamination: list[dict] | None = None,
     ):
         super().__init__()
         self.output_dir = str(output_dir)
@@ -401,12 +407,14 @@ class WriteManifest(PipelineStep):
         self.extra = dict(extra or {})
         self.upload_to = upload_to
         self.storage_kwargs = dict(storage_kwargs or {})
+        self.decontamination = list(decontamination or [])
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         if rank == 0:
+            extra = {**self.extra, **decontamination_extra(self.decontamination)}
             path = write_shard_manifest(
                 self.output_dir, self.tokenizer_name, self.tokenizer_path, self.splits,
-                self.source, self.filters, self.seeds, self.extra,
+                self.source, self.filters, self.seeds, extra,
             )
             logger.info(f"wrote {path}")
             if self.upload_to:
@@ -415,6 +423,24 @@ class WriteManifest(PipelineStep):
                 upload(self.output_dir, self.upload_to, **self.storage_kwargs)
         if data:
             yield from data
+
+
+def decontamination_extra(passes: list[dict]) -> dict:
+    """{"decontamination": {tasks, passes}} for a manifest's extra ({} without passes). Run when the
+    manifest is written, after the stages: each pass's dropped counts come from its stage's stats."""
+    if not passes:
+        return {}
+    from .decont import dropped_counts
+
+    done = []
+    for p in passes:
+        p = dict(p)
+        stats_dir = p.pop("stats_dir", None)
+        if stats_dir is not None or "dropped" not in p:
+            p["dropped"] = dropped_counts(stats_dir, p["tasks"])
+        done.append(p)
+    tasks = list(dict.fromkeys(t for p in done for t in p["tasks"]))
+    return {"decontamination": {"tasks": tasks, "passes": done}}
 
 
 def write_shard_manifest(output_dir, tokenizer, tokenizer_path=None, splits=("train", "val"), source="",

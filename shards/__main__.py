@@ -1,6 +1,6 @@
 """`python -m shards COMMAND ...`: inspect and verify shard directories (shards/check.py), adopt shards
-made elsewhere (shards/adopt.py), and move them through S3-compatible object storage
-(upload/download/sync over shards/storage.py).
+made elsewhere (shards/adopt.py), report what several sources share (overlap: shards/overlap.py), and
+move them through S3-compatible object storage (upload/download/sync over shards/storage.py).
 
 Every command is an argparse sub-parser with `set_defaults(func=handler)`, `handler(args) -> int`
 (the exit code).
@@ -12,6 +12,7 @@ import sys
 
 from .adopt import add_adopt_command
 from .check import add_check_commands
+from .overlap import add_overlap_command
 from .storage import (DEFAULT_MULTIPART_CHUNKSIZE, DEFAULT_MULTIPART_THRESHOLD, MiB, StorageError, download, sync,
                       upload)
 
@@ -92,11 +93,12 @@ def add_storage_commands(subparsers) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m shards",
-        description="ShardLoom token shards (datatrove .ds layout + manifest.json): inspect, verify, adopt, transfer.",
+        description="ShardLoom token shards (datatrove .ds layout + manifest.json): inspect, verify, adopt, overlap, transfer.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_check_commands(sub)
     add_adopt_command(sub)
+    add_overlap_command(sub)
     add_storage_commands(sub)
     return parser
 

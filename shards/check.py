@@ -28,7 +28,7 @@ import numpy as np
 
 from .format import (INDEX, LOSS, METADATA, SUFFIXES, TOKENS, check_layout, dtype_for_vocab, max_id, open_shard,
                      read_metadata, shard_file)
-from .manifest import MANIFEST, Manifest, find_shards, read_manifest, sha256_file
+from .manifest import MANIFEST, Manifest, find_shards, read_manifest, sha256_file, split_rule
 
 CHUNK = 1 << 24  # tokens per chunk when scanning ids (32-64 MiB of shard at a time)
 
@@ -68,7 +68,8 @@ def inspect_dir(directory: str | Path, tokenizer_path: str | None = None, max_ch
     if manifest:
         out["tokenizer"] = asdict(manifest.tokenizer)
         out["dtype"] = manifest.dtype
-        out.update(source=manifest.source, filters=manifest.filters, seeds=manifest.seeds)
+        out.update(source=manifest.source, filters=manifest.filters, seeds=manifest.seeds,
+                   split=split_rule(manifest), decontamination=_decont_summary(manifest))
         split_shards = {s: [directory / st.name for st in stats.shards] for s, stats in manifest.splits.items()}
     else:
         split_shards = {s: find_shards(directory, s) for s in _split_dirs(directory)}
@@ -106,6 +107,12 @@ def inspect_dir(directory: str | Path, tokenizer_path: str | None = None, max_ch
     return out
 
 
+def _decont_summary(manifest: Manifest) -> list[dict]:
+    """Each decontamination pass: tasks, n and documents dropped per task."""
+    passes = (manifest.extra.get("decontamination") or {}).get("passes") or []
+    return [{"tasks": p.get("tasks", []), "ngram": p.get("ngram"), "dropped": p.get("dropped")} for p in passes]
+
+
 def format_inspect(s: dict) -> str:
     lines = [f"{s['directory']}" + ("" if s["manifest"] else "  (no manifest.json: unfinished or foreign; from shard metadata)")]
     if "tokenizer" in s:
@@ -120,6 +127,13 @@ def format_inspect(s: dict) -> str:
             lines.append(f"filters    {', '.join(s['filters'])}")
         if s.get("seeds"):
             lines.append("seeds      " + ", ".join(f"{k}={v}" for k, v in s["seeds"].items()))
+        if s.get("split"):
+            sp = s["split"]
+            lines.append(f"split key  {sp['key']}" + ("" if sp["recorded"] else
+                                                      " (not recorded: an older manifest, the old id rule assumed)"))
+        for d in s.get("decontamination") or []:
+            dropped = ", ".join(f"{t} {n:,}" for t, n in d["dropped"].items()) if d.get("dropped") else "not counted"
+            lines.append(f"decontam.  {', '.join(d['tasks'])}: {d['ngram']}-gram words; dropped {dropped}")
     header = f"{'split':<10}{'tokenizer':<14}{'dtype':<8}{'shards':>7}{'documents':>12}{'tokens':>15}{'mean len':>10}{'loss tok':>13}"
     lines += ["", header]
     for split, r in s["splits"].items():

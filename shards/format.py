@@ -146,7 +146,10 @@ class ShardWriter:
     def abort(self) -> None:
         for f in (self._tokens, self._index, self._loss):
             if f is not None and not f.closed:
-                f.close()
+                try:
+                    f.close()
+                except OSError:  # a full disk fails the flush close() tries; the file is closed anyway
+                    pass
         for suffix in SUFFIXES:
             self._tmp(suffix).unlink(missing_ok=True)
         self._closed = True

@@ -226,3 +226,53 @@ def write_source(directory: str | Path, shards: dict, info: TokenizerInfo, *, dt
     if manifest:
         write_manifest(directory, build_manifest(directory, info, **manifest_kw))
     return directory
+
+
+# ------------------------------------------------------------------------- split rule, decontamination
+
+
+def split_rule(m: Manifest) -> dict:
+    """How a source decided train/val: {key, seed, val_fraction, recorded}. A manifest written before
+    split keys were recorded was split by the old id rule (the id, or the raw text without one), so
+    its key reads "id" with recorded=False; a "text" key without `split_normalization` hashed the raw
+    text, not the normalised one, and reads "text (raw)"."""
+    key = m.extra.get("split_key")
+    recorded = key is not None
+    if key in (None, "auto"):
+        key = "id"
+    elif key == "text" and "split_normalization" not in m.extra:
+        key = "text (raw)"
+    return {"key": key, "seed": m.seeds.get("split_seed"), "val_fraction": m.seeds.get("val_fraction"),
+            "recorded": recorded}
+
+
+def _describe_split(rule: dict) -> str:
+    key = f"split key {rule['key']}" if rule["recorded"] else \
+        "split key not recorded (an older manifest: the old id rule assumed)"
+    return f"{key}, seed {rule['seed']}, val_fraction {rule['val_fraction']}"
+
+
+def split_conflict(sources) -> str | None:
+    """For a curriculum's sources, [(name, Manifest), ...]: None when every source split its documents
+    by the same rule (key, seed and val fraction), so a page in several sources is in the same split
+    in each; else one line naming the first source that differs from the first source, and both
+    rules. A different key or seed, or a larger val fraction, puts pages one source holds out into
+    another's train."""
+    sources = list(sources)
+    if len(sources) < 2:
+        return None
+    first, base = sources[0][0], split_rule(sources[0][1])
+    for name, m in sources[1:]:
+        rule = split_rule(m)
+        if any(rule[k] != base[k] for k in ("key", "seed", "val_fraction")):
+            return (f"sources '{first}' ({_describe_split(base)}) and '{name}' ({_describe_split(rule)}) were "
+                    "split by different rules, so a page can be val in one and train in the other: rebuild them "
+                    "with the same --split-key, --split-seed and --val-fraction")
+    return None
+
+
+def decontaminated_tasks(m: Manifest) -> set[str]:
+    """The eval tasks (lm-eval names) this source's documents were decontaminated against; empty for a
+    source built without --decontaminate (or before it existed)."""
+    decont = m.extra.get("decontamination") or {}
+    return set(decont.get("tasks") or [])

@@ -25,6 +25,7 @@ from pipelines.steps import HashSplit, TokenizeShards, assign_split, hash_fracti
 from shards.format import open_shard, read_metadata
 from shards.manifest import read_manifest
 from shards.reader import open_split
+from shards.text import normalize_text
 from trainhelp import paragraphs, shard_files, tokenize_stats, write_corpus
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,12 +77,16 @@ def test_hash_split_is_a_pure_function_of_key_and_seed():
     assert split_key(Document(text="t", id="data/000.parquet/17"), "auto") == ("text", "t")
     assert split_key(Document(text="t", id="x", metadata={"id_is_position": True}), "auto") == ("text", "t")
     assert split_key(Document(text="t", id="x"), "text") == ("text", "t")
+    assert split_key(Document(text=" t\n\n u ", id="x"), "text") == ("text", "t u")  # whitespace collapsed
+    assert split_key(Document(text="e\u0301", id="x"), "text") == ("text", "\u00e9")  # NFC
     docs = [Document(text=f"text {i}", id=f"id{i}") for i in range(2000)]
-    tagged = [d.metadata["split"] for d in HashSplit(0.25, seed=7)(iter(docs))]
+    tagged = [d.metadata["split"] for d in HashSplit(0.25, seed=7, key="id")(iter(docs))]
     assert tagged == [assign_split(f"id{i}", 7, 0.25) for i in range(2000)]
+    by_text = [d.metadata["split"] for d in HashSplit(0.25, seed=7)(iter(docs))]  # the default key: the text
+    assert by_text == [assign_split(f"text {i}", 7, 0.25) for i in range(2000)] != tagged
     assert 0.2 < tagged.count("val") / 2000 < 0.3
     only_val = list(HashSplit(0.25, seed=7, keep="val")(iter(docs)))
-    assert len(only_val) == tagged.count("val")
+    assert len(only_val) == by_text.count("val")
 
 
 def test_split_determinism_across_tasks_and_order(tmp_path, texts, bpe):
@@ -101,7 +106,7 @@ def test_split_determinism_across_tasks_and_order(tmp_path, texts, bpe):
         vals[name] = sorted(decoded_split(tmp_path / name, "val", tok))
     assert len(read_manifest(tmp_path / "t3").splits["train"].shards) == 3
     assert vals["t1"] == vals["t3"] == vals["rev"]
-    expected = sorted(t for t in texts if assign_split(t, 1337, 0.1) == "val")
+    expected = sorted(t for t in texts if assign_split(normalize_text(t), 1337, 0.1) == "val")
     assert vals["t1"] == expected
     frac = len(expected) / n
     assert abs(frac - 0.1) < 4 * (0.1 * 0.9 / n) ** 0.5, frac
@@ -121,8 +126,9 @@ def test_round_trip_qwen3_nfc_eos_and_index(tmp_path, texts):
     assert m.dtype == "uint32" and m.tokenizer.name == "qwen3" and m.tokenizer.eos_id == 151643
     assert m.seeds == {"split_seed": 1337, "val_fraction": 0.2}
     for split in ("train", "val"):
-        expected = [t for j, t in enumerate(docs) if j % 2 == 0 and assign_split(f"doc-{j}", 1337, 0.2) == split]
-        expected += [t for j, t in enumerate(docs) if j % 2 == 1 and assign_split(f"doc-{j}", 1337, 0.2) == split]
+        in_split = lambda t: assign_split(normalize_text(t), 1337, 0.2) == split  # noqa: E731 - the text key
+        expected = [t for j, t in enumerate(docs) if j % 2 == 0 and in_split(t)]
+        expected += [t for j, t in enumerate(docs) if j % 2 == 1 and in_split(t)]
         r = open_split(tmp_path / "out", split)
         assert r.dtype == np.uint32 and r.documents == len(expected) > 0
         got = []
@@ -334,7 +340,7 @@ def test_parquet_input_and_position_ids(tmp_path, texts, bpe):
     assert tokenize(tmp_path / "pq", tmp_path / "out", "--tokenizer", bpe, "--val-fraction", 0.3) == 0
     tok = get_tokenizer(bpe)
     val = sorted(decoded_split(tmp_path / "out", "val", tok))
-    assert val == sorted(t for t in rows if assign_split(t, 1337, 0.3) == "val")  # text-keyed: no ids
+    assert val == sorted(t for t in rows if assign_split(normalize_text(t), 1337, 0.3) == "val")  # text-keyed
     s = tokenize_stats(tmp_path / "out")
     assert s["key_text"] == 300 and s.get("key_id", 0) == 0
 
