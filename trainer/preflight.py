@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shards.check import check_files
-from shards.manifest import read_manifest
+from shards.manifest import decontaminated_tasks, read_manifest, split_conflict
 from shards.s3 import is_s3_uri
 
 from .config import Config, ConfigError
@@ -54,7 +54,34 @@ def preflight(cfg: Config, d: Dist) -> Checked:
     loader = make_loader(cfg, d, cfg.model.vocab_size)  # opens every source, validates dtype/sizes/tokenizer/vocab
     tok, why = try_tokenizer(cfg)
     check_tokenizer(cfg, loader, tok, why)
+    manifests = [(src.name, src.reader.manifest) for src in loader.sources]
+    check_splits(cfg, manifests)
+    if d.main and (warning := decontamination_warning(cfg, manifests)):
+        log.warning(warning)
     return Checked(loader, load_eval_sets(cfg, d), tok, check_eval_tasks(cfg, tok, why))
+
+
+def check_splits(cfg: Config, manifests: list) -> None:
+    """Sources split by different rules (key, seed, val fraction) would hold one page as val in one and
+    train in another: a per-source val would be measured partly on training data. Refused."""
+    if msg := split_conflict(manifests):
+        raise ConfigError(f"{cfg.source_file}: data.sources: {msg}")
+
+
+def decontamination_warning(cfg: Config, manifests: list) -> str | None:
+    """A line when eval.tasks are scored on a model whose sources were not decontaminated against them."""
+    missing = {name: sorted(set(cfg.eval.tasks) - decontaminated_tasks(m)) for name, m in manifests}
+    missing = {name: tasks for name, tasks in missing.items() if tasks}
+    if not missing:
+        return None
+    return ("[decont] eval.tasks not decontaminated out of the training data: " + "; ".join(
+        f"source '{name}': {', '.join(tasks)}" for name, tasks in missing.items()) +
+        " (build the sources with --decontaminate, docs/data.md)")
+
+
+def local_manifests(cfg: Config) -> list:
+    """(name, manifest) of every source on this machine (an s3:// source is read when training starts)."""
+    return [(s.name, read_manifest(s.path)) for s in cfg.data.sources if not is_s3_uri(s.path)]
 
 
 def make_loader(cfg: Config, d: Dist, vocab_size: int):

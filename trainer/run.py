@@ -1,6 +1,6 @@
 """Train a model from a curriculum.
 
-    python -m trainer.run curricula/atom.yaml [section.key=value ...] [--dry-run [--json] [--skip-data]]
+    python -m trainer.run curricula/atom.yaml [section.key=value ...] [--dry-run [--json] [--skip-data] [--gpu-mem GB]]
                           [--resume] [--run-dir DIR] [--overwrite] [--strict-disk]
     torchrun --nproc_per_node=N -m trainer.run curricula/atom.yaml ...     (gloo on CPU, NCCL on GPU;
     multi-node through torchrun's --nnodes/--node_rank/--rdzv_endpoint)
@@ -36,7 +36,8 @@ from .loop import train_stage
 from .models import build_model
 from .telemetry.metrics import fmt_count
 from .parallel import Dist, pick_device
-from .preflight import check_eval_tasks, check_sample_tokenizer, try_tokenizer
+from .preflight import (check_eval_tasks, check_sample_tokenizer, check_splits, decontamination_warning,
+                        local_manifests, try_tokenizer)
 from .upload import fetch_init, fetch_resume
 
 
@@ -135,9 +136,13 @@ def dry_run(stages: list[Config], d: Dist, as_json: bool, skip_data: bool, gpu_m
             budgets.append(stage_budget(cfg))
             s["sources"] = [dataclasses.asdict(b) for b in budgets[-1]]
             s["tasks"] = check_eval_tasks(cfg, *try_tokenizer(cfg))
+            manifests = local_manifests(cfg)
+            check_splits(cfg, manifests)
             if d.main:
                 print_budget(budgets[-1])
                 print_tasks(cfg, s["tasks"])
+                if warning := decontamination_warning(cfg, manifests):
+                    print(f"  {warning}")
         elif d.main and cfg.eval.tasks:
             print(f"  eval tasks      {', '.join(cfg.eval.tasks)} (not resolved: --skip-data)")
     if as_json and d.main:

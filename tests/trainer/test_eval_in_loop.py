@@ -123,3 +123,37 @@ def test_dry_run_lists_the_tasks_and_their_examples(setup, capsys):
     assert rc == 0, err
     assert "seq_mc" in out and "12 examples" in out
     assert json.loads(out.strip().splitlines()[-1])["stages"][0]["tasks"] == {"seq_mc": 12}
+
+
+def _edit_manifest(source, **extra):
+    m = json.loads((source / "manifest.json").read_text())
+    m["extra"] = {**m.get("extra", {}), **extra}
+    (source / "manifest.json").write_text(json.dumps(m))
+
+
+def test_dry_run_warns_when_eval_tasks_were_not_decontaminated(setup, tmp_path, capsys):
+    cur, _, _ = setup
+    rc, out, err = train([cur, "--dry-run"], capsys)
+    assert rc == 0, err
+    assert "[decont] eval.tasks not decontaminated" in out and "source 'a': seq_mc" in out
+    sources = [tmp_path / n for n in "ab"]
+    for s, orig in zip(sources, ("a", "b")):
+        shutil.copytree(cur.parent / "src" / orig, s)
+        _edit_manifest(s, decontamination={"tasks": ["seq_mc"]})
+    rc, out, err = train([cur, "--dry-run", f"data.sources.0.path={sources[0]}", f"data.sources.1.path={sources[1]}"],
+                         capsys)
+    assert rc == 0, err
+    assert "[decont]" not in out
+
+
+def test_sources_split_by_different_rules_are_refused_in_one_line(setup, tmp_path, capsys):
+    """A page would be val in one source and train in the other: refused before step 0, naming both."""
+    cur, _, _ = setup
+    b = tmp_path / "b"
+    shutil.copytree(cur.parent / "src" / "b", b)
+    _edit_manifest(b, split_key="text", split_normalization="nfc+whitespace")
+    rc, out, err = train([cur, f"data.sources.1.path={b}", "--run-dir", tmp_path / "r"], capsys)
+    assert rc == 2
+    line = err.strip().splitlines()[-1]
+    assert "data.sources" in line and "'a'" in line and "'b'" in line and "split key text" in line, err
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
