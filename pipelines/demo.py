@@ -30,6 +30,8 @@ import time
 import warnings
 from pathlib import Path
 
+from shards.evalsets import write_multiple_choice_task
+
 from .train_tokenizer import VOCAB_SIZE, train
 
 # Modules whose docstrings make the corpus: the whole standard library (fixed per Python version)
@@ -154,22 +156,6 @@ def _digest(paths) -> str:
     return h.hexdigest()
 
 
-DEMO_TASK = """task: demo_pydoc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{query}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{gold}}}}"
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
-
-
 def write_demo_task(folder: Path, n: int = 40, seed: int = 0) -> Path:
     """A small multiple-choice task in lm-eval's YAML format, so the demo's training loop scores a
     downstream task offline: the opening of a Python reference topic, then its true next words
@@ -187,10 +173,7 @@ def write_demo_task(folder: Path, n: int = 40, seed: int = 0) -> Path:
         order = list(range(4))
         rng.shuffle(order)
         docs.append({"query": " ".join(words[i][:30]), "choices": [choices[k] for k in order], "gold": order.index(0)})
-    folder.mkdir(parents=True, exist_ok=True)
-    data = folder / "demo_pydoc.jsonl"
-    _write_if_changed(data, "".join(json.dumps(d) + "\n" for d in docs).encode())
-    _write_if_changed(folder / "demo_pydoc.yaml", DEMO_TASK.format(data=data.resolve()).encode())
+    write_multiple_choice_task(folder, "demo_pydoc", docs, text="{{query}}", target="{{gold}}")
     return folder
 
 

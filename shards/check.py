@@ -16,7 +16,6 @@ says they went unchecked). Exit 1 with a per-file list of problems, 0 with a one
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys

@@ -10,12 +10,50 @@ docs (test split, else validation). lm-eval is imported only when tasks are load
 from __future__ import annotations
 
 import functools
+import json
 from contextlib import contextmanager
 from pathlib import Path
 
 from .ngrams import NGramIndex, read_info
 
 DEFAULT_NGRAM = 13
+
+
+MULTIPLE_CHOICE_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{text}"
+doc_to_choice: "{choices}"
+doc_to_target: "{target}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def write_multiple_choice_task(folder: str | Path, name: str, docs: list[dict] | None = None, *,
+                               text: str = "{{question}}", choices: str = "{{choices}}", target: str = "{{answer}}",
+                               data: str | Path | None = None) -> Path:
+    """A local multiple-choice task in lm-eval's own format (the `--include-path` / `eval.include_path`
+    kind): `docs` written as FOLDER/NAME.jsonl (or an existing `data` file named), and FOLDER/NAME.yaml
+    scoring acc and acc_norm. `text`, `choices`, `target` are lm-eval's Jinja templates over a doc."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if docs is not None:
+        data = folder / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    yaml_path = folder / f"{name}.yaml"
+    yaml_path.write_text(MULTIPLE_CHOICE_YAML.format(name=name, data=Path(data).resolve(), text=text,
+                                                     choices=choices, target=target))
+    return yaml_path
 
 
 class EvalSetError(ValueError):

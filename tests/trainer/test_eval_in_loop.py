@@ -9,26 +9,11 @@ import shutil
 
 import pytest
 
+from shards.evalsets import write_multiple_choice_task
 from shards.tokenizers import HFTokenizer
 from trainhelp import make_source, make_tokenizer_json, metric_rows, tiny_curriculum, train
 
 pytest.importorskip("lm_eval")
-
-TASK = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
-
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
@@ -45,9 +30,7 @@ def setup(tmp_path_factory):
         wrong = [f"w{1 + (start * 7 + k * 11) % 62}" for k in range(3)]
         docs.append({"question": " ".join(seq[:5]), "choices": [" " + seq[5], *(" " + w for w in wrong)], "answer": 0})
     tasks = root / "tasks"
-    tasks.mkdir()
-    (tasks / "seq.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    (tasks / "seq_mc.yaml").write_text(TASK.format(name="seq_mc", data=tasks / "seq.jsonl"))
+    write_multiple_choice_task(tasks, "seq_mc", docs)
     (tasks / "broken.yaml").write_text("task: broken_task\ndataset_path: json\n  oops: [unclosed\n")
     cur = tiny_curriculum(root, tokenizer={"name": "tiny-words", "path": str(tok_path)},
                           data={"sources": [{"name": "a", "path": str(a)}, {"name": "b", "path": str(b)}],

@@ -12,6 +12,7 @@ import torch
 import trainhelp
 from conftest import real_texts
 
+from shards.evalsets import write_multiple_choice_task
 from shards.tokenizers import get_tokenizer
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -24,20 +25,6 @@ from trainer.evals.tasks import (
     run_tasks,
 )
 
-MC = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{prompt}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
 PPL = """task: tiny_ppl
 dataset_path: json
 dataset_kwargs:
@@ -90,12 +77,12 @@ def tasks_dir(tmp_path_factory):
     paras = real_texts(200)
     long, short = [t for t in paras if 700 < len(t) < 1500], [t for t in paras if 40 < len(t) < 200]
     ppl = _jsonl(d / "ppl.jsonl", [{"text": (long if i % 2 == 0 else short)[i]} for i in range(7)])
-    (d / "tiny_mc.yaml").write_text(MC.format(name="tiny_mc", data=mc, prompt="{{question}}"))
-    (d / "tiny_mc_b.yaml").write_text(MC.format(name="tiny_mc_b", data=mc, prompt="Q: {{question}}\\nA:"))
+    write_multiple_choice_task(d, "tiny_mc", data=mc)
+    write_multiple_choice_task(d, "tiny_mc_b", data=mc, text="Q: {{question}}\\nA:")
     (d / "tiny_suite.yaml").write_text(GROUP)
     (d / "tiny_ppl.yaml").write_text(PPL.format(data=ppl))
     (d / "broken.yaml").write_text("task: broken_task\ndataset_path: json\n  oops: [unclosed\n")
-    (d / "tiny_nodata.yaml").write_text(MC.format(name="tiny_nodata", data=d / "missing.jsonl", prompt="x"))
+    write_multiple_choice_task(d, "tiny_nodata", data=d / "missing.jsonl", text="x")
     (d / "tiny_gen.yaml").write_text(GEN.format(data=mc))
     return d
 

@@ -7,6 +7,8 @@ import json
 import random
 
 import pytest
+
+from shards.evalsets import write_multiple_choice_task
 import torch
 
 from trainhelp import make_run
@@ -23,26 +25,7 @@ def write_task(d):
     words = ["statement", "function", "module", "class", "loop", "value", "name", "object"]
     rows = [{"question": f"In Python, the {rng.choice(words)} is", "choices": rng.sample(words, 3),
              "answer": rng.randrange(3)} for _ in range(16)]
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "tiny_mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (d / "tiny_mc.yaml").write_text(f"""task: tiny_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {d / 'tiny_mc.jsonl'}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-""")
+    write_multiple_choice_task(d, "tiny_mc", rows)
     return d
 
 
