@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -164,3 +165,15 @@ def four_step_run(tmp_path_factory):
     rc, _, err = train([cur, "--run-dir", root / "run"])
     assert rc == 0, err
     return cur, root / "run"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of 4 MiB mounted for the test (skipped where mounting is not allowed)."""
+    d = tmp_path / "disk"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(d)], capture_output=True, text=True, check=False)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {(r.stderr or r.stdout).strip()}")
+    yield d
+    subprocess.run(["umount", "-l", str(d)], check=False)

@@ -398,3 +398,21 @@ def shard_files(d: Path) -> dict[str, bytes]:
     """Every file of a shard dir except logs (they hold timestamps by design)."""
     return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*"))
             if p.is_file() and "logs" not in p.relative_to(d).parts}
+
+
+def kill_when_shard_1_starts(cmd: list, out: Path, env: dict | None = None, timeout: int = 60) -> None:
+    """Run a tokenize command and SIGKILL its whole process group as soon as shard 00001's temporary
+    file appears under OUT/train (shard 00000 done, 00001 half written): an interrupted run."""
+    import signal
+
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    caught, deadline = False, time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        if list((out / "train").glob("00001.ds*.tmp")):
+            os.killpg(proc.pid, signal.SIGKILL)
+            caught = True
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert caught, "the run finished before it could be interrupted; make task 1 larger"

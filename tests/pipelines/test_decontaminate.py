@@ -8,10 +8,7 @@ import gzip
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +21,7 @@ from pipelines.fineweb import CORPUS
 from shards.manifest import decontaminated_tasks, read_manifest
 from shards.ngrams import CHUNK, NGramIndex, Windows
 from shards.text import words
-from trainhelp import TEST_MODULES, paragraphs, shard_files, tokenize_stats
+from trainhelp import TEST_MODULES, kill_when_shard_1_starts, paragraphs, shard_files, tokenize_stats
 
 pytest.importorskip("lm_eval")
 REPO = Path(__file__).resolve().parents[2]
@@ -221,17 +218,7 @@ def test_interrupted_decontaminating_tokenize_reruns_byte_identical(corpus, tmp_
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "pipelines.fineweb", "tokenize", "--input", str(inp), "--output", str(out), *args]
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    caught, deadline = False, time.time() + 120
-    while proc.poll() is None and time.time() < deadline:
-        if list((out / "train").glob("00001.ds*.tmp")):
-            os.killpg(proc.pid, signal.SIGKILL)
-            caught = True
-            break
-        time.sleep(0.005)
-    proc.wait()
-    assert caught, "the run finished before it could be interrupted; make task 1 larger"
+    kill_when_shard_1_starts(cmd, out, env, timeout=120)
     assert not (out / "manifest.json").exists()
     assert cli_main(CORPUS, ["tokenize", "--input", str(inp), "--output", str(out), *args]) == 0
     shards = lambda d: {k: v for k, v in shard_files(d).items() if not k.startswith("removed/")}  # noqa: E731

@@ -6,12 +6,9 @@ paragraphs: a few thousand documents, no download.
 """
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import unicodedata
 from pathlib import Path
 
@@ -26,7 +23,7 @@ from shards.format import open_shard, read_metadata
 from shards.manifest import read_manifest
 from shards.reader import open_split
 from shards.text import normalize_text
-from trainhelp import paragraphs, shard_files, tokenize_stats, write_corpus
+from trainhelp import kill_when_shard_1_starts, paragraphs, shard_files, tokenize_stats, write_corpus
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -215,17 +212,7 @@ def test_killed_run_rerun_equals_uninterrupted(tmp_path, texts, bpe):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "pipelines.fineweb", "tokenize", "--input", str(tmp_path / "in"), "--output", str(out), *args]
     # Own process group: the kill takes down the job and its datatrove workers, as a real crash would.
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    caught = False
-    deadline = time.time() + 60
-    while proc.poll() is None and time.time() < deadline:
-        if list((out / "train").glob("00001.ds*.tmp")):
-            os.killpg(proc.pid, signal.SIGKILL)
-            caught = True
-            break
-        time.sleep(0.005)
-    proc.wait()
-    assert caught, "the run finished before it could be interrupted; make task 1 larger"
+    kill_when_shard_1_starts(cmd, out, None, timeout=60)
     assert not (out / "manifest.json").exists()  # never presented as complete
     assert (out / "logs/tokenize/completions/00000").exists() and not (out / "logs/tokenize/completions/00001").exists()
     assert tokenize(tmp_path / "in", out, *args) == 0

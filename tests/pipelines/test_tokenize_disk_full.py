@@ -4,22 +4,9 @@ shards byte for byte."""
 from __future__ import annotations
 
 import shutil
-import subprocess
 
-import pytest
 import trainhelp
 from trainhelp import fineweb_tokenize, shard_files, word_texts, write_jsonl
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    d = tmp_path / "disk"
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(d)], capture_output=True, text=True, check=False)
-    if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {(r.stderr or r.stdout).strip()}")
-    yield d
-    subprocess.run(["umount", "-l", str(d)], check=False)
 
 
 def test_disk_full_while_tokenizing_then_rerun_is_byte_identical(tmp_path, small_disk, capsys):

@@ -217,18 +217,6 @@ def test_a_stopped_rank_is_named_and_resume_continues(cur, straight2, tmp_path):
 # ----------------------------------------------------------------------------------------- 2. disk
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A tmpfs of 4 MiB mounted for the test (skipped where mounting is not allowed)."""
-    d = tmp_path / "disk"
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(d)], capture_output=True, text=True, check=False)
-    if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {(r.stderr or r.stdout).strip()}")
-    yield d
-    subprocess.run(["umount", "-l", str(d)], check=False)
-
-
 def fill(disk: Path, leave: int) -> Path:
     """A file that leaves `leave` bytes free on `disk`."""
     filler = disk / "filler"
