@@ -150,7 +150,7 @@ class TrainSection:
     parallel: Literal["ddp", "fsdp"] = "ddp"  # replicated weights | FSDP2: weights, grads, optimizer sharded
     init_from: str | None = None  # checkpoint dir (or run dir) to take model weights from
     reset_data_cursor: bool = False  # with init_from: the loader starts from step 0 of its own schedule
-    log_every: int = 1  # metrics.jsonl train rows (loss all-reduced: one sync per row)
+    log_every: int = 1  # metrics.jsonl train rows (the loss itself is all-reduced every step, for the guard)
     print_every: int = 10  # progress line
     # tokens per chunk of the fused head + cross-entropy (trainer/loss.py): the [tokens, vocab] logits
     # never exist at once; exact (the same loss and gradients); 0: full logits
@@ -626,6 +626,9 @@ def validate(cfg: Config, world_size: int = 1, where: str = "") -> None:
     cfg.grad_accum(world_size)  # divisibility
     if cfg.train.steps is None and cfg.train.tokens is None:
         err("train", "give steps or tokens")
+    rb = cfg.train.rollback
+    if rb.window < 1 or rb.min_history < 0 or rb.max_rollbacks < 0 or (rb.spike_sigma is not None and rb.spike_sigma <= 0):
+        err("train.rollback", "window >= 1, min_history >= 0, max_rollbacks >= 0 and spike_sigma > 0 (or null)")
     if cfg.train.loss_chunk < 0:
         err("train.loss_chunk", f"must be >= 0 (0: full logits), got {cfg.train.loss_chunk}")
     if cfg.train.steps is not None and cfg.train.steps <= 0:

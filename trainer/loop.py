@@ -271,9 +271,9 @@ def train_step(s: Stage, prefetch, step: int, prog: Progress) -> None:
         n = sum(loss_tokens(y, mask) for _, y, mask, _ in batches)
         step_tokens = int(s.d.sum(torch.tensor(n, dtype=torch.int64, device=s.device)))
     loss_sum = forward_backward(s.model, batches, step_tokens, s.world, s.device, s.autocast, s.ddp)
-    gnorm = None
-    if cfg.optim.grad_clip and cfg.optim.grad_clip > 0:
-        gnorm = torch.nn.utils.clip_grad_norm_(s.raw_model.parameters(), cfg.optim.grad_clip)
+    # the norm always (max_norm inf: measured, not clipped), so the guard sees a non-finite gradient
+    clip = cfg.optim.grad_clip if cfg.optim.grad_clip and cfg.optim.grad_clip > 0 else float("inf")
+    gnorm = torch.nn.utils.clip_grad_norm_(s.raw_model.parameters(), clip)
     # every rank: the same global figure; the ranks' stop votes ride on this all-reduce (trainer/faults.py)
     loss_val = float(s.stop.sum_with_vote(s.d, loss_sum)) / max(step_tokens, 1)
     rb = cfg.train.rollback
@@ -356,6 +356,7 @@ def train_stage(cfg: Config, stage_dir: Path, d: Dist, resume: bool, init_from: 
             try:
                 step = train_steps(s, prefetch, step, prog)
             except BadStep as bad:
+                prefetch.close()  # before the restore moves the loader
                 step = roll_back(s, bad)
             finally:
                 prefetch.close()

@@ -110,9 +110,14 @@ def check_eval_tasks(cfg: Config, tok, why: str) -> dict[str, int]:
         raise ConfigError(f"{cfg.source_file}: eval.tasks: scoring tasks needs the tokenizer, which cannot be "
                           f"loaded here ({why})")
     try:
-        return check_tasks(cfg.eval.tasks, cfg.eval.include_path, cfg.eval.limit)
+        counts = check_tasks(cfg.eval.tasks, cfg.eval.include_path, cfg.eval.limit)
     except ValueError as e:
         raise ConfigError(f"{cfg.source_file}: eval.tasks: {e}") from None
+    world = cfg.resolved.world_size if cfg.resolved else 1
+    if short := {t: n for t, n in counts.items() if n < world}:  # lm-eval gives a rank without documents nothing to score
+        raise ConfigError(f"{cfg.source_file}: eval.tasks: {', '.join(f'{t} ({n} examples)' for t, n in short.items())} "
+                          f"has fewer examples than the {world} ranks that share it (raise eval.limit)")
+    return counts
 
 
 def check_tokenizer(cfg: Config, loader, tok, why: str) -> None:

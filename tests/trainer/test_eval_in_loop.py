@@ -140,3 +140,12 @@ def test_sources_split_by_different_rules_are_refused_in_one_line(setup, tmp_pat
     line = err.strip().splitlines()[-1]
     assert "data.sources" in line and "'a'" in line and "'b'" in line and "split key text" in line, err
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_a_task_with_fewer_examples_than_ranks_is_refused(setup, capsys, monkeypatch):
+    """lm-eval gives each rank every world-th example: a rank with none would fail at the eval, so it
+    is one line before step 0 (the dry run at world size 2 plans it without a process group)."""
+    cur, _, _ = setup
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    rc, out, err = train([cur, "--dry-run", "eval.limit=1"], capsys)
+    assert rc == 2 and "seq_mc (1 examples)" in err and "2 ranks" in err and "Traceback" not in err, err

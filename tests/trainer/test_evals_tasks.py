@@ -216,6 +216,7 @@ def _rank_main(rank, world, port, run, tok_json, tasks_dir, out):
         (out / f"rank{rank}.json").write_text(json.dumps(
             {"calls": counting.calls, "dummies": counting.dummies, "scores": res and res.scores}))
     finally:
+        dist.barrier()  # rank 1 leaves gather_object before rank 0 has received: gloo aborts a torn-down peer
         dist.destroy_process_group()
 
 

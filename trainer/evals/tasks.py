@@ -307,6 +307,7 @@ def run_tasks(lm, tasks: list[str], include_path: str | None = None, limit: floa
     with _preserved_rng(), _env("DISABLE_MULTIPROC", "1"):
         _seed_like_simple_evaluate()
         loaded = _loaded(tuple(tasks), str(include_path) if include_path else None)
+        _prepare(loaded["tasks"].values())  # every round: the few-shot sampler's seed as simple_evaluate sets it
         out = evaluator.evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=bootstrap_iters,
                                  log_samples=False)
     if out is None:
@@ -395,12 +396,10 @@ def _load(tasks: list[str], include_path: str | None) -> dict:
 
 @functools.lru_cache(maxsize=4)
 def _loaded(tasks: tuple[str, ...], include_path: str | None) -> dict:
-    """Tasks loaded and prepared once per process: every scoring round of a run reuses them (a task's
+    """Tasks loaded once per process: every scoring round of a run reuses them (a task's
     dataset and its document preprocessing, hellaswag's over its whole split, are not redone);
     lm-eval's evaluate() rebuilds each task's requests itself."""
-    loaded = _load(list(tasks), include_path)
-    _prepare(loaded["tasks"].values())
-    return loaded
+    return _load(list(tasks), include_path)
 
 
 def _prepare(tasks) -> None:

@@ -86,6 +86,7 @@ class MetricsLog:
     def truncate_after(self, step: int) -> int:
         """Drop rows logged after `step` (resume from a checkpoint at `step`, or a restart from step 0
         over a run that died before its first checkpoint). Returns how many metrics.jsonl rows went."""
+        self._last = None  # the next train row's tokens/s must not span the dropped steps
         dropped = 0
         if not self.enabled:
             return dropped
