@@ -196,7 +196,7 @@ class WandbSection:
 
 @dataclass
 class LoggingSection:
-    """Mirrors of metrics.jsonl on rank 0, both off by default (trainer/loggers.py)."""
+    """Mirrors of metrics.jsonl on rank 0, both off by default (trainer/telemetry/mirrors.py)."""
 
     wandb: WandbSection | None = None
     tensorboard: str | None = None  # event-file folder

@@ -22,7 +22,7 @@ EVAL_FIELDS = ["step", "tokens", "source", "loss", "perplexity", "bpb", "task", 
 
 class MetricsLog:
     """The one logger path: every row goes to metrics.jsonl, then to each of `loggers` (W&B,
-    TensorBoard: trainer/loggers.py). Train rows get tokens_per_s and mfu from the previous train row
+    TensorBoard: trainer/telemetry/mirrors.py). Train rows get tokens_per_s and mfu from the previous train row
     (its tokens and time) when `flops_per_token` and `peak` (of all ranks together) are given."""
 
     def __init__(self, run_dir: str | Path, enabled: bool = True, loggers: list | None = None,

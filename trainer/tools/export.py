@@ -9,7 +9,7 @@ The folder holds model.safetensors (sharded above --max-shard-size), config.json
 generation_config.json, the tokenizer as transformers loads it (tokenizer.json, tokenizer_config.json,
 special_tokens_map.json; ChatML chat_template for SFT runs), and README.md, a model card with the
 training facts and the loss plot. A Llama-exact model loads in stock LlamaForCausalLM; any other
-model carries the trainer's own modeling code and loads with trust_remote_code=True (trainer/hf.py).
+model carries the trainer's own modeling code and loads with trust_remote_code=True (trainer/tools/hf.py).
 """
 from __future__ import annotations
 

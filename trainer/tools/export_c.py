@@ -6,7 +6,7 @@
 The layout is in docs/c-format.md: a fixed header (magic, version, the whole numeric config), one
 record per layer (mixer kind, attention window, XSA), a table of every tensor's dtype and shape, the
 config as JSON, the tensors in the fixed order `tensor_names` gives, then the tokenizer's pieces and
-scores (trainer/c_tokenizer.py). Every entry of the model's state dict is written, and nothing else:
+scores (trainer/tools/c_tokenizer.py). Every entry of the model's state dict is written, and nothing else:
 an exporter that silently drops a parameter (a compressor, a hyper-connection scale) cannot pass
 `_check_complete`. With dtype="bf16" the matrices are stored as bfloat16 and vectors stay float32.
 """
