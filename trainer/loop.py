@@ -309,6 +309,7 @@ def roll_back(s: Stage, bad: BadStep) -> int:
     s.guard = GuardState(sorted(set(g.skipped) | {skip}), GuardState(**st.guard).history, g.rollbacks + 1)
     back = int(st.step)
     s.metrics.truncate_after(back)  # the steps after it are trained again: the files read as one run
+    save(s, back)  # the same checkpoint with the skip list: a kill before the next save resumes past the bad batch
     s.metrics.log({"type": "rollback", "step": back, "at_step": bad.step + 1, "reason": bad.reason,
                    "skipped_data_step": skip, "rollbacks": s.guard.rollbacks})
     if s.d.main:

@@ -55,6 +55,17 @@ def test_nan_step_rolls_back_skips_its_batches_and_completes(tmp_path, monkeypat
     assert st["guard"]["skipped"] == [BAD]
 
 
+def test_the_skip_list_is_on_disk_at_once(tmp_path, monkeypatch):
+    """The checkpoint rolled back to is saved again with the skip list, so a kill before the next save
+    still resumes past the bad batch."""
+    cur, rows = tiny_curriculum(tmp_path), []
+    monkeypatch.setattr(loop, "forward_backward", poison(rows))
+    rc, _, err = train([cur, "train.steps=6", "checkpoint.every=2", "eval.every=0", "--run-dir", tmp_path / "run"])
+    assert rc == 0, err
+    st = torch.load(tmp_path / "run/checkpoints/step_0000004/train_state.pt", weights_only=True)
+    assert st["guard"]["skipped"] == [BAD] and st["guard"]["rollbacks"] == 1 and st["step"] == 4
+
+
 CHILD = """
 import os, signal, sys
 import trainer.loop as loop
