@@ -416,3 +416,21 @@ def kill_when_shard_1_starts(cmd: list, out: Path, env: dict | None = None, time
         time.sleep(0.005)
     proc.wait()
     assert caught, "the run finished before it could be interrupted; make task 1 larger"
+
+
+def checkpoint_weights(run_dir: Path, step: int) -> dict:
+    """The model.safetensors tensors of RUN/checkpoints/step_<step>."""
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "checkpoints" / f"step_{step:07d}" / "model.safetensors")
+
+
+def assert_rows_match(a_dir: Path, b_dir: Path, steps) -> None:
+    """Two runs' train rows agree at `steps`: loss and gradient norm within fp32 reduction order."""
+    import pytest
+
+    a = {r["step"]: r for r in metric_rows(a_dir)}
+    b = {r["step"]: r for r in metric_rows(b_dir)}
+    for s in steps:
+        assert a[s]["loss"] == pytest.approx(b[s]["loss"], rel=1e-5), s
+        assert a[s]["grad_norm"] == pytest.approx(b[s]["grad_norm"], rel=1e-5), s

@@ -7,26 +7,13 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from trainhelp import metric_rows, run, tiny_curriculum
+from trainhelp import assert_rows_match, checkpoint_weights, metric_rows, run, tiny_curriculum
 
 # tokens_per_step fixed, grad_accum following the world size: the run may resume at another world size
 COMMON = ["train.steps=4", "eval.every=2", "eval.batches=3", "checkpoint.every=2", "checkpoint.keep_last=2",
           "batch.tokens_per_step=256", "batch.grad_accum=null"]
 FSDP = ["train.parallel=fsdp", "train.activation_checkpointing=true"]
-
-
-def weights(run_dir, step):
-    return load_file(run_dir / "checkpoints" / f"step_{step:07d}" / "model.safetensors")
-
-
-def assert_rows_match(a_dir, b_dir, steps):
-    a = {r["step"]: r for r in metric_rows(a_dir)}
-    b = {r["step"]: r for r in metric_rows(b_dir)}
-    for s in steps:
-        assert a[s]["loss"] == pytest.approx(b[s]["loss"], rel=1e-5), s
-        assert a[s]["grad_norm"] == pytest.approx(b[s]["grad_norm"], rel=1e-5), s
 
 
 @pytest.mark.slow
@@ -37,7 +24,7 @@ def test_fsdp_matches_ddp_and_resumes_at_another_world_size(tmp_path):
     r = run([cur, *COMMON, *FSDP, "--run-dir", fsdp], nproc=2)
     assert "world 2" in r.stdout
     assert_rows_match(ddp, fsdp, [1, 2, 3, 4])
-    w_ddp, w_fsdp = weights(ddp, 4), weights(fsdp, 4)
+    w_ddp, w_fsdp = checkpoint_weights(ddp, 4), checkpoint_weights(fsdp, 4)
     assert w_ddp.keys() == w_fsdp.keys()
     for k in w_ddp:
         assert torch.allclose(w_ddp[k], w_fsdp[k], rtol=1e-4, atol=1e-5), k
@@ -68,6 +55,6 @@ def test_fsdp_matches_ddp_and_resumes_at_another_world_size(tmp_path):
     r = run([cur, *COMMON, *FSDP, "--run-dir", one, "--resume"])
     assert "[resume]" in r.stdout and "world 1" in r.stdout and "grad_accum 4" in r.stdout
     assert_rows_match(fsdp, one, [3, 4])
-    w_one = weights(one, 4)
+    w_one = checkpoint_weights(one, 4)
     for k in w_fsdp:
         assert torch.allclose(w_fsdp[k], w_one[k], rtol=1e-4, atol=1e-5), k

@@ -8,9 +8,8 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from trainhelp import ROOT, VOCAB, env, metric_rows, run, tiny_curriculum, train
+from trainhelp import ROOT, VOCAB, assert_rows_match, checkpoint_weights, env, metric_rows, run, tiny_curriculum, train
 
 # tokens_per_step fixed, grad_accum following the world size: the run may resume at another world size
 COMMON = ["train.parallel=fsdp", "train.steps=4", "checkpoint.every=2", "checkpoint.keep_last=2",
@@ -53,17 +52,9 @@ def test_sharded_muon_step_equals_plain_muon(tmp_path):
     assert r.returncode == 0 and "sharded muon ok" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
 
 
-def weights(run_dir, step):
-    return load_file(run_dir / "checkpoints" / f"step_{step:07d}" / "model.safetensors")
-
-
 def assert_same_run(a_dir, b_dir, steps):
-    a = {r["step"]: r for r in metric_rows(a_dir)}
-    b = {r["step"]: r for r in metric_rows(b_dir)}
-    for s in steps:
-        assert a[s]["loss"] == pytest.approx(b[s]["loss"], rel=1e-5), s
-        assert a[s]["grad_norm"] == pytest.approx(b[s]["grad_norm"], rel=1e-5), s
-    wa, wb = weights(a_dir, steps[-1]), weights(b_dir, steps[-1])
+    assert_rows_match(a_dir, b_dir, steps)
+    wa, wb = checkpoint_weights(a_dir, steps[-1]), checkpoint_weights(b_dir, steps[-1])
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-5), k

@@ -10,11 +10,10 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import trainer.loop as loop
 from trainer.guard import data_step, problem
-from trainhelp import ROOT, env, metric_rows, tiny_curriculum, train
+from trainhelp import ROOT, checkpoint_weights, env, metric_rows, tiny_curriculum, train
 
 ROWS_PER_STEP = 4  # tiny_curriculum: micro_batch 2 x grad_accum 2 x world 1
 BAD = 5            # the data step whose loss is made non-finite
@@ -99,8 +98,7 @@ def test_sigkill_after_a_rollback_then_resume_is_bit_exact(tmp_path):
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     r = child(-1, tmp_path / "none", [cur, *SETTINGS, "--run-dir", killed, "--resume"])
     assert r.returncode == 0, r.stderr[-3000:]
-    a = load_file(straight / "checkpoints/step_0000008/model.safetensors")
-    b = load_file(killed / "checkpoints/step_0000008/model.safetensors")
+    a, b = checkpoint_weights(straight, 8), checkpoint_weights(killed, 8)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [t["loss"] for t in metric_rows(straight)] == [t["loss"] for t in metric_rows(killed)]
 
