@@ -458,24 +458,9 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _parse_scalar(text: str):
-    """CLI value for untyped places (the model dict): YAML scalar, with 1e-3 read as a number."""
-    try:
-        v = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    if isinstance(v, str):
-        try:
-            f = float(v)
-            return int(f) if f.is_integer() and "e" not in v.lower() and "." not in v else f
-        except ValueError:
-            return v
-    return v
-
-
 def apply_override(raw: dict, item: str, file: str = "<cli>") -> None:
-    """`section.key=value` on the raw dict. Values stay strings except under `model` (untyped):
-    the dataclass conversion types them, so errors read the same as for YAML."""
+    """`section.key=value` on the raw dict. Values stay strings: the dataclass conversion types them
+    (the model section's by its family's config), so errors read the same as for YAML."""
     if "=" not in item:
         raise ConfigError(f"{file}: override {item!r}: expected section.key=value")
     key, value = item.split("=", 1)
@@ -494,14 +479,13 @@ def apply_override(raw: dict, item: str, file: str = "<cli>") -> None:
             raise ConfigError(f"{file}: {'.'.join(parts[:i + 1])}: is a value, cannot set {key}")
         node = node[p]
     last = parts[-1]
-    v = _parse_scalar(value) if parts[0] == "model" else value
     if isinstance(node, list):
         try:
-            node[int(last)] = v
+            node[int(last)] = value
         except (ValueError, IndexError):
             raise ConfigError(f"{file}: {key}: no list item {last!r}") from None
     else:
-        node[last] = v
+        node[last] = value
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -36,6 +36,9 @@ def test_overrides_are_typed_by_the_dataclass(tmp_path):
     assert cfg.train.compile is True and cfg.batch.micro_batch == 4 and cfg.model.n_layers == 3
     assert cfg.tokens_per_step() == 32 * 4 * 2
     assert cfg.tokens_per_step(world_size=2) == 32 * 4 * 2 * 2
+    # model values are typed by the family's config like any section: a list, a float written 1e4, null
+    (m,) = load_curriculum(p, ["model.xsa_layers=[0, 1]", "model.rope_theta=1e4", "model.head_dim=null"])
+    assert m.model.xsa_layers == [0, 1] and m.model.rope_theta == 10000.0 and isinstance(m.model.rope_theta, float)
 
 
 @pytest.mark.parametrize(
